@@ -1,0 +1,211 @@
+//! CPU weight storage: every matrix as f32 (owned copies rounded to the configured weight
+//! precision, or the caller's f32 memory under BORROW) and `Linear` views over it in the
+//! caller's layout, so no layout needs a repack on the CPU.
+
+use std::ffi::c_void;
+
+use super::linear::Linear;
+use crate::config::{
+    FdmoeDtype, FdmoeGateLayout, FdmoeLayout, FdmoeMemory, FdmoeOwnership, MoeConfig,
+};
+use crate::dtype::{load_f32, round_to};
+use crate::error::{Error, Result};
+use crate::weights::{ExpertSource, WeightSource};
+
+/// One expert's three projections.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertLinears {
+    /// [I, L]
+    pub gate: Linear,
+    /// [I, L]
+    pub up: Linear,
+    /// [L, I]
+    pub down: Linear,
+}
+
+/// The shared-expert MLP over the full hidden size.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedLinears {
+    /// [S, H]
+    pub gate: Linear,
+    /// [S, H]
+    pub up: Linear,
+    /// [H, S]
+    pub down: Linear,
+}
+
+/// Everything one loaded layer reads on the CPU.
+pub struct CpuWeights {
+    /// Keeps the owned copies alive; the views below point into them.
+    _owned: Vec<Vec<f32>>,
+    pub experts: Vec<ExpertLinears>,
+    /// [E, H], kept at the precision it was given in.
+    pub gate: Option<Linear>,
+    pub correction_bias: Option<Vec<f32>>,
+    /// [L, H] and [H, L].
+    pub fc1: Option<Linear>,
+    pub fc2: Option<Linear>,
+    pub shared: Option<SharedLinears>,
+}
+
+/// Copies (OWN) or adopts (BORROW) one buffer of `count` elements as f32.
+struct Materializer<'a> {
+    cfg: &'a MoeConfig,
+    src: &'a WeightSource,
+    owned: Vec<Vec<f32>>,
+}
+
+impl Materializer<'_> {
+    fn matrix(&mut self, ptr: *const c_void, count: usize) -> *const f32 {
+        match self.src.ownership {
+            FdmoeOwnership::Borrow => ptr as *const f32,
+            FdmoeOwnership::Own => {
+                self.copy(ptr, count, self.src.dtype, Some(self.cfg.weight_dtype))
+            }
+        }
+    }
+
+    fn copy(
+        &mut self,
+        ptr: *const c_void,
+        count: usize,
+        dtype: FdmoeDtype,
+        round: Option<FdmoeDtype>,
+    ) -> *const f32 {
+        let mut buf = vec![0.0f32; count];
+        // SAFETY: the caller promises `count` elements of `dtype` at `ptr` (documented contract).
+        unsafe { load_f32(dtype, ptr as *const u8, &mut buf) };
+        if let Some(target) = round {
+            round_to(target, &mut buf);
+        }
+        let p = buf.as_ptr();
+        self.owned.push(buf);
+        p
+    }
+
+    /// A [out, in] matrix in the source's layout orientation.
+    fn linear(&mut self, ptr: *const c_void, out_features: usize, in_features: usize) -> Linear {
+        let p = self.matrix(ptr, out_features * in_features);
+        oriented(p, out_features, in_features, self.src.layout)
+    }
+}
+
+impl CpuWeights {
+    pub fn load(cfg: &MoeConfig, src: &WeightSource) -> Result<Self> {
+        if src.memory == FdmoeMemory::Device {
+            return Err(Error::unsupported(
+                "device weight pointers (weights.memory = device)",
+                "cpu",
+            ));
+        }
+        if !cfg.weight_dtype.is_dense() {
+            return Err(Error::unsupported(
+                format!("weight format {}", cfg.weight_dtype),
+                "cpu",
+            ));
+        }
+        if src.ownership == FdmoeOwnership::Borrow
+            && (src.dtype != FdmoeDtype::F32 || cfg.weight_dtype != FdmoeDtype::F32)
+        {
+            return Err(Error::unsupported(
+                format!(
+                    "borrowing {} weights as config.weight_dtype {} (the CPU computes from float32 memory; use ownership own)",
+                    src.dtype, cfg.weight_dtype
+                ),
+                "cpu",
+            ));
+        }
+        let (e, h, i, l) = (
+            cfg.num_experts,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.expert_hidden(),
+        );
+        let mut m = Materializer {
+            cfg,
+            src,
+            owned: Vec::new(),
+        };
+        let experts = match &src.experts {
+            ExpertSource::Stacked { w13, w2 } => {
+                let w13 = m.matrix(*w13, e * 2 * i * l);
+                let w2 = m.matrix(*w2, e * l * i);
+                (0..e)
+                    .map(|x| {
+                        let w13 = oriented(w13.wrapping_add(x * 2 * i * l), 2 * i, l, src.layout);
+                        let (gate, up) = if src.gate_up_interleaved {
+                            (w13.out_rows_strided(0, 2, i), w13.out_rows_strided(1, 2, i))
+                        } else {
+                            (w13.out_rows(0, i), w13.out_rows(i, i))
+                        };
+                        ExpertLinears {
+                            gate,
+                            up,
+                            down: oriented(w2.wrapping_add(x * l * i), l, i, src.layout),
+                        }
+                    })
+                    .collect()
+            }
+            ExpertSource::PerExpert {
+                gate_proj,
+                up_proj,
+                down_proj,
+            } => (0..e)
+                .map(|x| ExpertLinears {
+                    gate: m.linear(gate_proj[x], i, l),
+                    up: m.linear(up_proj[x], i, l),
+                    down: m.linear(down_proj[x], l, i),
+                })
+                .collect(),
+        };
+        let gate = src.gate.map(|g| {
+            let p = m.copy(g.ptr, e * h, g.dtype, None);
+            match g.layout {
+                FdmoeGateLayout::ExpertsByHidden => Linear::row_major(p, e, h),
+                FdmoeGateLayout::HiddenByExperts => Linear::transposed(p, e, h),
+            }
+        });
+        // SAFETY: the caller promises E f32 values at the bias pointer.
+        let correction_bias = src
+            .correction_bias
+            .map(|b| unsafe { std::slice::from_raw_parts(b, e) }.to_vec());
+        let fc1 = src.fc1.map(|p| m.linear(p, l, h));
+        let fc2 = src.fc2.map(|p| m.linear(p, h, l));
+        let shared = match (src.shared_w13, src.shared_w2, cfg.shared_intermediate_size) {
+            (Some(w13), Some(w2), Some(s)) => {
+                let w13 = m.linear(w13, 2 * s, h);
+                Some(SharedLinears {
+                    gate: w13.out_rows(0, s),
+                    up: w13.out_rows(s, s),
+                    down: m.linear(w2, h, s),
+                })
+            }
+            _ => None,
+        };
+        Ok(CpuWeights {
+            _owned: m.owned,
+            experts,
+            gate,
+            correction_bias,
+            fc1,
+            fc2,
+            shared,
+        })
+    }
+}
+
+/// A [out, in] matrix at `ptr` as the layout stores it: TORCH and PER_EXPERT row-major
+/// [out, in]; PADDLE row-major [in, out].
+fn oriented(
+    ptr: *const f32,
+    out_features: usize,
+    in_features: usize,
+    layout: FdmoeLayout,
+) -> Linear {
+    match layout {
+        FdmoeLayout::Paddle => Linear::transposed(ptr, out_features, in_features),
+        FdmoeLayout::Torch | FdmoeLayout::PerExpert => {
+            Linear::row_major(ptr, out_features, in_features)
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The `#[repr(C)]` structs of the C API and their conversion into the safe core's types.
+//! Fields are only ever appended; enum-valued fields are `uint32_t` and validated on entry.
+
+use std::ffi::c_void;
+
+use super::boundary::Versioned;
+use crate::backend::MemoryRequirements;
+use crate::config::*;
+use crate::error::{ensure, Error, Result};
+use crate::forward::ForwardArgs;
+use crate::weights::{ExpertSource, GateSource, WeightSource};
+
+/// Layer configuration. Initialise with `fdmoe_config_init`, then set the fields you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FdmoeConfig {
+    /// sizeof(FdmoeConfig) as the caller compiled it (set by fdmoe_config_init).
+    pub struct_size: u32,
+    /// FdmoeBackendKind. Default FDMOE_BACKEND_KIND_CPU.
+    pub backend: u32,
+    /// CUDA device ordinal (cuda backend); must be 0 on the cpu backend.
+    pub device_ordinal: i32,
+    /// E: routed experts (all ranks together under expert parallelism).
+    pub num_experts: u32,
+    /// k: experts per token.
+    pub top_k: u32,
+    /// H: hidden size of x and out.
+    pub hidden_size: u32,
+    /// I: intermediate size of one expert.
+    pub intermediate_size: u32,
+    /// L: latent size the experts run at through fc1 [L,H] / fc2 [H,L]; 0 = no latent.
+    pub latent_size: u32,
+    /// S: intermediate size of the shared-expert MLP (n shared experts of S1 each: n*S1); 0 = none.
+    pub shared_intermediate_size: u32,
+    /// FdmoeRouting. Default SOFTMAX_TOPK.
+    pub routing: u32,
+    /// FdmoeScoring, GROUPED_TOPK only. Default SIGMOID.
+    pub scoring: u32,
+    /// Expert groups (GROUPED_TOPK); must be 0 or 1 otherwise. Default 1.
+    pub n_group: u32,
+    /// Groups kept per token (GROUPED_TOPK); must be 0 or 1 otherwise. Default 1.
+    pub topk_group: u32,
+    /// Non-zero: divide the top-k weights by their sum. Default 1.
+    pub renormalize: u32,
+    /// Multiplies every routing weight. Default 1.0.
+    pub routed_scaling_factor: f32,
+    /// FdmoeActivation. Default SWIGLU.
+    pub activation: u32,
+    /// FdmoeDtype of x and out: F32, BF16 or F16. Default BF16.
+    pub act_dtype: u32,
+    /// FdmoeDtype the expert weights are kept in. Default BF16.
+    pub weight_dtype: u32,
+    /// Largest T a forward may pass; every buffer is sized by it. Default 4096.
+    pub max_tokens: u32,
+    /// CPU worker threads; 0 = one per core. Must be 0 on the cuda backend.
+    pub num_threads: u32,
+    /// Expert-parallel ranks. Default 1.
+    pub ep_size: u32,
+    /// This backend's rank in [0, ep_size). Default 0.
+    pub ep_rank: u32,
+}
+
+/// The weights of one layer. Initialise with `fdmoe_weights_init`.
+///
+/// Shapes (E experts, H hidden, I intermediate, L = latent_size or H, S shared):
+/// - layout TORCH: w13 [E, 2I, L] (gate rows, then up rows), w2 [E, L, I]; fc1 [L, H],
+///   fc2 [H, L], shared_w13 [2S, H], shared_w2 [H, S].
+/// - layout PADDLE: every matrix transposed: w13 [E, L, 2I], w2 [E, I, L], fc1 [H, L],
+///   fc2 [L, H], shared_w13 [H, 2S], shared_w2 [S, H].
+/// - layout PER_EXPERT: gate_proj / up_proj / down_proj are arrays of E pointers to [I, L],
+///   [I, L], [L, I]; fc1/fc2/shared as TORCH.
+/// - gate: [E, H] or [H, E] per gate_layout, of gate_dtype; may be NULL when every forward
+///   passes router logits. correction_bias: [E] f32, GROUPED_TOPK only.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FdmoeWeights {
+    pub struct_size: u32,
+    /// FdmoeLayout. Default TORCH.
+    pub layout: u32,
+    /// FdmoeDtype of w13, w2, fc1, fc2 and the shared matrices (F32, BF16, F16). Default BF16.
+    pub dtype: u32,
+    /// FdmoeMemory of every pointer below. Default HOST.
+    pub memory: u32,
+    /// FdmoeOwnership. Default OWN.
+    pub ownership: u32,
+    /// Non-zero: w13 alternates gate and up rows (PADDLE: columns), as gpt-oss stores them.
+    pub gate_up_interleaved: u32,
+    /// FdmoeDtype of gate (F32, BF16, F16). Default F32.
+    pub gate_dtype: u32,
+    /// FdmoeGateLayout. Default EXPERTS_BY_HIDDEN ([E, H]).
+    pub gate_layout: u32,
+    pub w13: *const c_void,
+    pub w2: *const c_void,
+    pub gate_proj: *const *const c_void,
+    pub up_proj: *const *const c_void,
+    pub down_proj: *const *const c_void,
+    pub gate: *const c_void,
+    pub correction_bias: *const f32,
+    pub fc1: *const c_void,
+    pub fc2: *const c_void,
+    pub shared_w13: *const c_void,
+    pub shared_w2: *const c_void,
+}
+
+/// One forward. Initialise with `fdmoe_forward_args_init`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FdmoeForwardArgs {
+    pub struct_size: u32,
+    /// T: tokens in this call, 0 ..= max_tokens (0 is a no-op).
+    pub num_tokens: u32,
+    /// [T, H] of act_dtype.
+    pub x: *const c_void,
+    /// [T, H] of act_dtype; must not overlap x.
+    pub out: *mut c_void,
+    /// [T, E] f32 router logits, or NULL to compute them with the loaded gate weight.
+    pub router_logits: *const f32,
+    /// [T, k] int32 expert ids and [T, k] f32 weights to use instead of routing (replay);
+    /// both or neither; required when config.routing is GIVEN.
+    pub topk_ids: *const i32,
+    pub topk_weights: *const f32,
+    /// Optional [T, k] outputs: the ids and final weights used (the routing record).
+    pub topk_ids_out: *mut i32,
+    pub topk_weights_out: *mut f32,
+    /// cudaStream_t / CUstream for the cuda backend; must be NULL on the cpu backend.
+    pub stream: *mut c_void,
+    /// FDMOE_FORWARD_FORCE_EAGER and future bits; unknown bits are rejected.
+    pub flags: u32,
+}
+
+/// Bytes a backend of a given config allocates. Initialise `struct_size` before the query.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FdmoeMemoryRequirements {
+    pub struct_size: u32,
+    /// Expert, gate, latent and shared weights on the device (OWN).
+    pub device_weight_bytes: u64,
+    /// Workspace on the device, sized by max_tokens.
+    pub device_workspace_bytes: u64,
+    /// Static buffers of captured graphs (the default buckets).
+    pub device_graph_bytes: u64,
+    /// Weights kept in host memory (cpu backend).
+    pub host_weight_bytes: u64,
+    /// Workspace in host memory (cpu backend).
+    pub host_workspace_bytes: u64,
+}
+
+unsafe impl Versioned for FdmoeConfig {
+    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeConfig>();
+    fn defaults() -> Self {
+        let d = MoeConfig::default();
+        FdmoeConfig {
+            struct_size: std::mem::size_of::<FdmoeConfig>() as u32,
+            backend: d.backend as u32,
+            device_ordinal: d.device_ordinal,
+            num_experts: 0,
+            top_k: 0,
+            hidden_size: 0,
+            intermediate_size: 0,
+            latent_size: 0,
+            shared_intermediate_size: 0,
+            routing: d.routing as u32,
+            scoring: d.scoring as u32,
+            n_group: d.n_group as u32,
+            topk_group: d.topk_group as u32,
+            renormalize: d.renormalize as u32,
+            routed_scaling_factor: d.routed_scaling_factor,
+            activation: d.activation as u32,
+            act_dtype: d.act_dtype as u32,
+            weight_dtype: d.weight_dtype as u32,
+            max_tokens: d.max_tokens as u32,
+            num_threads: 0,
+            ep_size: 1,
+            ep_rank: 0,
+        }
+    }
+}
+
+unsafe impl Versioned for FdmoeWeights {
+    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeWeights>();
+    fn defaults() -> Self {
+        let null = std::ptr::null();
+        FdmoeWeights {
+            struct_size: std::mem::size_of::<FdmoeWeights>() as u32,
+            layout: FdmoeLayout::Torch as u32,
+            dtype: FdmoeDtype::Bf16 as u32,
+            memory: FdmoeMemory::Host as u32,
+            ownership: FdmoeOwnership::Own as u32,
+            gate_up_interleaved: 0,
+            gate_dtype: FdmoeDtype::F32 as u32,
+            gate_layout: FdmoeGateLayout::ExpertsByHidden as u32,
+            w13: null,
+            w2: null,
+            gate_proj: std::ptr::null(),
+            up_proj: std::ptr::null(),
+            down_proj: std::ptr::null(),
+            gate: null,
+            correction_bias: std::ptr::null(),
+            fc1: null,
+            fc2: null,
+            shared_w13: null,
+            shared_w2: null,
+        }
+    }
+}
+
+unsafe impl Versioned for FdmoeForwardArgs {
+    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeForwardArgs>();
+    fn defaults() -> Self {
+        FdmoeForwardArgs {
+            struct_size: std::mem::size_of::<FdmoeForwardArgs>() as u32,
+            num_tokens: 0,
+            x: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            router_logits: std::ptr::null(),
+            topk_ids: std::ptr::null(),
+            topk_weights: std::ptr::null(),
+            topk_ids_out: std::ptr::null_mut(),
+            topk_weights_out: std::ptr::null_mut(),
+            stream: std::ptr::null_mut(),
+            flags: 0,
+        }
+    }
+}
+
+unsafe impl Versioned for FdmoeMemoryRequirements {
+    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeMemoryRequirements>();
+    fn defaults() -> Self {
+        FdmoeMemoryRequirements {
+            struct_size: std::mem::size_of::<FdmoeMemoryRequirements>() as u32,
+            device_weight_bytes: 0,
+            device_workspace_bytes: 0,
+            device_graph_bytes: 0,
+            host_weight_bytes: 0,
+            host_workspace_bytes: 0,
+        }
+    }
+}
+
+impl FdmoeConfig {
+    pub fn to_config(&self) -> Result<MoeConfig> {
+        let opt = |v: u32| if v == 0 { None } else { Some(v as usize) };
+        Ok(MoeConfig {
+            backend: FdmoeBackendKind::from_raw(self.backend, "config.backend")?,
+            device_ordinal: self.device_ordinal,
+            num_experts: self.num_experts as usize,
+            top_k: self.top_k as usize,
+            hidden_size: self.hidden_size as usize,
+            intermediate_size: self.intermediate_size as usize,
+            latent_size: opt(self.latent_size),
+            shared_intermediate_size: opt(self.shared_intermediate_size),
+            routing: FdmoeRouting::from_raw(self.routing, "config.routing")?,
+            scoring: FdmoeScoring::from_raw(self.scoring, "config.scoring")?,
+            n_group: self.n_group as usize,
+            topk_group: self.topk_group as usize,
+            renormalize: self.renormalize != 0,
+            routed_scaling_factor: self.routed_scaling_factor,
+            activation: FdmoeActivation::from_raw(self.activation, "config.activation")?,
+            act_dtype: FdmoeDtype::from_raw(self.act_dtype, "config.act_dtype")?,
+            weight_dtype: FdmoeDtype::from_raw(self.weight_dtype, "config.weight_dtype")?,
+            max_tokens: self.max_tokens as usize,
+            num_threads: self.num_threads as usize,
+            ep_size: self.ep_size as usize,
+            ep_rank: self.ep_rank as usize,
+        })
+    }
+}
+
+fn optional(p: *const c_void) -> Option<*const c_void> {
+    (!p.is_null()).then_some(p)
+}
+
+impl FdmoeWeights {
+    /// # Safety
+    /// The per-expert pointer arrays, when non-NULL, hold `num_experts` pointers.
+    pub unsafe fn to_source(&self, num_experts: usize) -> Result<WeightSource> {
+        let layout = FdmoeLayout::from_raw(self.layout, "weights.layout")?;
+        let experts = if layout == FdmoeLayout::PerExpert {
+            ensure!(
+                self.w13.is_null() && self.w2.is_null(),
+                "weights.w13/w2 are given but weights.layout is per_expert (pass gate_proj/up_proj/down_proj)"
+            );
+            let list = |p: *const *const c_void, name: &str| -> Result<Vec<*const c_void>> {
+                if p.is_null() {
+                    return Err(Error::null(&format!("weights.{name} (layout per_expert)")));
+                }
+                Ok(std::slice::from_raw_parts(p, num_experts).to_vec())
+            };
+            ExpertSource::PerExpert {
+                gate_proj: list(self.gate_proj, "gate_proj")?,
+                up_proj: list(self.up_proj, "up_proj")?,
+                down_proj: list(self.down_proj, "down_proj")?,
+            }
+        } else {
+            ensure!(
+                self.gate_proj.is_null() && self.up_proj.is_null() && self.down_proj.is_null(),
+                "weights.gate_proj/up_proj/down_proj are given but weights.layout is {layout} (pass w13/w2)"
+            );
+            ExpertSource::Stacked {
+                w13: self.w13,
+                w2: self.w2,
+            }
+        };
+        let gate = match optional(self.gate) {
+            Some(ptr) => Some(GateSource {
+                ptr,
+                dtype: FdmoeDtype::from_raw(self.gate_dtype, "weights.gate_dtype")?,
+                layout: FdmoeGateLayout::from_raw(self.gate_layout, "weights.gate_layout")?,
+            }),
+            None => None,
+        };
+        Ok(WeightSource {
+            layout,
+            dtype: FdmoeDtype::from_raw(self.dtype, "weights.dtype")?,
+            memory: FdmoeMemory::from_raw(self.memory, "weights.memory")?,
+            ownership: FdmoeOwnership::from_raw(self.ownership, "weights.ownership")?,
+            gate_up_interleaved: self.gate_up_interleaved != 0,
+            experts,
+            gate,
+            correction_bias: (!self.correction_bias.is_null()).then_some(self.correction_bias),
+            fc1: optional(self.fc1),
+            fc2: optional(self.fc2),
+            shared_w13: optional(self.shared_w13),
+            shared_w2: optional(self.shared_w2),
+        })
+    }
+}
+
+impl FdmoeForwardArgs {
+    pub fn to_args(&self) -> Result<ForwardArgs> {
+        ensure!(
+            self.flags & !FDMOE_FORWARD_FORCE_EAGER == 0,
+            "args.flags = {:#x} has bits this library does not know",
+            self.flags
+        );
+        Ok(ForwardArgs {
+            num_tokens: self.num_tokens as usize,
+            x: self.x,
+            out: self.out,
+            router_logits: self.router_logits,
+            topk_ids: self.topk_ids,
+            topk_weights: self.topk_weights,
+            topk_ids_out: self.topk_ids_out,
+            topk_weights_out: self.topk_weights_out,
+            stream: self.stream,
+            force_eager: self.flags & FDMOE_FORWARD_FORCE_EAGER != 0,
+        })
+    }
+}
+
+impl FdmoeMemoryRequirements {
+    pub fn from_requirements(m: &MemoryRequirements) -> Self {
+        FdmoeMemoryRequirements {
+            device_weight_bytes: m.device_weight_bytes as u64,
+            device_workspace_bytes: m.device_workspace_bytes as u64,
+            device_graph_bytes: m.device_graph_bytes as u64,
+            host_weight_bytes: m.host_weight_bytes as u64,
+            host_workspace_bytes: m.host_workspace_bytes as u64,
+            ..FdmoeMemoryRequirements::defaults()
+        }
+    }
+}
