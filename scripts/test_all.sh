@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test that needs no GPU: Rust unit and integration tests (which also build and run
-# the header-driven C tests), the C tests under valgrind, the C examples, and the Python tests.
-# Needs: cargo, a C compiler, valgrind, python3 with numpy, ml_dtypes and pytest
+# Runs every test that needs no GPU: formatting and lints, Rust unit and integration tests
+# (which also build and run the header-driven C tests), the C tests under valgrind, the C
+# examples, and the Python binding's tests.
+# Needs: cargo, a C compiler, make, valgrind, python3 with numpy, ml_dtypes and pytest
 # (`.ci/run` installs them on a fresh machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,15 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 echo "== cargo test"
 cargo build --release --quiet
-cargo test --quiet
+cargo test --release --quiet
 
-echo "== done"
+echo "== C tests under valgrind"
+tests/c/run_valgrind.sh target/release
+
+echo "== C examples"
+make -C examples-c run LIBDIR="$PWD/target/release"
+
+echo "== Python binding"
+FDMOE_LIBRARY="$PWD/target/release/libfdmoe.so" python3 -m pytest -q bindings/python/tests
+
+echo "== all tests passed"

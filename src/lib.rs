@@ -11,6 +11,7 @@ pub mod error;
 pub mod ffi;
 pub mod forward;
 pub mod moe;
+pub mod quant;
 pub mod routing;
 pub mod weights;
 

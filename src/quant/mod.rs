@@ -1,0 +1,1 @@
+//! Codecs of the quantized weight formats (SPEC §5).
