@@ -1,6 +1,8 @@
 //! The backend interface every engine implements, and the features each one offers.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::ffi::c_void;
 

@@ -1,0 +1,46 @@
+// Combine: out[t, :] = sum_j y[position(t, j), :] (+ residual[t, :]), in f32, in slot order j,
+// rounded once to the output type. y already carries the router weights (GEMM 2 epilogue).
+// Slots with position -1 (ids dropped by the sort) add nothing. Each thread moves 8 columns
+// with 16-byte loads; N must be a multiple of 8.
+//
+// Grid: (max_tokens, ceil(N / (8 * 128))); block 128; blocks past the true T exit.
+#include "common/types.cuh"
+
+struct alignas(16) Vec8 {
+    u32 w[4];
+};
+
+__device__ __forceinline__ void add8(float* acc, const Vec8& v) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc[2 * i] += elem_to_float((u16)(v.w[i] & 0xffffu));
+        acc[2 * i + 1] += elem_to_float((u16)(v.w[i] >> 16));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    combine_slots(const u16* __restrict__ y, const int* __restrict__ slot_positions, const float* __restrict__ residual,
+                  u16* __restrict__ out, const int* num_tokens_dev, int num_tokens, int top_k, int n) {
+    const int T = token_count(num_tokens_dev, num_tokens);
+    const int t = blockIdx.x;
+    if (t >= T) return;
+    const int col = (blockIdx.y * 128 + threadIdx.x) * 8;
+    if (col >= n) return;
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+    for (int j = 0; j < top_k; ++j) {
+        const int pos = slot_positions[(i64)t * top_k + j];
+        if (pos < 0) continue;
+        add8(acc, *(const Vec8*)(y + (i64)pos * n + col));
+    }
+    if (residual) {
+        const float* res = residual + (i64)t * n + col;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] += res[i];
+    }
+    Vec8 o;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o.w[i] = pack_elem2(acc[2 * i], acc[2 * i + 1]);
+    *(Vec8*)(out + (i64)t * n + col) = o;
+}

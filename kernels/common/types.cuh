@@ -1,0 +1,58 @@
+// Element types and conversions shared by every kernel.
+//
+// Kernels are compiled by NVRTC without the CUDA headers, so 16-bit floats are carried as raw
+// `u16` bits and converted with single PTX instructions. One build of a kernel serves one
+// element type: bf16 by default, IEEE half when FDMOE_F16 is defined.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+__device__ __forceinline__ float elem_to_float(u16 v) {
+#ifdef FDMOE_F16
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+#else
+    return __uint_as_float(((u32)v) << 16);
+#endif
+}
+
+// Round to nearest even, once.
+__device__ __forceinline__ u16 float_to_elem(float f) {
+    u16 v;
+#ifdef FDMOE_F16
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#endif
+    return v;
+}
+
+__device__ __forceinline__ u32 pack_elem2(float lo, float hi) {
+    return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
+}
+
+// The true token count: device memory when graphs replay a padded bucket, else the argument.
+__device__ __forceinline__ int token_count(const int* num_tokens_dev, int num_tokens) {
+    return num_tokens_dev ? *num_tokens_dev : num_tokens;
+}
+
+// A total order for top-k: larger value first, NaN below everything, ties to the lower index.
+// Eligible entries always map above 0, so 0 can mark "not selectable".
+__device__ __forceinline__ u64 rank_key(float value, int index) {
+    u32 bits = __float_as_uint(value);
+    u32 ordered;
+    if (value != value) {
+        ordered = 0u;
+    } else {
+        ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    }
+    return ((u64)ordered << 32) | (u64)(0xFFFFFFFFu - (u32)index);
+}
+
+__device__ __forceinline__ int key_index(u64 key) {
+    return (int)(0xFFFFFFFFu - (u32)(key & 0xFFFFFFFFull));
+}
