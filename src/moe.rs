@@ -4,7 +4,9 @@ use std::ffi::c_void;
 
 use crate::backend::{self, cpu::CpuBackend, Backend, MemoryRequirements};
 use crate::config::{FdmoeBackendKind, MoeConfig};
-use crate::error::{Error, FdmoeStatus, Result};
+#[cfg(not(feature = "cuda"))]
+use crate::error::FdmoeStatus;
+use crate::error::{Error, Result};
 use crate::forward::ForwardArgs;
 use crate::weights::WeightSource;
 
@@ -20,12 +22,10 @@ impl Moe {
         cfg.validate()?;
         let backend: Box<dyn Backend> = match cfg.backend {
             FdmoeBackendKind::Cpu => Box::new(CpuBackend::new(cfg)?),
-            FdmoeBackendKind::Cuda => {
-                return Err(Error::new(
-                    FdmoeStatus::Unsupported,
-                    "the cuda backend is not part of this build yet (backend cuda)",
-                ))
-            }
+            #[cfg(feature = "cuda")]
+            FdmoeBackendKind::Cuda => Box::new(backend::cuda::CudaBackend::new(cfg)?),
+            #[cfg(not(feature = "cuda"))]
+            FdmoeBackendKind::Cuda => return Err(no_cuda_build()),
         };
         Ok(Moe { backend })
     }
@@ -34,11 +34,11 @@ impl Moe {
     pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
         cfg.validate()?;
         match cfg.backend {
-            FdmoeBackendKind::Cpu => Ok(backend::cpu::memory_requirements(cfg)),
-            FdmoeBackendKind::Cuda => Err(Error::new(
-                FdmoeStatus::Unsupported,
-                "the cuda backend is not part of this build yet (backend cuda)",
-            )),
+            FdmoeBackendKind::Cpu => backend::cpu::memory_requirements(cfg),
+            #[cfg(feature = "cuda")]
+            FdmoeBackendKind::Cuda => backend::cuda::memory_requirements(cfg),
+            #[cfg(not(feature = "cuda"))]
+            FdmoeBackendKind::Cuda => Err(no_cuda_build()),
         }
     }
 
@@ -74,11 +74,14 @@ impl Moe {
 
     /// Captures CUDA graphs for the given token buckets (cuda backend only).
     pub fn capture_graphs(&mut self, token_counts: &[usize], stream: *mut c_void) -> Result<()> {
-        if !self.backend.has_weights() {
-            return Err(Error::state(
-                "capture before load_weights: no weights are loaded",
-            ));
-        }
         self.backend.capture_graphs(token_counts, stream)
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda_build() -> Error {
+    Error::new(
+        FdmoeStatus::Unsupported,
+        "backend cuda is not in this build (built without the cuda feature)",
+    )
 }

@@ -8,7 +8,10 @@ use fdmoe::backend::cuda::compile::{compile, nvrtc_version, Element, ALL_FILES};
 #[test]
 fn every_kernel_compiles_for_sm90a_and_sm80() {
     if let Err(e) = nvrtc_version() {
-        assert!(std::env::var_os("FDMOE_REQUIRE_NVRTC").is_none(), "NVRTC required but missing: {e}");
+        assert!(
+            std::env::var_os("FDMOE_REQUIRE_NVRTC").is_none(),
+            "NVRTC required but missing: {e}"
+        );
         eprintln!("skipping: {e}");
         return;
     }
@@ -17,7 +20,8 @@ fn every_kernel_compiles_for_sm90a_and_sm80() {
     for file in ALL_FILES {
         for arch in ["sm_90a", "sm_80"] {
             for element in [Element::Bf16, Element::F16] {
-                let cubin = compile(file, arch, element).unwrap_or_else(|e| panic!("{}: {e}", file.name));
+                let cubin =
+                    compile(file, arch, element).unwrap_or_else(|e| panic!("{}: {e}", file.name));
                 assert!(cubin.image.len() > 1000, "{} {arch}: tiny cubin", file.name);
                 assert!(
                     !cubin.log.to_lowercase().contains("warning"),

@@ -89,6 +89,26 @@ pub fn features(kind: FdmoeBackendKind) -> u64 {
                 | FDMOE_FEATURE_WEIGHTS_OWN
                 | FDMOE_FEATURE_WEIGHTS_BORROW
         }
+        #[cfg(feature = "cuda")]
+        FdmoeBackendKind::Cuda => {
+            FDMOE_FEATURE_ROUTING_SOFTMAX_TOPK
+                | FDMOE_FEATURE_ROUTING_SIGMOID_TOPK
+                | FDMOE_FEATURE_ROUTING_GROUPED_TOPK
+                | FDMOE_FEATURE_ROUTING_GIVEN
+                | FDMOE_FEATURE_ROUTING_RECORD
+                | FDMOE_FEATURE_LATENT
+                | FDMOE_FEATURE_SHARED_EXPERTS
+                | FDMOE_FEATURE_ACT_BF16
+                | FDMOE_FEATURE_ACT_F16
+                | FDMOE_FEATURE_WEIGHT_BF16
+                | FDMOE_FEATURE_WEIGHT_F16
+                | FDMOE_FEATURE_LAYOUT_TORCH
+                | FDMOE_FEATURE_LAYOUT_PADDLE
+                | FDMOE_FEATURE_LAYOUT_PER_EXPERT
+                | FDMOE_FEATURE_WEIGHTS_OWN
+                | FDMOE_FEATURE_WEIGHTS_BORROW
+        }
+        #[cfg(not(feature = "cuda"))]
         FdmoeBackendKind::Cuda => 0,
     }
 }

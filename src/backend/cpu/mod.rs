@@ -3,8 +3,8 @@
 //! SPEC §3 in f32 from the given inputs and rounds the output once.
 
 mod experts;
-mod linear;
-mod weights;
+pub(crate) mod linear;
+pub(crate) mod weights;
 
 use std::sync::Arc;
 
@@ -130,8 +130,32 @@ fn thread_count(cfg: &MoeConfig) -> usize {
     }
 }
 
+/// Checks the parts of a config this backend cannot take (create and the memory query).
+pub fn check_config(cfg: &MoeConfig) -> Result<()> {
+    if cfg.ep_size > 1 {
+        return Err(Error::unsupported(
+            "expert parallelism (config.ep_size > 1)",
+            "cpu",
+        ));
+    }
+    if cfg.device_ordinal != 0 {
+        return Err(Error::invalid(format!(
+            "config.device_ordinal = {} applies to the cuda backend; it must be 0 on backend cpu",
+            cfg.device_ordinal
+        )));
+    }
+    if !cfg.weight_dtype.is_dense() {
+        return Err(Error::unsupported(
+            format!("weight format {}", cfg.weight_dtype),
+            "cpu",
+        ));
+    }
+    Ok(())
+}
+
 /// What a CPU backend of this config allocates (host memory; nothing on a device).
-pub fn memory_requirements(cfg: &MoeConfig) -> MemoryRequirements {
+pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
+    check_config(cfg)?;
     let (e, h, i, l) = (
         cfg.num_experts,
         cfg.hidden_size,
@@ -145,35 +169,18 @@ pub fn memory_requirements(cfg: &MoeConfig) -> MemoryRequirements {
     if let Some(s) = cfg.shared_intermediate_size {
         weights += 3 * s * h;
     }
-    MemoryRequirements {
+    Ok(MemoryRequirements {
         device_weight_bytes: 0,
         device_workspace_bytes: 0,
         device_graph_bytes: 0,
         host_weight_bytes: weights * 4,
         host_workspace_bytes: Workspace::bytes(cfg, thread_count(cfg)),
-    }
+    })
 }
 
 impl CpuBackend {
     pub fn new(cfg: &MoeConfig) -> Result<Self> {
-        if cfg.ep_size > 1 {
-            return Err(Error::unsupported(
-                "expert parallelism (config.ep_size > 1)",
-                "cpu",
-            ));
-        }
-        if cfg.device_ordinal != 0 {
-            return Err(Error::invalid(format!(
-                "config.device_ordinal = {} applies to the cuda backend; it must be 0 on backend cpu",
-                cfg.device_ordinal
-            )));
-        }
-        if !cfg.weight_dtype.is_dense() {
-            return Err(Error::unsupported(
-                format!("weight format {}", cfg.weight_dtype),
-                "cpu",
-            ));
-        }
+        check_config(cfg)?;
         let threads = thread_count(cfg);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)

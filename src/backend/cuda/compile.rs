@@ -22,7 +22,10 @@ pub struct KernelFile {
 
 macro_rules! kernel_file {
     ($name:literal) => {
-        KernelFile { name: $name, source: include_str!(concat!("../../../kernels/", $name)) }
+        KernelFile {
+            name: $name,
+            source: include_str!(concat!("../../../kernels/", $name)),
+        }
     };
 }
 
@@ -33,12 +36,27 @@ pub const GROUPED_GEMM: KernelFile = kernel_file!("grouped_gemm.cu");
 pub const COMBINE: KernelFile = kernel_file!("combine.cu");
 
 /// Every kernel file, for the compile-everything test.
-pub const ALL_FILES: [KernelFile; 5] = [GATE_LOGITS, ROUTE_TOPK, SORT_BY_EXPERT, GROUPED_GEMM, COMBINE];
+pub const ALL_FILES: [KernelFile; 5] = [
+    GATE_LOGITS,
+    ROUTE_TOPK,
+    SORT_BY_EXPERT,
+    GROUPED_GEMM,
+    COMBINE,
+];
 
 const HEADERS: [(&str, &str); 3] = [
-    ("common/types.cuh", include_str!("../../../kernels/common/types.cuh")),
-    ("common/activation.cuh", include_str!("../../../kernels/common/activation.cuh")),
-    ("common/mma.cuh", include_str!("../../../kernels/common/mma.cuh")),
+    (
+        "common/types.cuh",
+        include_str!("../../../kernels/common/types.cuh"),
+    ),
+    (
+        "common/activation.cuh",
+        include_str!("../../../kernels/common/activation.cuh"),
+    ),
+    (
+        "common/mma.cuh",
+        include_str!("../../../kernels/common/mma.cuh"),
+    ),
 ];
 
 /// Element type a kernel build works on.
@@ -141,7 +159,9 @@ fn load_nvrtc() -> Result<()> {
 fn python_nvrtc_dirs() -> Vec<PathBuf> {
     let mut out = Vec::new();
     for base in ["/usr/local/lib", "/usr/lib", "/opt"] {
-        let Ok(entries) = std::fs::read_dir(base) else { continue };
+        let Ok(entries) = std::fs::read_dir(base) else {
+            continue;
+        };
         for e in entries.flatten() {
             out.push(e.path().join("site-packages/nvidia/cu13/lib"));
             out.push(e.path().join("dist-packages/nvidia/cu13/lib"));
@@ -163,13 +183,18 @@ fn python_nvrtc_dirs() -> Vec<PathBuf> {
 }
 
 fn dlopen_global(path: &std::path::Path) -> bool {
-    let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else { return false };
+    let Ok(c) = CString::new(path.to_string_lossy().as_bytes()) else {
+        return false;
+    };
     // SAFETY: dlopen of a shared library; the handle is intentionally kept for the process.
     !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
 }
 
 fn nvrtc_error(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::new(FdmoeStatus::CudaError, format!("NVRTC {what} failed: {e:?}"))
+    Error::new(
+        FdmoeStatus::CudaError,
+        format!("NVRTC {what} failed: {e:?}"),
+    )
 }
 
 /// The NVRTC version, (major, minor).
@@ -205,13 +230,20 @@ pub fn compile(file: KernelFile, arch: &str, element: Element) -> Result<Cubin> 
         options.push("-DFDMOE_F16".to_string());
     }
     let (major, minor) = nvrtc_version()?;
-    let key = fnv1a(&[source.as_bytes(), options.join(" ").as_bytes(), format!("{major}.{minor}").as_bytes()]);
+    let key = fnv1a(&[
+        source.as_bytes(),
+        options.join(" ").as_bytes(),
+        format!("{major}.{minor}").as_bytes(),
+    ]);
     let stem = file.name.trim_end_matches(".cu");
     let cached = cache_dir().map(|d| d.join(format!("{stem}-{arch}-{key:016x}.cubin")));
     if let Some(path) = &cached {
         if let Ok(image) = std::fs::read(path) {
             if !image.is_empty() {
-                return Ok(Cubin { image, log: String::new() });
+                return Ok(Cubin {
+                    image,
+                    log: String::new(),
+                });
             }
         }
     }
@@ -226,7 +258,11 @@ pub fn compile(file: KernelFile, arch: &str, element: Element) -> Result<Cubin> 
 fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("cache files live in a folder");
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().unwrap().to_string_lossy(),
+        std::process::id()
+    ));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }
@@ -234,7 +270,8 @@ fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 fn compile_uncached(name: &str, source: &str, options: &[String]) -> Result<Cubin> {
     let src = CString::new(source).map_err(|_| Error::internal("kernel source contains NUL"))?;
     let cname = CString::new(name).expect("file names have no NUL");
-    let program = nvrtc::create_program(&src, Some(&cname)).map_err(|e| nvrtc_error("create_program", e))?;
+    let program =
+        nvrtc::create_program(&src, Some(&cname)).map_err(|e| nvrtc_error("create_program", e))?;
     // SAFETY: `program` is a live NVRTC program until destroyed below.
     let outcome = unsafe { nvrtc::compile_program(program, options) };
     let log = unsafe { nvrtc::get_program_log(program) }
@@ -246,7 +283,10 @@ fn compile_uncached(name: &str, source: &str, options: &[String]) -> Result<Cubi
     let result = match outcome {
         Err(e) => Err(Error::new(
             FdmoeStatus::CudaError,
-            format!("NVRTC could not compile kernels/{name} ({}): {e:?}\n{log}", options.join(" ")),
+            format!(
+                "NVRTC could not compile kernels/{name} ({}): {e:?}\n{log}",
+                options.join(" ")
+            ),
         )),
         Ok(()) => unsafe { cubin_of(program) }.map(|image| Cubin { image, log }),
     };

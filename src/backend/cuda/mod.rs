@@ -1,3 +1,556 @@
-//! The CUDA backend.
+//! The CUDA backend: the forward of SPEC §3 as a fixed sequence of kernels on the caller's
+//! stream — gate logits and routing (or given routing), optional fc1, the stable sort by
+//! expert, grouped GEMM 1 with the gated activation fused, grouped GEMM 2 with the router
+//! weight fused, the shared experts, and a deterministic combine (plus fc2). Everything is
+//! allocated and compiled at create; forward only launches (no allocation, no host sync, no
+//! host read of device data), so an engine may capture it in its own graph.
 
 pub mod compile;
+pub mod driver;
+pub mod kernels;
+pub mod weights;
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::CUdevice_attribute;
+
+use self::compile::Element;
+use self::driver::{Context, DeviceBuffer, DevicePtr, Stream};
+use self::kernels::{GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile, GATE_K_TILE};
+use self::weights::{require_device, weight_bytes, CudaWeights};
+use super::{Backend, MemoryRequirements};
+use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig};
+use crate::error::{Error, Result};
+use crate::forward::{ForwardArgs, RoutingSource};
+use crate::weights::WeightSource;
+
+/// Extra rows of split partial logits beyond max_tokens: decode splits H across blocks.
+const GATE_SPLIT_ROWS: usize = 8448;
+
+/// Checks the parts of a config the kernels cannot take; each answer names the feature.
+pub fn check_config(cfg: &MoeConfig) -> Result<()> {
+    if !matches!(cfg.act_dtype, FdmoeDtype::Bf16 | FdmoeDtype::F16) {
+        return Err(Error::unsupported(
+            format!("activations of {} (use bfloat16 or float16)", cfg.act_dtype),
+            "cuda",
+        ));
+    }
+    if cfg.weight_dtype != cfg.act_dtype {
+        return Err(Error::unsupported(
+            format!(
+                "weight format {} with activations of {} (they must match)",
+                cfg.weight_dtype, cfg.act_dtype
+            ),
+            "cuda",
+        ));
+    }
+    for (name, v) in [
+        ("hidden_size", Some(cfg.hidden_size)),
+        ("intermediate_size", Some(cfg.intermediate_size)),
+        ("latent_size", cfg.latent_size),
+        ("shared_intermediate_size", cfg.shared_intermediate_size),
+    ] {
+        if let Some(v) = v {
+            if v % 8 != 0 {
+                return Err(Error::unsupported(
+                    format!("config.{name} = {v}, not a multiple of 8 (16-byte rows)"),
+                    "cuda",
+                ));
+            }
+        }
+    }
+    if cfg.num_experts > 1024 {
+        return Err(Error::unsupported(
+            format!("config.num_experts = {} above 1024", cfg.num_experts),
+            "cuda",
+        ));
+    }
+    if cfg.routing == FdmoeRouting::GroupedTopk && cfg.n_group > 64 {
+        return Err(Error::unsupported(
+            format!("config.n_group = {} above 64", cfg.n_group),
+            "cuda",
+        ));
+    }
+    if cfg.ep_size > 1 {
+        return Err(Error::unsupported(
+            "expert parallelism (config.ep_size > 1)",
+            "cuda",
+        ));
+    }
+    if cfg.num_threads != 0 {
+        return Err(Error::invalid(
+            "config.num_threads applies to the cpu backend; it must be 0 on backend cuda",
+        ));
+    }
+    Ok(())
+}
+
+/// How the gate GEMM splits H for a given T (decode needs many blocks for few tokens).
+fn gate_splits(
+    num_tokens: usize,
+    hidden: usize,
+    num_experts: usize,
+    sm_count: usize,
+) -> (usize, usize) {
+    let tokens_per_block = if num_tokens <= 16 { 4 } else { 32 };
+    let blocks = num_tokens.div_ceil(tokens_per_block) * num_experts.div_ceil(256);
+    let max_splits = hidden.div_ceil(GATE_K_TILE).max(1);
+    let splits = (2 * sm_count / blocks.max(1)).clamp(1, max_splits);
+    let k_per_split = hidden.div_ceil(splits).div_ceil(GATE_K_TILE) * GATE_K_TILE;
+    (hidden.div_ceil(k_per_split), k_per_split)
+}
+
+struct Workspace {
+    partial_logits: DeviceBuffer,
+    topk_ids: DeviceBuffer,
+    topk_weights: DeviceBuffer,
+    expert_offsets: DeviceBuffer,
+    sorted_slots: DeviceBuffer,
+    slot_positions: DeviceBuffer,
+    tile_expert: DeviceBuffer,
+    tile_row: DeviceBuffer,
+    num_tiles: DeviceBuffer,
+    latent_in: DeviceBuffer,
+    latent_out: DeviceBuffer,
+    act: DeviceBuffer,
+    y: DeviceBuffer,
+    shared_act: DeviceBuffer,
+    shared_out: DeviceBuffer,
+}
+
+impl Workspace {
+    /// (bytes, purpose) of every buffer, in field order.
+    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 15] {
+        let (t, e, k, h, i, l) = (
+            cfg.max_tokens,
+            cfg.num_experts,
+            cfg.top_k,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.expert_hidden(),
+        );
+        let slots = t * k;
+        let el = cfg.act_dtype.dense_size().unwrap_or(2);
+        let latent = cfg.latent_size.is_some() as usize;
+        let s = cfg.shared_intermediate_size.unwrap_or(0);
+        let max_tiles = slots.div_ceil(Tile::Small.block_m()) + e.min(slots) + 1;
+        [
+            (e * (t + GATE_SPLIT_ROWS) * 4, "partial router logits"),
+            (slots * 4, "top-k ids"),
+            (slots * 4, "top-k weights"),
+            ((e + 1) * 4, "expert offsets"),
+            (slots * 4, "sorted slots"),
+            (slots * 4, "slot positions"),
+            (max_tiles * 4, "tile experts"),
+            (max_tiles * 4, "tile rows"),
+            (4, "tile count"),
+            (latent * t * l * el, "fc1 output"),
+            (latent * t * l * el, "combined latent output"),
+            (slots * i * el, "expert activations"),
+            (slots * l * el, "expert outputs"),
+            (t * s * el, "shared-expert activations"),
+            (if s > 0 { t * h * 4 } else { 0 }, "shared-expert output"),
+        ]
+    }
+
+    fn new(cfg: &MoeConfig) -> Result<Self> {
+        let mut bufs = Self::sizes(cfg)
+            .into_iter()
+            .map(|(b, what)| DeviceBuffer::alloc(b, what));
+        let mut next = || bufs.next().expect("15 buffers");
+        Ok(Workspace {
+            partial_logits: next()?,
+            topk_ids: next()?,
+            topk_weights: next()?,
+            expert_offsets: next()?,
+            sorted_slots: next()?,
+            slot_positions: next()?,
+            tile_expert: next()?,
+            tile_row: next()?,
+            num_tiles: next()?,
+            latent_in: next()?,
+            latent_out: next()?,
+            act: next()?,
+            y: next()?,
+            shared_act: next()?,
+            shared_out: next()?,
+        })
+    }
+}
+
+/// Device memory a CUDA backend of `cfg` allocates.
+pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
+    check_config(cfg)?;
+    Ok(MemoryRequirements {
+        device_weight_bytes: weight_bytes(cfg),
+        device_workspace_bytes: Workspace::sizes(cfg).iter().map(|(b, _)| b).sum(),
+        device_graph_bytes: 0,
+        host_weight_bytes: 0,
+        host_workspace_bytes: 0,
+    })
+}
+
+pub struct CudaBackend {
+    cfg: MoeConfig,
+    sm_count: usize,
+    // Field order is drop order: device memory and modules go before the context.
+    weights: Option<CudaWeights>,
+    ws: Workspace,
+    kernels: Kernels,
+    ctx: Context,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl CudaBackend {
+    pub fn new(cfg: &MoeConfig) -> Result<Self> {
+        check_config(cfg)?;
+        let ctx = Context::primary(cfg.device_ordinal)?;
+        let _current = ctx.enter()?;
+        let major =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sm_count =
+            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        if major < 8 {
+            return Err(Error::unsupported(
+                format!("compute capability {major}.{minor} (needs 8.0 or newer)"),
+                "cuda",
+            ));
+        }
+        let arch = if (major, minor) == (9, 0) {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        let element = if cfg.act_dtype == FdmoeDtype::F16 {
+            Element::F16
+        } else {
+            Element::Bf16
+        };
+        let kernels = Kernels::load(&arch, element, cfg.activation, cfg.num_experts)?;
+        let ws = Workspace::new(cfg)?;
+        drop(_current);
+        Ok(CudaBackend {
+            cfg: cfg.clone(),
+            sm_count,
+            weights: None,
+            ws,
+            kernels,
+            ctx,
+        })
+    }
+
+    /// Checks every pointer of a forward call is device memory of our device, with the
+    /// alignment the 16-byte loads need.
+    fn check_pointers(&self, args: &ForwardArgs) -> Result<()> {
+        let ord = self.cfg.device_ordinal;
+        require_device(args.x, "args.x", ord)?;
+        require_device(args.out as *const c_void, "args.out", ord)?;
+        if (args.x as usize) % 16 != 0 || (args.out as usize) % 16 != 0 {
+            return Err(Error::invalid(
+                "args.x and args.out must be 16-byte aligned on backend cuda",
+            ));
+        }
+        let optional: [(*const c_void, &str); 5] = [
+            (args.router_logits.cast(), "args.router_logits"),
+            (args.topk_ids.cast(), "args.topk_ids"),
+            (args.topk_weights.cast(), "args.topk_weights"),
+            (args.topk_ids_out as *const c_void, "args.topk_ids_out"),
+            (
+                args.topk_weights_out as *const c_void,
+                "args.topk_weights_out",
+            ),
+        ];
+        for (p, name) in optional {
+            if !p.is_null() {
+                require_device(p, name, ord)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Enqueues the whole forward for `t` tokens. `num_tokens_dev` (0 in eager mode) lets a
+    /// graph captured for a larger bucket see the true T.
+    unsafe fn enqueue(
+        &self,
+        args: &ForwardArgs,
+        source: RoutingSource,
+        t: usize,
+        num_tokens_dev: DevicePtr,
+        stream: Stream,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let w = self.weights.as_ref().expect("checked by Moe::forward");
+        let ws = &self.ws;
+        let k = &self.kernels;
+        let (e, top_k, h, i, l) = (
+            cfg.num_experts,
+            cfg.top_k,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.expert_hidden(),
+        );
+        let x = args.x as DevicePtr;
+        let out = args.out as DevicePtr;
+        let record_ids = args.topk_ids_out as DevicePtr;
+        let record_weights = args.topk_weights_out as DevicePtr;
+
+        // 1. Routing.
+        match source {
+            RoutingSource::Given => k.given(
+                args.topk_ids as DevicePtr,
+                args.topk_weights as DevicePtr,
+                ws.topk_ids.ptr,
+                ws.topk_weights.ptr,
+                record_ids,
+                record_weights,
+                num_tokens_dev,
+                t,
+                top_k,
+                stream,
+            )?,
+            RoutingSource::Logits | RoutingSource::GateWeight => {
+                let (logits, splits) = if source == RoutingSource::Logits {
+                    (args.router_logits as DevicePtr, 1)
+                } else {
+                    let (splits, k_per_split) = gate_splits(t, h, e, self.sm_count);
+                    let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
+                    k.gate_logits(
+                        x,
+                        gate.ptr,
+                        ws.partial_logits.ptr,
+                        num_tokens_dev,
+                        t,
+                        h,
+                        e,
+                        splits,
+                        k_per_split,
+                        stream,
+                    )?;
+                    (ws.partial_logits.ptr, splits)
+                };
+                let p = RouteParams {
+                    logits,
+                    correction_bias: w.correction_bias.as_ref().map_or(0, |b| b.ptr),
+                    topk_ids: ws.topk_ids.ptr,
+                    topk_weights: ws.topk_weights.ptr,
+                    record_ids,
+                    record_weights,
+                    num_tokens_dev,
+                    num_tokens: t as i64,
+                    splits: splits as i64,
+                    num_experts: e as i64,
+                    top_k: top_k as i64,
+                    mode: match cfg.routing {
+                        FdmoeRouting::SoftmaxTopk => 0,
+                        FdmoeRouting::SigmoidTopk => 1,
+                        _ => 2,
+                    },
+                    grouped_softmax: (cfg.scoring == FdmoeScoring::Softmax) as i64,
+                    n_group: cfg.n_group.max(1) as i64,
+                    topk_group: cfg.topk_group.max(1) as i64,
+                    renormalize: cfg.renormalize as i64,
+                    routed_scaling_factor: cfg.routed_scaling_factor,
+                    pad: 0.0,
+                };
+                k.route(&p, t, stream)?;
+            }
+        }
+
+        // 2. Latent fc1: u = x · fc1ᵀ.
+        let dense_tile = Tile::for_rows(t);
+        let dense = |a: DevicePtr, lda: usize, b: DevicePtr, kk: usize, n: usize, c: DevicePtr| {
+            GemmParams {
+                a,
+                lda: lda as i64,
+                b,
+                ldb: kk as i64,
+                c,
+                ldc: n as i64,
+                k: kk as i64,
+                n: n as i64,
+                num_tokens_dev,
+                num_tokens: t as i64,
+                ..Default::default()
+            }
+        };
+        let tiles_dense = t.div_ceil(dense_tile.block_m());
+        let inputs = match &w.fc1 {
+            Some(fc1) => {
+                let p = dense(x, h, fc1.ptr(), h, l, ws.latent_in.ptr);
+                k.gemm(dense_tile, GemmKind::Dense, &p, tiles_dense, stream)?;
+                ws.latent_in.ptr
+            }
+            None => x,
+        };
+
+        // 3. Sort slots by expert; tiles of the grouped GEMMs.
+        let slots = t * top_k;
+        let tile = Tile::for_rows(slots.div_ceil(e.min(slots)));
+        let sort = SortBuffers {
+            expert_offsets: ws.expert_offsets.ptr,
+            sorted_slots: ws.sorted_slots.ptr,
+            slot_positions: ws.slot_positions.ptr,
+            tile_expert: ws.tile_expert.ptr,
+            tile_row: ws.tile_row.ptr,
+            num_tiles: ws.num_tiles.ptr,
+        };
+        k.sort(
+            ws.topk_ids.ptr,
+            &sort,
+            num_tokens_dev,
+            t,
+            top_k,
+            e,
+            tile.block_m(),
+            stream,
+        )?;
+        let max_tiles = slots.div_ceil(tile.block_m()) + e.min(slots);
+        let grouped = GemmParams {
+            tile_expert: ws.tile_expert.ptr,
+            tile_row: ws.tile_row.ptr,
+            num_tiles: ws.num_tiles.ptr,
+            expert_offsets: ws.expert_offsets.ptr,
+            sorted_slots: ws.sorted_slots.ptr,
+            top_k: top_k as i64,
+            slot_weights: ws.topk_weights.ptr,
+            num_tokens_dev,
+            num_tokens: t as i64,
+            ..Default::default()
+        };
+
+        // 4. GEMM 1: act = act(gate, up) of gathered rows · W13[e]ᵀ.
+        let p = GemmParams {
+            a: inputs,
+            lda: l as i64,
+            b: w.w13.ptr(),
+            ldb: l as i64,
+            b_group_stride: (2 * i * l) as i64,
+            c: ws.act.ptr,
+            ldc: i as i64,
+            k: l as i64,
+            n: i as i64,
+            up_offset: i as i64,
+            ..grouped
+        };
+        k.gemm(tile, GemmKind::UpGated, &p, max_tiles, stream)?;
+
+        // 5. GEMM 2: y = w_slot · act · W2[e]ᵀ, in sorted order.
+        let p = GemmParams {
+            a: ws.act.ptr,
+            lda: i as i64,
+            b: w.w2.ptr(),
+            ldb: i as i64,
+            b_group_stride: (l * i) as i64,
+            c: ws.y.ptr,
+            ldc: l as i64,
+            k: i as i64,
+            n: l as i64,
+            ..grouped
+        };
+        k.gemm(tile, GemmKind::DownScaled, &p, max_tiles, stream)?;
+
+        // 6. Shared experts over the full hidden x, kept in f32 until the final rounding.
+        let shared_out = match (&w.shared_w13, &w.shared_w2, cfg.shared_intermediate_size) {
+            (Some(sw13), Some(sw2), Some(s)) => {
+                let p = GemmParams {
+                    up_offset: s as i64,
+                    ..dense(x, h, sw13.ptr(), h, s, ws.shared_act.ptr)
+                };
+                k.gemm(dense_tile, GemmKind::DenseGated, &p, tiles_dense, stream)?;
+                let p = dense(ws.shared_act.ptr, s, sw2.ptr(), s, h, ws.shared_out.ptr);
+                k.gemm(dense_tile, GemmKind::DenseF32, &p, tiles_dense, stream)?;
+                ws.shared_out.ptr
+            }
+            _ => 0,
+        };
+
+        // 7. Combine in slot order (+ fc2).
+        match &w.fc2 {
+            Some(fc2) => {
+                k.combine(
+                    ws.y.ptr,
+                    ws.slot_positions.ptr,
+                    0,
+                    ws.latent_out.ptr,
+                    num_tokens_dev,
+                    t,
+                    top_k,
+                    l,
+                    stream,
+                )?;
+                let mut p = dense(ws.latent_out.ptr, l, fc2.ptr(), l, h, out);
+                let kind = if shared_out != 0 {
+                    p.residual = shared_out;
+                    p.ld_residual = h as i64;
+                    GemmKind::DenseResidual
+                } else {
+                    GemmKind::Dense
+                };
+                k.gemm(dense_tile, kind, &p, tiles_dense, stream)?;
+            }
+            None => k.combine(
+                ws.y.ptr,
+                ws.slot_positions.ptr,
+                shared_out,
+                out,
+                num_tokens_dev,
+                t,
+                top_k,
+                h,
+                stream,
+            )?,
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> FdmoeBackendKind {
+        FdmoeBackendKind::Cuda
+    }
+
+    fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    fn load_weights(&mut self, src: &WeightSource) -> Result<()> {
+        src.validate(&self.cfg)?;
+        let _current = self.ctx.enter()?;
+        // Free the old set first so a replacement fits where the first one did.
+        self.weights = None;
+        self.weights = Some(CudaWeights::load(&self.cfg, src)?);
+        Ok(())
+    }
+
+    fn has_weights(&self) -> bool {
+        self.weights.is_some()
+    }
+
+    fn has_gate(&self) -> bool {
+        self.weights.as_ref().is_some_and(|w| w.gate_t.is_some())
+    }
+
+    unsafe fn forward(&mut self, args: &ForwardArgs, source: RoutingSource) -> Result<()> {
+        let _current = self.ctx.enter()?;
+        self.check_pointers(args)?;
+        self.enqueue(args, source, args.num_tokens, 0, args.stream as Stream)
+    }
+
+    fn capture_graphs(&mut self, _token_counts: &[usize], _stream: *mut c_void) -> Result<()> {
+        if self.weights.is_none() {
+            return Err(Error::state(
+                "capture before load_weights: no weights are loaded",
+            ));
+        }
+        Err(Error::unsupported("library-owned CUDA graph capture (not in this build yet; capture fdmoe_forward in your own graph)", "cuda"))
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds, here (no GPU needed), everything the GPU suite runs on the device machine: the
+# release cdylib with the cuda feature and the GPU test binaries, into .device/ (git-ignored,
+# carried to the device by `run ... carry=[".device"]`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="$PWD/target-cuda"
+cargo build --release --features cuda --quiet
+mkdir -p .device/bin
+rm -f .device/bin/*
+cp target-cuda/release/libfdmoe.so .device/
+for t in cuda_vs_cpu kernels_compile; do
+  exe=$(cargo test --release --features cuda --no-run --message-format=json --test "$t" 2>/dev/null \
+        | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
+  cp "$exe" ".device/bin/$t"
+done
+ls -la .device .device/bin

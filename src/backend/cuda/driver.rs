@@ -1,0 +1,331 @@
+//! The slice of the CUDA driver API this backend uses, through cudarc's dynamically loaded
+//! bindings (so the library loads and answers NO_DEVICE on machines without a driver). Every
+//! call's status is checked and turned into `CUDA_ERROR` with the driver's error name. The
+//! caller's stream is used as a raw handle: never owned, never synchronised, no event tracking.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{self, CUresult};
+
+use super::compile::c_str;
+use crate::error::{Error, FdmoeStatus, Result};
+
+pub type DevicePtr = sys::CUdeviceptr;
+pub type Stream = sys::CUstream;
+
+/// Turns a driver status into our error, naming the operation.
+pub fn check(result: CUresult, what: &str) -> Result<()> {
+    if result == CUresult::CUDA_SUCCESS {
+        return Ok(());
+    }
+    let mut name = std::ptr::null();
+    // SAFETY: cuGetErrorName writes a static string pointer.
+    unsafe { sys::cuGetErrorName(result, &mut name) };
+    let status = if result == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        FdmoeStatus::OutOfMemory
+    } else {
+        FdmoeStatus::CudaError
+    };
+    Err(Error::new(
+        status,
+        format!("{what} failed: {}", c_str(name)),
+    ))
+}
+
+/// Loads libcuda and initialises the driver once; NO_DEVICE when there is none.
+pub fn init() -> Result<()> {
+    // SAFETY: probing for the library by name.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::new(
+            FdmoeStatus::NoDevice,
+            "no CUDA driver (libcuda.so.1) on this machine (backend cuda)",
+        ));
+    }
+    // SAFETY: cuInit may be called any number of times.
+    let r = unsafe { sys::cuInit(0) };
+    if r == CUresult::CUDA_ERROR_NO_DEVICE {
+        return Err(Error::new(
+            FdmoeStatus::NoDevice,
+            "the CUDA driver reports no device (backend cuda)",
+        ));
+    }
+    check(r, "cuInit")
+}
+
+/// The device's primary context (shared with the CUDA runtime), retained for our lifetime.
+pub struct Context {
+    pub device: sys::CUdevice,
+    ctx: sys::CUcontext,
+}
+
+// SAFETY: a CUcontext may be made current on any thread.
+unsafe impl Send for Context {}
+unsafe impl Sync for Context {}
+
+/// Makes a context current for a scope, restoring the caller's afterwards.
+pub struct CurrentGuard;
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        let mut old = std::ptr::null_mut();
+        // SAFETY: pops the context pushed by `Context::enter`.
+        unsafe { sys::cuCtxPopCurrent_v2(&mut old) };
+    }
+}
+
+impl Context {
+    pub fn primary(ordinal: i32) -> Result<Self> {
+        init()?;
+        let mut count = 0;
+        // SAFETY: out-parameters.
+        check(
+            unsafe { sys::cuDeviceGetCount(&mut count) },
+            "cuDeviceGetCount",
+        )?;
+        if ordinal >= count {
+            return Err(Error::new(
+                FdmoeStatus::NoDevice,
+                format!(
+                    "config.device_ordinal = {ordinal} but only {count} CUDA device(s) are visible"
+                ),
+            ));
+        }
+        let mut device = 0;
+        check(
+            unsafe { sys::cuDeviceGet(&mut device, ordinal) },
+            "cuDeviceGet",
+        )?;
+        let mut ctx = std::ptr::null_mut();
+        check(
+            unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, device) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        Ok(Context { device, ctx })
+    }
+
+    pub fn enter(&self) -> Result<CurrentGuard> {
+        // SAFETY: ctx is retained until drop.
+        check(
+            unsafe { sys::cuCtxPushCurrent_v2(self.ctx) },
+            "cuCtxPushCurrent",
+        )?;
+        Ok(CurrentGuard)
+    }
+
+    pub fn attribute(&self, attribute: sys::CUdevice_attribute) -> Result<i32> {
+        let mut v = 0;
+        check(
+            unsafe { sys::cuDeviceGetAttribute(&mut v, attribute, self.device) },
+            "cuDeviceGetAttribute",
+        )?;
+        Ok(v)
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: balances the retain in `primary`.
+        unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) };
+    }
+}
+
+/// Device memory owned by the library. Freed on drop (the owning context must be current or
+/// retained; `CudaBackend` drops buffers before its context).
+pub struct DeviceBuffer {
+    pub ptr: DevicePtr,
+    pub bytes: usize,
+}
+
+impl DeviceBuffer {
+    pub fn alloc(bytes: usize, what: &str) -> Result<Self> {
+        if bytes == 0 {
+            return Ok(DeviceBuffer { ptr: 0, bytes: 0 });
+        }
+        let mut ptr = 0;
+        // SAFETY: out-parameter.
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut ptr, bytes) },
+            &format!("cuMemAlloc of {bytes} bytes for {what}"),
+        )?;
+        Ok(DeviceBuffer { ptr, bytes })
+    }
+
+    /// Allocates and copies `data` in (synchronous; used at load time only).
+    pub fn from_host<T: Copy>(data: &[T], what: &str) -> Result<Self> {
+        let bytes = std::mem::size_of_val(data);
+        let buf = Self::alloc(bytes, what)?;
+        if bytes > 0 {
+            // SAFETY: buf holds `bytes` bytes; data is a valid host slice.
+            check(
+                unsafe { sys::cuMemcpyHtoD_v2(buf.ptr, data.as_ptr() as *const c_void, bytes) },
+                "cuMemcpyHtoD",
+            )?;
+        }
+        Ok(buf)
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: allocated by cuMemAlloc and freed once.
+            unsafe { sys::cuMemFree_v2(self.ptr) };
+        }
+    }
+}
+
+/// Synchronous device-to-host copy (load-time checks and tests only).
+pub fn copy_to_host<T: Copy>(src: DevicePtr, dst: &mut [T]) -> Result<()> {
+    let bytes = std::mem::size_of_val(dst);
+    // SAFETY: dst is a valid host slice of `bytes` bytes.
+    check(
+        unsafe { sys::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, src, bytes) },
+        "cuMemcpyDtoH",
+    )
+}
+
+/// Synchronous device-to-device copy (load time).
+pub fn copy_device(dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<()> {
+    check(
+        unsafe { sys::cuMemcpyDtoD_v2(dst, src, bytes) },
+        "cuMemcpyDtoD",
+    )
+}
+
+/// Where a pointer points, as the driver sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointerKind {
+    /// Device (or managed) memory on `ordinal`.
+    Device { ordinal: i32 },
+    /// Plain host memory the driver does not know.
+    Host,
+}
+
+pub fn pointer_kind(p: *const c_void) -> Result<PointerKind> {
+    let mut memory_type: u32 = 0;
+    // SAFETY: out-parameter of the size the attribute defines (an unsigned int).
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut memory_type as *mut u32 as *mut c_void,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            p as DevicePtr,
+        )
+    };
+    if r == CUresult::CUDA_ERROR_INVALID_VALUE {
+        return Ok(PointerKind::Host);
+    }
+    check(r, "cuPointerGetAttribute")?;
+    if memory_type == sys::CUmemorytype::CU_MEMORYTYPE_HOST as u32 {
+        return Ok(PointerKind::Host);
+    }
+    let mut ordinal: i32 = -1;
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut ordinal as *mut i32 as *mut c_void,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            p as DevicePtr,
+        )
+    };
+    check(r, "cuPointerGetAttribute")?;
+    Ok(PointerKind::Device { ordinal })
+}
+
+/// A loaded module (one cubin) and its entry points.
+pub struct Module {
+    module: sys::CUmodule,
+}
+
+// SAFETY: modules and functions are context-wide handles usable from any thread.
+unsafe impl Send for Module {}
+unsafe impl Sync for Module {}
+
+impl Module {
+    pub fn load(image: &[u8], name: &str) -> Result<Self> {
+        let mut module = std::ptr::null_mut();
+        // SAFETY: image is a complete cubin.
+        check(
+            unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) },
+            &format!("loading {name}"),
+        )?;
+        Ok(Module { module })
+    }
+
+    /// An entry point, with its dynamic shared memory limit raised to `smem_bytes`.
+    pub fn function(&self, name: &str, smem_bytes: usize) -> Result<Function> {
+        let cname = std::ffi::CString::new(name).expect("kernel names have no NUL");
+        let mut f = std::ptr::null_mut();
+        check(
+            unsafe { sys::cuModuleGetFunction(&mut f, self.module, cname.as_ptr()) },
+            &format!("finding kernel {name}"),
+        )?;
+        if smem_bytes > 48 * 1024 {
+            check(
+                unsafe {
+                    sys::cuFuncSetAttribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem_bytes as i32,
+                    )
+                },
+                &format!("raising the shared memory of {name}"),
+            )?;
+        }
+        Ok(Function {
+            f,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        // SAFETY: loaded once, unloaded once.
+        unsafe { sys::cuModuleUnload(self.module) };
+    }
+}
+
+pub struct Function {
+    f: sys::CUfunction,
+    name: String,
+}
+
+// SAFETY: see Module.
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+impl Function {
+    /// Enqueues the kernel on `stream`. `params` points at each argument, in order.
+    ///
+    /// # Safety
+    /// The argument types must match the kernel's signature.
+    pub unsafe fn launch(
+        &self,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem_bytes: usize,
+        stream: Stream,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        check(
+            sys::cuLaunchKernel(
+                self.f,
+                grid.0,
+                grid.1,
+                grid.2,
+                block,
+                1,
+                1,
+                smem_bytes as u32,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            ),
+            &format!("launching {}", self.name),
+        )
+    }
+}
+
+/// `&mut value` as a kernel parameter pointer.
+pub fn arg<T>(value: &mut T) -> *mut c_void {
+    value as *mut T as *mut c_void
+}

@@ -1,0 +1,472 @@
+//! The compiled kernels of one backend (one device architecture, one element type) and typed
+//! launch helpers. Argument structs mirror the `struct`s in `kernels/*.cu` field for field.
+
+use super::compile::{
+    compile, Element, COMBINE, GATE_LOGITS, GROUPED_GEMM, ROUTE_TOPK, SORT_BY_EXPERT,
+};
+use super::driver::{arg, DevicePtr, Function, Module, Stream};
+use crate::config::FdmoeActivation;
+use crate::error::Result;
+
+/// Mirrors `GemmParams` in kernels/grouped_gemm.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GemmParams {
+    pub a: DevicePtr,
+    pub lda: i64,
+    pub b: DevicePtr,
+    pub ldb: i64,
+    pub b_group_stride: i64,
+    pub c: DevicePtr,
+    pub ldc: i64,
+    pub residual: DevicePtr,
+    pub ld_residual: i64,
+    pub k: i64,
+    pub n: i64,
+    pub up_offset: i64,
+    pub tile_expert: DevicePtr,
+    pub tile_row: DevicePtr,
+    pub num_tiles: DevicePtr,
+    pub expert_offsets: DevicePtr,
+    pub sorted_slots: DevicePtr,
+    pub top_k: i64,
+    pub slot_weights: DevicePtr,
+    pub num_tokens_dev: DevicePtr,
+    pub num_tokens: i64,
+}
+
+/// Mirrors `RouteParams` in kernels/route_topk.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteParams {
+    pub logits: DevicePtr,
+    pub correction_bias: DevicePtr,
+    pub topk_ids: DevicePtr,
+    pub topk_weights: DevicePtr,
+    pub record_ids: DevicePtr,
+    pub record_weights: DevicePtr,
+    pub num_tokens_dev: DevicePtr,
+    pub num_tokens: i64,
+    pub splits: i64,
+    pub num_experts: i64,
+    pub top_k: i64,
+    pub mode: i64,
+    pub grouped_softmax: i64,
+    pub n_group: i64,
+    pub topk_group: i64,
+    pub renormalize: i64,
+    pub routed_scaling_factor: f32,
+    pub pad: f32,
+}
+
+/// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// 16 x 128 x 64, 4 warps: decode.
+    Small,
+    /// 64 x 128 x 32, 4 warps.
+    Mid,
+    /// 128 x 128 x 32, 8 warps: prefill.
+    Large,
+}
+
+impl Tile {
+    pub const ALL: [Tile; 3] = [Tile::Small, Tile::Mid, Tile::Large];
+
+    pub fn block_m(self) -> usize {
+        match self {
+            Tile::Small => 16,
+            Tile::Mid => 64,
+            Tile::Large => 128,
+        }
+    }
+    pub fn block_n(self) -> usize {
+        128
+    }
+    fn block_k(self) -> usize {
+        match self {
+            Tile::Small => 64,
+            _ => 32,
+        }
+    }
+    pub fn threads(self) -> u32 {
+        match self {
+            Tile::Large => 256,
+            _ => 128,
+        }
+    }
+    pub fn smem_bytes(self) -> usize {
+        let (m, n, k) = (self.block_m(), self.block_n(), self.block_k());
+        4 * (m + n) * (k + 8) * 2 + (m + n) * 8
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Tile::Small => "s",
+            Tile::Mid => "m",
+            Tile::Large => "l",
+        }
+    }
+
+    /// Smallest tile that is not mostly padding for `rows` rows per group.
+    pub fn for_rows(rows: usize) -> Tile {
+        if rows <= 24 {
+            Tile::Small
+        } else if rows <= 96 {
+            Tile::Mid
+        } else {
+            Tile::Large
+        }
+    }
+}
+
+/// The epilogue variants of the GEMM kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKind {
+    /// Grouped, gathered rows, gated activation.
+    UpGated,
+    /// Grouped, router weight applied.
+    DownScaled,
+    /// Dense, output of the element type.
+    Dense,
+    /// Dense, f32 output.
+    DenseF32,
+    /// Dense, f32 residual added.
+    DenseResidual,
+    /// Dense, gated activation.
+    DenseGated,
+}
+
+const GEMM_KINDS: [GemmKind; 6] = [
+    GemmKind::UpGated,
+    GemmKind::DownScaled,
+    GemmKind::Dense,
+    GemmKind::DenseF32,
+    GemmKind::DenseResidual,
+    GemmKind::DenseGated,
+];
+
+fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
+    let act = match act {
+        FdmoeActivation::Swiglu => "swiglu",
+        FdmoeActivation::GeluTanhAndMul => "gelu_tanh",
+        FdmoeActivation::Swigluoai => "swigluoai",
+    };
+    let kind = match kind {
+        GemmKind::UpGated => format!("up_{act}"),
+        GemmKind::DownScaled => "down_scaled".to_string(),
+        GemmKind::Dense => "dense".to_string(),
+        GemmKind::DenseF32 => "dense_f32".to_string(),
+        GemmKind::DenseResidual => "dense_residual".to_string(),
+        GemmKind::DenseGated => format!("dense_{act}"),
+    };
+    format!("gemm_{}_{kind}", tile.suffix())
+}
+
+pub const ROUTE_THREADS: u32 = 256;
+pub const SORT_THREADS: u32 = 1024;
+pub const GATE_K_TILE: usize = 64;
+
+/// Every kernel a backend launches, loaded once at create.
+pub struct Kernels {
+    _modules: Vec<Module>,
+    gate_t4: Function,
+    gate_t32: Function,
+    route: Function,
+    given: Function,
+    sort: Function,
+    combine: Function,
+    gemms: Vec<((Tile, GemmKind), Function)>,
+}
+
+impl Kernels {
+    pub fn load(
+        arch: &str,
+        element: Element,
+        activation: FdmoeActivation,
+        num_experts: usize,
+    ) -> Result<Self> {
+        let load = |file| -> Result<Module> {
+            Module::load(&compile(file, arch, element)?.image, file.name)
+        };
+        let gate = load(GATE_LOGITS)?;
+        let route = load(ROUTE_TOPK)?;
+        let sort = load(SORT_BY_EXPERT)?;
+        let gemm = load(GROUPED_GEMM)?;
+        let combine = load(COMBINE)?;
+        let mut gemms = Vec::new();
+        for tile in Tile::ALL {
+            for kind in GEMM_KINDS {
+                gemms.push((
+                    (tile, kind),
+                    gemm.function(&gemm_name(tile, kind, activation), tile.smem_bytes())?,
+                ));
+            }
+        }
+        Ok(Kernels {
+            gate_t4: gate.function("gate_logits_t4", 0)?,
+            gate_t32: gate.function("gate_logits_t32", 0)?,
+            route: route.function("route_topk", 0)?,
+            given: route.function("given_topk", 0)?,
+            sort: sort.function("sort_by_expert", sort_smem_bytes(num_experts))?,
+            combine: combine.function("combine_slots", 0)?,
+            gemms,
+            _modules: vec![gate, route, sort, gemm, combine],
+        })
+    }
+
+    fn gemm_fn(&self, tile: Tile, kind: GemmKind) -> &Function {
+        &self
+            .gemms
+            .iter()
+            .find(|((t, k), _)| *t == tile && *k == kind)
+            .expect("every (tile, kind) is loaded")
+            .1
+    }
+
+    /// Launches a GEMM over `tiles_m` row tiles and the output columns `n_cols` (GATED: the
+    /// activation columns; each tile covers half of BN there).
+    ///
+    /// # Safety
+    /// Every pointer in `p` covers the extents the kernel reads and writes.
+    pub unsafe fn gemm(
+        &self,
+        tile: Tile,
+        kind: GemmKind,
+        p: &GemmParams,
+        tiles_m: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let gated = matches!(kind, GemmKind::UpGated | GemmKind::DenseGated);
+        let cols_per_tile = if gated {
+            tile.block_n() / 2
+        } else {
+            tile.block_n()
+        };
+        let tiles_n = (p.n as usize).div_ceil(cols_per_tile);
+        let mut params = *p;
+        self.gemm_fn(tile, kind).launch(
+            (tiles_m as u32, tiles_n as u32, 1),
+            tile.threads(),
+            tile.smem_bytes(),
+            stream,
+            &mut [arg(&mut params)],
+        )
+    }
+
+    /// # Safety
+    /// Pointers cover [T, H] x, [H, E] gate and [splits, T, E] partial logits.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gate_logits(
+        &self,
+        x: DevicePtr,
+        gate_t: DevicePtr,
+        partial: DevicePtr,
+        num_tokens_dev: DevicePtr,
+        num_tokens: usize,
+        hidden: usize,
+        num_experts: usize,
+        splits: usize,
+        k_per_split: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let tokens_per_block = if num_tokens <= 16 { 4 } else { 32 };
+        let f = if tokens_per_block == 4 {
+            &self.gate_t4
+        } else {
+            &self.gate_t32
+        };
+        let grid = (
+            num_tokens.div_ceil(tokens_per_block) as u32,
+            num_experts.div_ceil(256) as u32,
+            splits as u32,
+        );
+        let (mut x, mut g, mut p, mut nd) = (x, gate_t, partial, num_tokens_dev);
+        let (mut t, mut h, mut e, mut kps) = (
+            num_tokens as i32,
+            hidden as i32,
+            num_experts as i32,
+            k_per_split as i32,
+        );
+        f.launch(
+            grid,
+            256,
+            0,
+            stream,
+            &mut [
+                arg(&mut x),
+                arg(&mut g),
+                arg(&mut p),
+                arg(&mut nd),
+                arg(&mut t),
+                arg(&mut h),
+                arg(&mut e),
+                arg(&mut kps),
+            ],
+        )
+    }
+
+    /// # Safety
+    /// Pointers in `p` cover their documented extents for `grid_tokens` tokens.
+    pub unsafe fn route(&self, p: &RouteParams, grid_tokens: usize, stream: Stream) -> Result<()> {
+        let smem = (2 * p.num_experts as usize + p.n_group as usize + p.top_k as usize) * 4;
+        let mut params = *p;
+        self.route.launch(
+            (grid_tokens as u32, 1, 1),
+            ROUTE_THREADS,
+            smem,
+            stream,
+            &mut [arg(&mut params)],
+        )
+    }
+
+    /// # Safety
+    /// Pointers cover [T, k] ids and weights (records optional).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn given(
+        &self,
+        ids: DevicePtr,
+        weights: DevicePtr,
+        topk_ids: DevicePtr,
+        topk_weights: DevicePtr,
+        record_ids: DevicePtr,
+        record_weights: DevicePtr,
+        num_tokens_dev: DevicePtr,
+        num_tokens: usize,
+        top_k: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let slots = num_tokens * top_k;
+        let blocks = slots.div_ceil(256).clamp(1, 4096) as u32;
+        let (mut a, mut b, mut c, mut d, mut e, mut f, mut g) = (
+            ids,
+            weights,
+            topk_ids,
+            topk_weights,
+            record_ids,
+            record_weights,
+            num_tokens_dev,
+        );
+        let (mut t, mut k) = (num_tokens as i32, top_k as i32);
+        self.given.launch(
+            (blocks, 1, 1),
+            256,
+            0,
+            stream,
+            &mut [
+                arg(&mut a),
+                arg(&mut b),
+                arg(&mut c),
+                arg(&mut d),
+                arg(&mut e),
+                arg(&mut f),
+                arg(&mut g),
+                arg(&mut t),
+                arg(&mut k),
+            ],
+        )
+    }
+
+    /// # Safety
+    /// Pointers cover the sort outputs for `num_tokens * top_k` slots and `max_tiles` tiles.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sort(
+        &self,
+        topk_ids: DevicePtr,
+        out: &SortBuffers,
+        num_tokens_dev: DevicePtr,
+        num_tokens: usize,
+        top_k: usize,
+        num_experts: usize,
+        block_m: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let (mut ids, mut offs, mut sorted, mut pos, mut te, mut tr, mut nt, mut nd) = (
+            topk_ids,
+            out.expert_offsets,
+            out.sorted_slots,
+            out.slot_positions,
+            out.tile_expert,
+            out.tile_row,
+            out.num_tiles,
+            num_tokens_dev,
+        );
+        let (mut t, mut k, mut e, mut bm) = (
+            num_tokens as i32,
+            top_k as i32,
+            num_experts as i32,
+            block_m as i32,
+        );
+        self.sort.launch(
+            (1, 1, 1),
+            SORT_THREADS,
+            sort_smem_bytes(num_experts),
+            stream,
+            &mut [
+                arg(&mut ids),
+                arg(&mut offs),
+                arg(&mut sorted),
+                arg(&mut pos),
+                arg(&mut te),
+                arg(&mut tr),
+                arg(&mut nt),
+                arg(&mut nd),
+                arg(&mut t),
+                arg(&mut k),
+                arg(&mut e),
+                arg(&mut bm),
+            ],
+        )
+    }
+
+    /// # Safety
+    /// Pointers cover y [T*k, n], positions [T*k], residual [T, n] (optional), out [T, n].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn combine(
+        &self,
+        y: DevicePtr,
+        slot_positions: DevicePtr,
+        residual: DevicePtr,
+        out: DevicePtr,
+        num_tokens_dev: DevicePtr,
+        num_tokens: usize,
+        top_k: usize,
+        n: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let grid = (num_tokens as u32, n.div_ceil(8 * 128) as u32, 1);
+        let (mut a, mut b, mut c, mut d, mut e) =
+            (y, slot_positions, residual, out, num_tokens_dev);
+        let (mut t, mut k, mut nn) = (num_tokens as i32, top_k as i32, n as i32);
+        self.combine.launch(
+            grid,
+            128,
+            0,
+            stream,
+            &mut [
+                arg(&mut a),
+                arg(&mut b),
+                arg(&mut c),
+                arg(&mut d),
+                arg(&mut e),
+                arg(&mut t),
+                arg(&mut k),
+                arg(&mut nn),
+            ],
+        )
+    }
+}
+
+pub fn sort_smem_bytes(num_experts: usize) -> usize {
+    32 * num_experts * 4
+}
+
+/// Where the sort writes.
+#[derive(Debug, Clone, Copy)]
+pub struct SortBuffers {
+    pub expert_offsets: DevicePtr,
+    pub sorted_slots: DevicePtr,
+    pub slot_positions: DevicePtr,
+    pub tile_expert: DevicePtr,
+    pub tile_row: DevicePtr,
+    pub num_tiles: DevicePtr,
+}

@@ -1,0 +1,552 @@
+//! The CUDA backend against the CPU reference (SPEC §8) on fresh random inputs: every routing
+//! mode with and without bias, latent on every mode, shared experts, each layout and
+//! activation, bf16 and f16, T from 1 to 16384, an index-overflow case past 2^31 elements,
+//! determinism, poisoned outputs, and the error paths that need a device.
+//! Runs only where a GPU is present (FDMOE_REQUIRE_GPU=1 makes a missing GPU a failure).
+#![cfg(feature = "cuda")]
+
+use std::ffi::c_void;
+
+use fdmoe::backend::cuda::driver::{self, Context, DeviceBuffer};
+use fdmoe::*;
+use half::{bf16, f16};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f32 {
+        let (a, b) = (self.next(), self.next());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * scale).collect()
+    }
+}
+
+fn gpu() -> Option<Context> {
+    match Context::primary(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            assert!(
+                std::env::var_os("FDMOE_REQUIRE_GPU").is_none(),
+                "GPU required: {e}"
+            );
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Case {
+    name: String,
+    cfg: MoeConfig,
+    layout: FdmoeLayout,
+    interleaved: bool,
+    with_gate: bool,
+    with_bias: bool,
+    given_logits: bool,
+    given_ids: bool,
+    tokens: Vec<usize>,
+}
+
+fn base(e: usize, k: usize, h: usize, i: usize, dtype: FdmoeDtype) -> MoeConfig {
+    MoeConfig {
+        num_experts: e,
+        top_k: k,
+        hidden_size: h,
+        intermediate_size: i,
+        act_dtype: dtype,
+        weight_dtype: dtype,
+        max_tokens: 2048,
+        ..Default::default()
+    }
+}
+
+struct HostWeights {
+    w13: Vec<f32>,
+    w2: Vec<f32>,
+    gate: Vec<f32>,
+    bias: Vec<f32>,
+    fc1: Vec<f32>,
+    fc2: Vec<f32>,
+    sw13: Vec<f32>,
+    sw2: Vec<f32>,
+    per_expert: Vec<Vec<f32>>,
+}
+
+fn transpose_stacked(src: &[f32], groups: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; src.len()];
+    for g in 0..groups {
+        for r in 0..rows {
+            for c in 0..cols {
+                out[g * rows * cols + c * rows + r] = src[g * rows * cols + r * cols + c];
+            }
+        }
+    }
+    out
+}
+
+fn make_weights(cfg: &MoeConfig, rng: &mut Rng) -> HostWeights {
+    let (e, h, i, l) = (
+        cfg.num_experts,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.expert_hidden(),
+    );
+    let s = cfg.shared_intermediate_size.unwrap_or(0);
+    HostWeights {
+        w13: rng.vec(e * 2 * i * l, 1.0 / (l as f32).sqrt()),
+        w2: rng.vec(e * l * i, 1.0 / (i as f32).sqrt()),
+        gate: rng.vec(e * h, 1.0 / (h as f32).sqrt()),
+        bias: rng.vec(e, 0.1),
+        fc1: rng.vec(l * h, 1.0 / (h as f32).sqrt()),
+        fc2: rng.vec(h * l, 1.0 / (l as f32).sqrt()),
+        sw13: rng.vec(2 * s * h, 1.0 / (h as f32).sqrt()),
+        sw2: rng.vec(h * s, 1.0 / (s.max(1) as f32).sqrt()),
+        per_expert: Vec::new(),
+    }
+}
+
+/// The weight source in the case's layout (f32, host, OWN).
+fn source(case: &Case, w: &mut HostWeights, paddle: &mut Vec<Vec<f32>>) -> WeightSource {
+    let cfg = &case.cfg;
+    let (e, h, i, l) = (
+        cfg.num_experts,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.expert_hidden(),
+    );
+    let s = cfg.shared_intermediate_size.unwrap_or(0);
+    let p = |v: &Vec<f32>| v.as_ptr() as *const c_void;
+    let mut src = WeightSource {
+        layout: case.layout,
+        dtype: FdmoeDtype::F32,
+        memory: FdmoeMemory::Host,
+        ownership: FdmoeOwnership::Own,
+        gate_up_interleaved: case.interleaved,
+        experts: ExpertSource::Stacked {
+            w13: p(&w.w13),
+            w2: p(&w.w2),
+        },
+        gate: case.with_gate.then(|| GateSource {
+            ptr: p(&w.gate),
+            dtype: FdmoeDtype::F32,
+            layout: FdmoeGateLayout::ExpertsByHidden,
+        }),
+        correction_bias: case.with_bias.then(|| w.bias.as_ptr()),
+        fc1: cfg.latent_size.map(|_| p(&w.fc1)),
+        fc2: cfg.latent_size.map(|_| p(&w.fc2)),
+        shared_w13: cfg.shared_intermediate_size.map(|_| p(&w.sw13)),
+        shared_w2: cfg.shared_intermediate_size.map(|_| p(&w.sw2)),
+    };
+    match case.layout {
+        FdmoeLayout::Torch => {}
+        FdmoeLayout::Paddle => {
+            *paddle = vec![
+                transpose_stacked(&w.w13, e, 2 * i, l),
+                transpose_stacked(&w.w2, e, l, i),
+                transpose_stacked(&w.fc1, 1, l, h),
+                transpose_stacked(&w.fc2, 1, h, l),
+                transpose_stacked(&w.sw13, 1, 2 * s, h),
+                transpose_stacked(&w.sw2, 1, h, s),
+            ];
+            src.experts = ExpertSource::Stacked {
+                w13: p(&paddle[0]),
+                w2: p(&paddle[1]),
+            };
+            if cfg.latent_size.is_some() {
+                src.fc1 = Some(p(&paddle[2]));
+                src.fc2 = Some(p(&paddle[3]));
+            }
+            if s > 0 {
+                src.shared_w13 = Some(p(&paddle[4]));
+                src.shared_w2 = Some(p(&paddle[5]));
+            }
+        }
+        FdmoeLayout::PerExpert => {
+            w.per_expert = (0..e)
+                .flat_map(|x| {
+                    let base = x * 2 * i * l;
+                    [
+                        w.w13[base..base + i * l].to_vec(),
+                        w.w13[base + i * l..base + 2 * i * l].to_vec(),
+                        w.w2[x * l * i..(x + 1) * l * i].to_vec(),
+                    ]
+                })
+                .collect();
+            let ptrs = |j: usize| (0..e).map(|x| p(&w.per_expert[3 * x + j])).collect();
+            src.experts = ExpertSource::PerExpert {
+                gate_proj: ptrs(0),
+                up_proj: ptrs(1),
+                down_proj: ptrs(2),
+            };
+        }
+    }
+    src
+}
+
+fn to_elem(v: &[f32], dtype: FdmoeDtype) -> Vec<u16> {
+    v.iter()
+        .map(|&x| {
+            if dtype == FdmoeDtype::F16 {
+                f16::from_f32(x).to_bits()
+            } else {
+                bf16::from_f32(x).to_bits()
+            }
+        })
+        .collect()
+}
+
+fn from_elem(v: &[u16], dtype: FdmoeDtype) -> Vec<f32> {
+    v.iter()
+        .map(|&x| {
+            if dtype == FdmoeDtype::F16 {
+                f16::from_bits(x).to_f32()
+            } else {
+                bf16::from_bits(x).to_f32()
+            }
+        })
+        .collect()
+}
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        num += (*g as f64 - *w as f64).powi(2);
+        den += (*w as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+struct Outcome {
+    err: f64,
+    id_mismatch: usize,
+    deterministic: bool,
+}
+
+/// Runs one case at T tokens on both backends; returns the error against the CPU.
+fn run_case(case: &Case, t: usize, seed: u64) -> Outcome {
+    let cfg = &case.cfg;
+    let (e, k, h) = (cfg.num_experts, cfg.top_k, cfg.hidden_size);
+    let mut rng = Rng(seed * 2654435761 + t as u64 + 1);
+    let mut w = make_weights(cfg, &mut rng);
+    let mut paddle = Vec::new();
+    let src = source(case, &mut w, &mut paddle);
+    let mut cpu_cfg = cfg.clone();
+    cpu_cfg.backend = FdmoeBackendKind::Cpu;
+    cpu_cfg.max_tokens = t;
+    let mut cpu = Moe::new(&cpu_cfg).expect("cpu backend");
+    cpu.load_weights(&src).expect("cpu weights");
+    let mut gpu_cfg = cfg.clone();
+    gpu_cfg.backend = FdmoeBackendKind::Cuda;
+    gpu_cfg.max_tokens = gpu_cfg.max_tokens.max(t);
+    let mut gpu = Moe::new(&gpu_cfg).unwrap_or_else(|e| panic!("{}: cuda backend: {e}", case.name));
+    gpu.load_weights(&src)
+        .unwrap_or_else(|e| panic!("{}: cuda weights: {e}", case.name));
+
+    let x = to_elem(&rng.vec(t * h, 1.0), cfg.act_dtype);
+    let logits = rng.vec(t * e, 1.0);
+    let mut given_ids = vec![0i32; t * k];
+    let mut given_w = vec![0f32; t * k];
+    for tok in 0..t {
+        let mut perm: Vec<i32> = (0..e as i32).collect();
+        for j in 0..k {
+            let r = j + (rng.next() * (e - j) as f64) as usize;
+            perm.swap(j, r.min(e - 1));
+            given_ids[tok * k + j] = perm[j];
+            given_w[tok * k + j] = rng.next() as f32;
+        }
+    }
+    // CPU reference.
+    let mut cpu_out = vec![0u16; t * h];
+    let mut cpu_ids = vec![-1i32; t * k];
+    let mut cpu_w = vec![f32::NAN; t * k];
+    let mut args = ForwardArgs {
+        num_tokens: t,
+        x: x.as_ptr().cast(),
+        out: cpu_out.as_mut_ptr().cast(),
+        router_logits: if case.given_logits {
+            logits.as_ptr()
+        } else {
+            std::ptr::null()
+        },
+        topk_ids: if case.given_ids {
+            given_ids.as_ptr()
+        } else {
+            std::ptr::null()
+        },
+        topk_weights: if case.given_ids {
+            given_w.as_ptr()
+        } else {
+            std::ptr::null()
+        },
+        topk_ids_out: cpu_ids.as_mut_ptr(),
+        topk_weights_out: cpu_w.as_mut_ptr(),
+        stream: std::ptr::null_mut(),
+        force_eager: false,
+    };
+    unsafe {
+        cpu.forward(&args)
+            .unwrap_or_else(|e| panic!("{}: cpu forward: {e}", case.name))
+    };
+
+    // GPU, twice, with poisoned outputs.
+    let dx = DeviceBuffer::from_host(&x, "x").unwrap();
+    let dlogits = DeviceBuffer::from_host(&logits, "logits").unwrap();
+    let dids = DeviceBuffer::from_host(&given_ids, "ids").unwrap();
+    let dw = DeviceBuffer::from_host(&given_w, "w").unwrap();
+    let mut results = Vec::new();
+    for _ in 0..2 {
+        let dout = DeviceBuffer::from_host(&vec![0xFFFFu16; t * h], "out").unwrap();
+        let drec_ids = DeviceBuffer::from_host(&vec![-7i32; t * k], "rec ids").unwrap();
+        let drec_w = DeviceBuffer::from_host(&vec![f32::NAN; t * k], "rec w").unwrap();
+        args.x = dx.ptr as *const c_void;
+        args.out = dout.ptr as *mut c_void;
+        args.router_logits = if case.given_logits {
+            dlogits.ptr as *const f32
+        } else {
+            std::ptr::null()
+        };
+        args.topk_ids = if case.given_ids {
+            dids.ptr as *const i32
+        } else {
+            std::ptr::null()
+        };
+        args.topk_weights = if case.given_ids {
+            dw.ptr as *const f32
+        } else {
+            std::ptr::null()
+        };
+        args.topk_ids_out = drec_ids.ptr as *mut i32;
+        args.topk_weights_out = drec_w.ptr as *mut f32;
+        unsafe {
+            gpu.forward(&args)
+                .unwrap_or_else(|e| panic!("{}: cuda forward: {e}", case.name))
+        };
+        let mut out = vec![0u16; t * h];
+        let mut ids = vec![0i32; t * k];
+        let mut wts = vec![0f32; t * k];
+        driver::copy_to_host(dout.ptr, &mut out).unwrap();
+        driver::copy_to_host(drec_ids.ptr, &mut ids).unwrap();
+        driver::copy_to_host(drec_w.ptr, &mut wts).unwrap();
+        results.push((out, ids, wts));
+    }
+    let (out, ids, _) = &results[0];
+    let got = from_elem(out, cfg.act_dtype);
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{} T={t}: unwritten or non-finite outputs",
+        case.name
+    );
+    let want = from_elem(&cpu_out, cfg.act_dtype);
+    let id_mismatch = ids.iter().zip(&cpu_ids).filter(|(a, b)| a != b).count();
+    Outcome {
+        err: rel_err(&got, &want),
+        id_mismatch,
+        deterministic: results[0] == results[1],
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    let mk = |name: &str, cfg: MoeConfig| Case {
+        name: name.to_string(),
+        cfg,
+        layout: FdmoeLayout::Torch,
+        interleaved: false,
+        with_gate: true,
+        with_bias: false,
+        given_logits: false,
+        given_ids: false,
+        tokens: vec![1, 7, 64, 300],
+    };
+    let b = |d| base(16, 4, 256, 128, d);
+    v.push(mk("softmax bf16", b(FdmoeDtype::Bf16)));
+    v.push(mk("softmax f16", b(FdmoeDtype::F16)));
+    v.push(mk(
+        "sigmoid",
+        MoeConfig {
+            routing: FdmoeRouting::SigmoidTopk,
+            renormalize: false,
+            ..b(FdmoeDtype::Bf16)
+        },
+    ));
+    let grouped = MoeConfig {
+        routing: FdmoeRouting::GroupedTopk,
+        n_group: 4,
+        topk_group: 2,
+        routed_scaling_factor: 2.5,
+        ..b(FdmoeDtype::Bf16)
+    };
+    v.push(mk("grouped", grouped.clone()));
+    v.push(Case {
+        with_bias: true,
+        ..mk("grouped+bias", grouped.clone())
+    });
+    v.push(Case {
+        with_bias: true,
+        ..mk(
+            "grouped softmax+bias",
+            MoeConfig {
+                scoring: FdmoeScoring::Softmax,
+                ..grouped.clone()
+            },
+        )
+    });
+    v.push(Case {
+        with_gate: false,
+        given_logits: true,
+        ..mk("given logits", b(FdmoeDtype::Bf16))
+    });
+    v.push(Case {
+        with_gate: false,
+        given_ids: true,
+        ..mk(
+            "given ids",
+            MoeConfig {
+                routing: FdmoeRouting::Given,
+                ..b(FdmoeDtype::Bf16)
+            },
+        )
+    });
+    for (name, routing) in [
+        ("latent softmax", FdmoeRouting::SoftmaxTopk),
+        ("latent sigmoid", FdmoeRouting::SigmoidTopk),
+    ] {
+        v.push(mk(
+            name,
+            MoeConfig {
+                routing,
+                latent_size: Some(96),
+                ..b(FdmoeDtype::Bf16)
+            },
+        ));
+    }
+    v.push(Case {
+        with_bias: true,
+        ..mk(
+            "latent grouped+bias",
+            MoeConfig {
+                latent_size: Some(64),
+                ..grouped.clone()
+            },
+        )
+    });
+    v.push(Case {
+        with_gate: false,
+        given_ids: true,
+        ..mk(
+            "latent given",
+            MoeConfig {
+                routing: FdmoeRouting::Given,
+                latent_size: Some(64),
+                ..b(FdmoeDtype::Bf16)
+            },
+        )
+    });
+    v.push(mk(
+        "shared experts",
+        MoeConfig {
+            shared_intermediate_size: Some(192),
+            ..b(FdmoeDtype::Bf16)
+        },
+    ));
+    v.push(mk(
+        "latent+shared",
+        MoeConfig {
+            shared_intermediate_size: Some(64),
+            latent_size: Some(128),
+            ..b(FdmoeDtype::F16)
+        },
+    ));
+    v.push(mk(
+        "gelu_tanh",
+        MoeConfig {
+            activation: FdmoeActivation::GeluTanhAndMul,
+            ..b(FdmoeDtype::Bf16)
+        },
+    ));
+    v.push(mk(
+        "swigluoai",
+        MoeConfig {
+            activation: FdmoeActivation::Swigluoai,
+            ..b(FdmoeDtype::Bf16)
+        },
+    ));
+    v.push(Case {
+        layout: FdmoeLayout::Paddle,
+        ..mk(
+            "paddle",
+            MoeConfig {
+                latent_size: Some(64),
+                shared_intermediate_size: Some(64),
+                ..b(FdmoeDtype::Bf16)
+            },
+        )
+    });
+    v.push(Case {
+        layout: FdmoeLayout::PerExpert,
+        ..mk("per_expert", b(FdmoeDtype::Bf16))
+    });
+    v.push(Case {
+        interleaved: true,
+        ..mk("interleaved", b(FdmoeDtype::Bf16))
+    });
+    v.push(Case {
+        tokens: vec![1, 5, 33],
+        ..mk("odd sizes", base(6, 3, 200, 72, FdmoeDtype::Bf16))
+    });
+    v.push(Case {
+        tokens: vec![1, 16, 256, 1024],
+        ..mk("qwen-like", base(128, 8, 2048, 768, FdmoeDtype::Bf16))
+    });
+    v.push(Case {
+        tokens: vec![4096, 16384],
+        ..mk(
+            "large T",
+            MoeConfig {
+                max_tokens: 16384,
+                ..base(32, 4, 512, 256, FdmoeDtype::Bf16)
+            },
+        )
+    });
+    v
+}
+
+#[test]
+fn cuda_matches_cpu_reference() {
+    let Some(ctx) = gpu() else { return };
+    let _current = ctx.enter().unwrap();
+    let mut failures = Vec::new();
+    println!(
+        "{:<24} {:>6} {:>10} {:>8} {:>6}",
+        "case", "T", "rel_err", "id_diff", "det"
+    );
+    for (n, case) in cases().iter().enumerate() {
+        for &t in &case.tokens {
+            let o = run_case(case, t, n as u64);
+            let ok = o.err <= 1e-2
+                && o.deterministic
+                && (case.given_ids || o.id_mismatch * 100 <= t * case.cfg.top_k);
+            println!(
+                "{:<24} {:>6} {:>10.2e} {:>8} {:>6} {}",
+                case.name,
+                t,
+                o.err,
+                o.id_mismatch,
+                o.deterministic,
+                if ok { "ok" } else { "FAIL" }
+            );
+            if !ok {
+                failures.push(format!("{} T={t}", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failed: {failures:?}");
+}
