@@ -329,3 +329,121 @@ impl Function {
 pub fn arg<T>(value: &mut T) -> *mut c_void {
     value as *mut T as *mut c_void
 }
+
+/// Async device-to-device copy on `stream` (capture-safe).
+pub fn copy_device_async(
+    dst: DevicePtr,
+    src: DevicePtr,
+    bytes: usize,
+    stream: Stream,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    check(
+        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream) },
+        "cuMemcpyDtoDAsync",
+    )
+}
+
+/// Sets `count` 32-bit words to `value` on `stream`; the value travels by value, so no host
+/// buffer can race with a later call.
+pub fn set_words_async(dst: DevicePtr, value: u32, count: usize, stream: Stream) -> Result<()> {
+    check(
+        unsafe { sys::cuMemsetD32Async(dst, value, count, stream) },
+        "cuMemsetD32Async",
+    )
+}
+
+/// Whether work enqueued on `stream` is being captured into a graph right now.
+pub fn is_capturing(stream: Stream) -> Result<bool> {
+    let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+    check(
+        unsafe { sys::cuStreamIsCapturing(stream, &mut status) },
+        "cuStreamIsCapturing",
+    )?;
+    Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// A stream the library owns (graph capture when the caller gave the legacy stream).
+pub struct OwnedStream(pub Stream);
+
+impl OwnedStream {
+    pub fn new() -> Result<Self> {
+        let mut s = std::ptr::null_mut();
+        check(
+            unsafe {
+                sys::cuStreamCreate(&mut s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            },
+            "cuStreamCreate",
+        )?;
+        Ok(OwnedStream(s))
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        check(
+            unsafe { sys::cuStreamSynchronize(self.0) },
+            "cuStreamSynchronize",
+        )
+    }
+}
+
+impl Drop for OwnedStream {
+    fn drop(&mut self) {
+        unsafe { sys::cuStreamDestroy_v2(self.0) };
+    }
+}
+
+/// An instantiated graph.
+pub struct GraphExec(sys::CUgraphExec);
+
+// SAFETY: an executable graph may be launched from any thread (we serialise launches).
+unsafe impl Send for GraphExec {}
+unsafe impl Sync for GraphExec {}
+
+impl GraphExec {
+    /// Captures what `body` enqueues on `stream` (thread-local capture mode) and instantiates
+    /// it. The capture is always ended, also when `body` fails.
+    pub fn capture(stream: Stream, body: impl FnOnce() -> Result<()>) -> Result<Self> {
+        check(
+            unsafe {
+                sys::cuStreamBeginCapture_v2(
+                    stream,
+                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+            },
+            "cuStreamBeginCapture",
+        )?;
+        let enqueued = body();
+        let mut graph = std::ptr::null_mut();
+        let ended = check(
+            unsafe { sys::cuStreamEndCapture(stream, &mut graph) },
+            "cuStreamEndCapture",
+        );
+        let result = enqueued.and(ended).and_then(|()| {
+            let mut exec = std::ptr::null_mut();
+            check(
+                unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
+                "cuGraphInstantiate",
+            )?;
+            Ok(GraphExec(exec))
+        });
+        if !graph.is_null() {
+            unsafe { sys::cuGraphDestroy(graph) };
+        }
+        result
+    }
+
+    pub fn launch(&self, stream: Stream) -> Result<()> {
+        check(
+            unsafe { sys::cuGraphLaunch(self.0, stream) },
+            "cuGraphLaunch",
+        )
+    }
+}
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        unsafe { sys::cuGraphExecDestroy(self.0) };
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod compile;
 pub mod driver;
+pub mod graph;
 pub mod kernels;
 pub mod weights;
 
@@ -15,7 +16,10 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdevice_attribute;
 
 use self::compile::Element;
-use self::driver::{Context, DeviceBuffer, DevicePtr, Stream};
+use self::driver::{
+    is_capturing, Context, DeviceBuffer, DevicePtr, GraphExec, OwnedStream, Stream,
+};
+use self::graph::{buckets, plan_mode, GraphBuffers, Graphs, DEFAULT_BUCKETS};
 use self::kernels::{GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile, GATE_K_TILE};
 use self::weights::{require_device, weight_bytes, CudaWeights};
 use super::{Backend, MemoryRequirements};
@@ -24,8 +28,9 @@ use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
 use crate::weights::WeightSource;
 
-/// Extra rows of split partial logits beyond max_tokens: decode splits H across blocks.
-const GATE_SPLIT_ROWS: usize = 8448;
+/// K chunk of the split gate GEMM: fixed, so a token's logits are summed in the same order
+/// whatever the batch it comes in.
+const GATE_SPLIT_K: usize = 128;
 
 /// Checks the parts of a config the kernels cannot take; each answer names the feature.
 pub fn check_config(cfg: &MoeConfig) -> Result<()> {
@@ -85,19 +90,14 @@ pub fn check_config(cfg: &MoeConfig) -> Result<()> {
     Ok(())
 }
 
-/// How the gate GEMM splits H for a given T (decode needs many blocks for few tokens).
-fn gate_splits(
-    num_tokens: usize,
-    hidden: usize,
-    num_experts: usize,
-    sm_count: usize,
-) -> (usize, usize) {
-    let tokens_per_block = if num_tokens <= 16 { 4 } else { 32 };
-    let blocks = num_tokens.div_ceil(tokens_per_block) * num_experts.div_ceil(256);
-    let max_splits = hidden.div_ceil(GATE_K_TILE).max(1);
-    let splits = (2 * sm_count / blocks.max(1)).clamp(1, max_splits);
-    let k_per_split = hidden.div_ceil(splits).div_ceil(GATE_K_TILE) * GATE_K_TILE;
-    (hidden.div_ceil(k_per_split), k_per_split)
+/// How the gate GEMM splits H: decode token counts split it in fixed chunks across blocks
+/// (enough blocks to stream the gate at full bandwidth); larger ones do not need to.
+fn gate_splits(num_tokens: usize, hidden: usize) -> (usize, usize) {
+    if plan_mode(num_tokens) {
+        (hidden.div_ceil(GATE_SPLIT_K), GATE_SPLIT_K)
+    } else {
+        (1, hidden.div_ceil(GATE_K_TILE) * GATE_K_TILE)
+    }
 }
 
 struct Workspace {
@@ -135,7 +135,10 @@ impl Workspace {
         let s = cfg.shared_intermediate_size.unwrap_or(0);
         let max_tiles = slots.div_ceil(Tile::Small.block_m()) + e.min(slots) + 1;
         [
-            (e * (t + GATE_SPLIT_ROWS) * 4, "partial router logits"),
+            (
+                e * t.min(graph::SPLIT_GATE_MAX_TOKENS) * h.div_ceil(GATE_SPLIT_K) * 4 + e * t * 4,
+                "partial router logits",
+            ),
             (slots * 4, "top-k ids"),
             (slots * 4, "top-k weights"),
             ((e + 1) * 4, "expert offsets"),
@@ -184,7 +187,15 @@ pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
     Ok(MemoryRequirements {
         device_weight_bytes: weight_bytes(cfg),
         device_workspace_bytes: Workspace::sizes(cfg).iter().map(|(b, _)| b).sum(),
-        device_graph_bytes: 0,
+        device_graph_bytes: GraphBuffers::bytes(
+            cfg,
+            cfg.max_tokens
+                .min(DEFAULT_BUCKETS[DEFAULT_BUCKETS.len() - 1]),
+            None,
+        )
+        .iter()
+        .map(|(b, _)| b)
+        .sum(),
         host_weight_bytes: 0,
         host_workspace_bytes: 0,
     })
@@ -192,8 +203,8 @@ pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
 
 pub struct CudaBackend {
     cfg: MoeConfig,
-    sm_count: usize,
-    // Field order is drop order: device memory and modules go before the context.
+    // Field order is drop order: graphs, device memory and modules go before the context.
+    graphs: Option<Graphs>,
     weights: Option<CudaWeights>,
     ws: Workspace,
     kernels: Kernels,
@@ -217,8 +228,6 @@ impl CudaBackend {
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let minor =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        let sm_count =
-            ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         if major < 8 {
             return Err(Error::unsupported(
                 format!("compute capability {major}.{minor} (needs 8.0 or newer)"),
@@ -240,7 +249,7 @@ impl CudaBackend {
         drop(_current);
         Ok(CudaBackend {
             cfg: cfg.clone(),
-            sm_count,
+            graphs: None,
             weights: None,
             ws,
             kernels,
@@ -321,7 +330,7 @@ impl CudaBackend {
                 let (logits, splits) = if source == RoutingSource::Logits {
                     (args.router_logits as DevicePtr, 1)
                 } else {
-                    let (splits, k_per_split) = gate_splits(t, h, e, self.sm_count);
+                    let (splits, k_per_split) = gate_splits(t, h);
                     let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
                     k.gate_logits(
                         x,
@@ -525,7 +534,9 @@ impl Backend for CudaBackend {
     fn load_weights(&mut self, src: &WeightSource) -> Result<()> {
         src.validate(&self.cfg)?;
         let _current = self.ctx.enter()?;
-        // Free the old set first so a replacement fits where the first one did.
+        // Graphs captured the old weights' pointers; free the old set first so a replacement
+        // fits where the first one did.
+        self.graphs = None;
         self.weights = None;
         self.weights = Some(CudaWeights::load(&self.cfg, src)?);
         Ok(())
@@ -542,15 +553,69 @@ impl Backend for CudaBackend {
     unsafe fn forward(&mut self, args: &ForwardArgs, source: RoutingSource) -> Result<()> {
         let _current = self.ctx.enter()?;
         self.check_pointers(args)?;
-        self.enqueue(args, source, args.num_tokens, 0, args.stream as Stream)
+        let stream = args.stream as Stream;
+        if let Some(graphs) = &self.graphs {
+            // Inside the caller's own capture our kernels are captured directly instead.
+            if !args.force_eager && graphs.source == source && !is_capturing(stream)? {
+                if let Some((_, exec)) = graphs.pick(args.num_tokens) {
+                    return graphs.replay(&self.cfg, exec, args, stream);
+                }
+            }
+        }
+        self.enqueue(args, source, args.num_tokens, 0, stream)
     }
 
-    fn capture_graphs(&mut self, _token_counts: &[usize], _stream: *mut c_void) -> Result<()> {
+    fn capture_graphs(&mut self, token_counts: &[usize], stream: *mut c_void) -> Result<()> {
         if self.weights.is_none() {
             return Err(Error::state(
                 "capture before load_weights: no weights are loaded",
             ));
         }
-        Err(Error::unsupported("library-owned CUDA graph capture (not in this build yet; capture fdmoe_forward in your own graph)", "cuda"))
+        let buckets = buckets(&self.cfg, token_counts)?;
+        let _current = self.ctx.enter()?;
+        let stream = stream as Stream;
+        if !stream.is_null() && is_capturing(stream)? {
+            return Err(Error::state("the stream is already capturing a graph; capture_prefill_graph needs a stream outside capture"));
+        }
+        // The legacy stream cannot capture: use one of ours, then order it before the caller's.
+        let own = if stream.is_null() {
+            Some(OwnedStream::new()?)
+        } else {
+            None
+        };
+        let capture_stream = own.as_ref().map_or(stream, |s| s.0);
+        let source = if self.cfg.routing == FdmoeRouting::Given {
+            RoutingSource::Given
+        } else if self.has_gate() {
+            RoutingSource::GateWeight
+        } else {
+            RoutingSource::Logits
+        };
+        self.graphs = None;
+        let max_bucket = *buckets.last().expect("at least one bucket");
+        let buffers = GraphBuffers::new(&self.cfg, max_bucket, source)?;
+        let mut graphs = Vec::with_capacity(buckets.len());
+        for &bucket in &buckets {
+            let args = buffers.capture_args(bucket, source);
+            let exec = GraphExec::capture(capture_stream, || unsafe {
+                self.enqueue(
+                    &args,
+                    source,
+                    bucket,
+                    buffers.num_tokens.ptr,
+                    capture_stream,
+                )
+            })?;
+            graphs.push((bucket, exec));
+        }
+        if let Some(s) = &own {
+            s.synchronize()?;
+        }
+        self.graphs = Some(Graphs {
+            source,
+            graphs,
+            buffers,
+        });
+        Ok(())
     }
 }

@@ -1,0 +1,481 @@
+//! CUDA graphs and the device-only checks: library-owned bucket graphs replay bitwise equal to
+//! eager (every bucket and T between buckets, all routing sources, with the routing record),
+//! fdmoe_forward captured inside a caller's graph, several layers sharing one stream, destroy
+//! with live graphs, host pointers rejected, capacity checked, and a case whose T·k·L passes
+//! 2^31 elements (int64 offsets). Needs a GPU (FDMOE_REQUIRE_GPU=1 makes its absence fail).
+#![cfg(feature = "cuda")]
+
+use std::ffi::c_void;
+
+use fdmoe::backend::cuda::driver::{self, Context, DeviceBuffer, GraphExec, OwnedStream};
+use fdmoe::*;
+use half::bf16;
+
+fn gpu() -> Option<Context> {
+    match Context::primary(0) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            assert!(
+                std::env::var_os("FDMOE_REQUIRE_GPU").is_none(),
+                "GPU required: {e}"
+            );
+            eprintln!("skipping: {e}");
+            None
+        }
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32) / (1u64 << 24) as f32
+    }
+    /// Roughly normal(0, scale): the sum of four uniforms, centred.
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                (self.uniform() + self.uniform() + self.uniform() + self.uniform() - 2.0)
+                    * 1.7
+                    * scale
+            })
+            .collect()
+    }
+}
+
+struct Layer {
+    moe: Moe,
+    _w: Vec<Vec<f32>>,
+}
+
+fn layer(cfg: &MoeConfig, seed: u64, with_gate: bool) -> Layer {
+    let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.intermediate_size);
+    let mut rng = Rng(seed);
+    let w = vec![
+        rng.vec(e * 2 * i * h, 1.0 / (h as f32).sqrt()),
+        rng.vec(e * h * i, 1.0 / (i as f32).sqrt()),
+        rng.vec(e * h, 1.0 / (h as f32).sqrt()),
+    ];
+    let mut moe = Moe::new(cfg).expect("cuda backend");
+    moe.load_weights(&WeightSource {
+        layout: FdmoeLayout::Torch,
+        dtype: FdmoeDtype::F32,
+        memory: FdmoeMemory::Host,
+        ownership: FdmoeOwnership::Own,
+        gate_up_interleaved: false,
+        experts: ExpertSource::Stacked {
+            w13: w[0].as_ptr().cast(),
+            w2: w[1].as_ptr().cast(),
+        },
+        gate: with_gate.then(|| GateSource {
+            ptr: w[2].as_ptr().cast(),
+            dtype: FdmoeDtype::F32,
+            layout: FdmoeGateLayout::ExpertsByHidden,
+        }),
+        correction_bias: None,
+        fc1: None,
+        fc2: None,
+        shared_w13: None,
+        shared_w2: None,
+    })
+    .expect("weights");
+    Layer { moe, _w: w }
+}
+
+fn cfg(max_tokens: usize) -> MoeConfig {
+    MoeConfig {
+        backend: FdmoeBackendKind::Cuda,
+        num_experts: 32,
+        top_k: 4,
+        hidden_size: 256,
+        intermediate_size: 128,
+        act_dtype: FdmoeDtype::Bf16,
+        weight_dtype: FdmoeDtype::Bf16,
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+/// Device inputs for T tokens of a config.
+struct Inputs {
+    x: DeviceBuffer,
+    logits: DeviceBuffer,
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+}
+
+fn inputs(c: &MoeConfig, t: usize, seed: u64) -> Inputs {
+    let mut rng = Rng(seed);
+    let x: Vec<u16> = rng
+        .vec(t * c.hidden_size, 1.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v).to_bits())
+        .collect();
+    let ids: Vec<i32> = (0..t * c.top_k)
+        .map(|s| ((s / c.top_k) * 7 + (s % c.top_k) * 5) as i32 % c.num_experts as i32)
+        .collect();
+    Inputs {
+        x: DeviceBuffer::from_host(&x, "x").unwrap(),
+        logits: DeviceBuffer::from_host(&rng.vec(t * c.num_experts, 1.0), "logits").unwrap(),
+        ids: DeviceBuffer::from_host(&ids, "ids").unwrap(),
+        weights: DeviceBuffer::from_host(&rng.vec(t * c.top_k, 1.0), "weights").unwrap(),
+    }
+}
+
+struct Outputs {
+    out: DeviceBuffer,
+    ids: DeviceBuffer,
+    weights: DeviceBuffer,
+}
+
+impl Outputs {
+    fn new(c: &MoeConfig, t: usize) -> Self {
+        Outputs {
+            out: DeviceBuffer::from_host(&vec![0xFFFFu16; t * c.hidden_size], "out").unwrap(),
+            ids: DeviceBuffer::from_host(&vec![-9i32; t * c.top_k], "ids").unwrap(),
+            weights: DeviceBuffer::from_host(&vec![f32::NAN; t * c.top_k], "w").unwrap(),
+        }
+    }
+    fn host(&self, c: &MoeConfig, t: usize) -> (Vec<u16>, Vec<i32>, Vec<u32>) {
+        let mut out = vec![0u16; t * c.hidden_size];
+        let mut ids = vec![0i32; t * c.top_k];
+        let mut w = vec![0u32; t * c.top_k];
+        driver::copy_to_host(self.out.ptr, &mut out).unwrap();
+        driver::copy_to_host(self.ids.ptr, &mut ids).unwrap();
+        driver::copy_to_host(self.weights.ptr, &mut w).unwrap();
+        (out, ids, w)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Source {
+    Gate,
+    Logits,
+    Given,
+}
+
+fn args(
+    t: usize,
+    inp: &Inputs,
+    out: &Outputs,
+    source: Source,
+    stream: *mut c_void,
+    eager: bool,
+) -> ForwardArgs {
+    ForwardArgs {
+        num_tokens: t,
+        x: inp.x.ptr as *const c_void,
+        out: out.out.ptr as *mut c_void,
+        router_logits: if source == Source::Logits {
+            inp.logits.ptr as *const f32
+        } else {
+            std::ptr::null()
+        },
+        topk_ids: if source == Source::Given {
+            inp.ids.ptr as *const i32
+        } else {
+            std::ptr::null()
+        },
+        topk_weights: if source == Source::Given {
+            inp.weights.ptr as *const f32
+        } else {
+            std::ptr::null()
+        },
+        topk_ids_out: out.ids.ptr as *mut i32,
+        topk_weights_out: out.weights.ptr as *mut f32,
+        stream,
+        force_eager: eager,
+    }
+}
+
+#[test]
+fn replay_is_bitwise_equal_to_eager() {
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let stream = OwnedStream::new().unwrap();
+    for source in [Source::Gate, Source::Logits, Source::Given] {
+        let mut c = cfg(2048);
+        if source == Source::Given {
+            c.routing = FdmoeRouting::Given;
+        }
+        let mut l = layer(&c, 11, source == Source::Gate);
+        l.moe
+            .capture_graphs(&[], stream.0 as *mut c_void)
+            .expect("capture default buckets");
+        let mut checked = 0;
+        for t in [
+            1usize, 2, 3, 8, 17, 50, 64, 65, 100, 128, 700, 1024, 1500, 2048,
+        ] {
+            let inp = inputs(&c, t, t as u64 + 3);
+            let (eager, replay) = (Outputs::new(&c, t), Outputs::new(&c, t));
+            unsafe {
+                l.moe
+                    .forward(&args(
+                        t,
+                        &inp,
+                        &eager,
+                        source,
+                        stream.0 as *mut c_void,
+                        true,
+                    ))
+                    .unwrap();
+                l.moe
+                    .forward(&args(
+                        t,
+                        &inp,
+                        &replay,
+                        source,
+                        stream.0 as *mut c_void,
+                        false,
+                    ))
+                    .unwrap();
+            }
+            stream.synchronize().unwrap();
+            let (a, b) = (eager.host(&c, t), replay.host(&c, t));
+            assert!(
+                a.0.iter().all(|&v| v != 0xFFFF),
+                "eager left outputs unwritten at T={t}"
+            );
+            assert!(a == b, "replay differs from eager at T={t}");
+            checked += 1;
+        }
+        println!(
+            "graphs ({}): {checked} token counts bitwise equal",
+            ["gate", "logits", "given"][source as usize]
+        );
+    }
+}
+
+#[test]
+fn forward_inside_a_caller_graph() {
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let stream = OwnedStream::new().unwrap();
+    let c = cfg(256);
+    let mut l = layer(&c, 5, true);
+    let t = 37;
+    let inp = inputs(&c, t, 1);
+    let (eager, captured) = (Outputs::new(&c, t), Outputs::new(&c, t));
+    unsafe {
+        l.moe
+            .forward(&args(
+                t,
+                &inp,
+                &eager,
+                Source::Gate,
+                stream.0 as *mut c_void,
+                true,
+            ))
+            .unwrap()
+    };
+    let exec = GraphExec::capture(stream.0, || unsafe {
+        l.moe.forward(&args(
+            t,
+            &inp,
+            &captured,
+            Source::Gate,
+            stream.0 as *mut c_void,
+            false,
+        ))
+    })
+    .expect("fdmoe_forward captures inside the caller's graph");
+    for _ in 0..3 {
+        exec.launch(stream.0).unwrap();
+    }
+    stream.synchronize().unwrap();
+    assert!(
+        eager.host(&c, t) == captured.host(&c, t),
+        "caller-graph replay differs from eager"
+    );
+    println!("caller graph: replay equals eager");
+}
+
+#[test]
+fn layers_share_a_stream_and_destroy_with_graphs() {
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let stream = OwnedStream::new().unwrap();
+    let c = cfg(512);
+    let mut layers: Vec<Layer> = (0..3).map(|s| layer(&c, 100 + s, true)).collect();
+    let t = 24;
+    let inp = inputs(&c, t, 9);
+    let mut expected = Vec::new();
+    for l in &mut layers {
+        let o = Outputs::new(&c, t);
+        unsafe {
+            l.moe
+                .forward(&args(
+                    t,
+                    &inp,
+                    &o,
+                    Source::Gate,
+                    stream.0 as *mut c_void,
+                    true,
+                ))
+                .unwrap()
+        };
+        stream.synchronize().unwrap();
+        expected.push(o.host(&c, t));
+        l.moe
+            .capture_graphs(&[8, 32, 512], stream.0 as *mut c_void)
+            .unwrap();
+    }
+    for round in 0..2 {
+        let outs: Vec<Outputs> = layers.iter().map(|_| Outputs::new(&c, t)).collect();
+        for (l, o) in layers.iter_mut().zip(&outs) {
+            unsafe {
+                l.moe
+                    .forward(&args(
+                        t,
+                        &inp,
+                        o,
+                        Source::Gate,
+                        stream.0 as *mut c_void,
+                        false,
+                    ))
+                    .unwrap()
+            };
+        }
+        stream.synchronize().unwrap();
+        for (o, e) in outs.iter().zip(&expected) {
+            assert!(
+                o.host(&c, t) == *e,
+                "round {round}: a layer's replay differs"
+            );
+        }
+    }
+    drop(layers);
+    println!("three layers on one stream: replays equal eager; destroyed with live graphs");
+}
+
+#[test]
+fn device_argument_errors() {
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let c = cfg(64);
+    let mut l = layer(&c, 1, true);
+    let inp = inputs(&c, 4, 2);
+    let o = Outputs::new(&c, 4);
+    let host_x = vec![0u16; 4 * c.hidden_size];
+    let mut a = args(4, &inp, &o, Source::Gate, std::ptr::null_mut(), false);
+    a.x = host_x.as_ptr().cast();
+    let e = unsafe { l.moe.forward(&a) }.unwrap_err();
+    assert_eq!(e.status, FdmoeStatus::InvalidArgument);
+    assert!(
+        e.message.contains("args.x is a host pointer"),
+        "{}",
+        e.message
+    );
+    let a = args(65, &inp, &o, Source::Gate, std::ptr::null_mut(), false);
+    assert_eq!(
+        unsafe { l.moe.forward(&a) }.unwrap_err().status,
+        FdmoeStatus::CapacityExceeded
+    );
+    let e = l
+        .moe
+        .capture_graphs(&[128], std::ptr::null_mut())
+        .unwrap_err();
+    assert!(
+        e.message.contains("above config.max_tokens"),
+        "{}",
+        e.message
+    );
+    for bad in [
+        MoeConfig {
+            act_dtype: FdmoeDtype::F32,
+            weight_dtype: FdmoeDtype::F32,
+            ..c.clone()
+        },
+        MoeConfig {
+            hidden_size: 250,
+            ..c.clone()
+        },
+    ] {
+        let e = Moe::new(&bad).unwrap_err();
+        assert_eq!(e.status, FdmoeStatus::Unsupported, "{}", e.message);
+        assert!(e.message.contains("backend cuda"), "{}", e.message);
+    }
+    println!("device argument errors: ok");
+}
+
+/// T·k·L = 66000·8·4096 > 2^31: every offset must be 64-bit. Compared with the CPU backend on
+/// the first and last tokens (tokens are independent).
+#[test]
+fn offsets_past_two_to_the_31() {
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let t = 66_000usize;
+    let c = MoeConfig {
+        num_experts: 16,
+        top_k: 8,
+        hidden_size: 4096,
+        intermediate_size: 64,
+        max_tokens: t,
+        ..cfg(t)
+    };
+    assert!(t * c.top_k * c.hidden_size > (1usize << 31));
+    let mut gpu_layer = layer(&c, 77, true);
+    let inp = inputs(&c, t, 4);
+    let o = Outputs::new(&c, t);
+    unsafe {
+        gpu_layer
+            .moe
+            .forward(&args(
+                t,
+                &inp,
+                &o,
+                Source::Gate,
+                std::ptr::null_mut(),
+                false,
+            ))
+            .unwrap()
+    };
+    let (out, _, _) = o.host(&c, t);
+    assert!(
+        out.iter().all(|&v| v != 0xFFFF),
+        "unwritten outputs past 2^31 elements"
+    );
+    let mut xs = vec![0u16; t * c.hidden_size];
+    driver::copy_to_host(inp.x.ptr, &mut xs).unwrap();
+    let cpu_cfg = MoeConfig {
+        backend: FdmoeBackendKind::Cpu,
+        max_tokens: 256,
+        ..c.clone()
+    };
+    let cpu = layer(&cpu_cfg, 77, true);
+    let mut cpu = cpu;
+    for first in [0usize, t - 256] {
+        let mut want = vec![0u16; 256 * c.hidden_size];
+        let a = ForwardArgs {
+            num_tokens: 256,
+            x: xs[first * c.hidden_size..].as_ptr().cast(),
+            out: want.as_mut_ptr().cast(),
+            router_logits: std::ptr::null(),
+            topk_ids: std::ptr::null(),
+            topk_weights: std::ptr::null(),
+            topk_ids_out: std::ptr::null_mut(),
+            topk_weights_out: std::ptr::null_mut(),
+            stream: std::ptr::null_mut(),
+            force_eager: false,
+        };
+        unsafe { cpu.moe.forward(&a).unwrap() };
+        let got = &out[first * c.hidden_size..(first + 256) * c.hidden_size];
+        let (mut num, mut den) = (0f64, 0f64);
+        for (g, w) in got.iter().zip(&want) {
+            let (g, w) = (
+                bf16::from_bits(*g).to_f32() as f64,
+                bf16::from_bits(*w).to_f32() as f64,
+            );
+            num += (g - w).powi(2);
+            den += w * w;
+        }
+        let err = (num / den).sqrt();
+        println!(
+            "T = {t}, tokens {first}..{}: rel err {err:.2e}",
+            first + 256
+        );
+        assert!(err < 1e-2);
+    }
+}
