@@ -484,6 +484,32 @@ typedef struct FdmoeConfig {
    [I, L], [L, I]; fc1/fc2/shared as TORCH.
  - gate: [E, H] or [H, E] per gate_layout, of gate_dtype; may be NULL when every forward
    passes router logits. correction_bias: [E] f32, GROUPED_TOPK only.
+
+ Quantized experts (config.weight_dtype FP8_BLOCK, MXFP4 or NVFP4; SPEC §5) apply to the
+ routed experts w13/w2 only: the gate, fc1/fc2 and the shared experts stay dense at the
+ precision they are given in. Two ways in:
+ - quantize-on-load: dense experts (dtype F32, BF16 or F16, any layout) are quantized by the
+   library with the format's codec (round to nearest even, saturating), each expert's w13
+   [2I, L] (rows in the order given) and w2 [L, I] as one matrix in TORCH orientation, exactly
+   as fdmoe_quantize_weights does for [E, 2I, L] and [E, L, I] arrays;
+ - pre-quantized: dtype = the format (it must equal config.weight_dtype), layout TORCH, w13
+   and w2 hold the packed data and w13_scale / w2_scale (and NVFP4's global scales) their
+   scales; dense_dtype gives the dtype of fc1/fc2/shared. With N x K = 2I x L for w13 and
+   L x I for w2 (K, the last dimension, is the one packed and scaled):
+   FP8_BLOCK: data [E, N, K] E4M3 bytes, scale [E, N/128, K/128] f32 (DeepSeek-V3
+   weight_scale_inv: dequantization multipliers);
+   MXFP4: data [E, N, K/2] bytes (two E2M1 per byte, element 2i in the low nibble), scale
+   [E, N, K/32] UE8M0 bytes (OCP MX; gpt-oss blocks/scales);
+   NVFP4: data [E, N, K/2] bytes as MXFP4, scale [E, N, K/16] E4M3 bytes, global scale [E]
+   f32 per matrix (ModelOpt weight_scale_2: w = e2m1 * e4m3(scale) * global).
+   gate_up_interleaved applies (w13's rows alternate gate and up; scales follow their rows).
+   Scales are checked at load: NaN or negative scales are INVALID_ARGUMENT naming the field
+   and position.
+
+ config.weight_dtype needs K to be a multiple of 128 (FP8_BLOCK), 32 (MXFP4) or 16 (NVFP4) for
+ both matrices (L and I), checked at create. The cpu backend dequantizes the experts into its
+ own f32 copy at load (so ownership must be OWN) and, for FP8_BLOCK, quantizes the inputs of
+ both expert GEMMs per token per 128 channels to E4M3 on the fly (SPEC §5).
  */
 typedef struct FdmoeWeights {
   uint32_t struct_size;
@@ -492,7 +518,9 @@ typedef struct FdmoeWeights {
    */
   uint32_t layout;
   /*
-   FdmoeDtype of w13, w2, fc1, fc2 and the shared matrices (F32, BF16, F16). Default BF16.
+   FdmoeDtype of w13, w2, fc1, fc2 and the shared matrices (F32, BF16, F16), or the format
+   of pre-quantized w13/w2 (FP8_BLOCK, MXFP4, NVFP4; fc1/fc2/shared are then of
+   dense_dtype). Default BF16.
    */
   uint32_t dtype;
   /*
@@ -526,6 +554,24 @@ typedef struct FdmoeWeights {
   const void *fc2;
   const void *shared_w13;
   const void *shared_w2;
+  /*
+   Scales of pre-quantized w13 / w2 (dtype FP8_BLOCK, MXFP4, NVFP4): required then, NULL
+   otherwise. Layouts above.
+   */
+  const void *w13_scale;
+  const void *w2_scale;
+  /*
+   NVFP4 only: [E] f32 global scale of each expert's w13 / w2. NULL otherwise.
+   */
+  const float *w13_global_scale;
+  const float *w2_global_scale;
+  /*
+   FdmoeDtype (F32, BF16, F16) of fc1, fc2, shared_w13 and shared_w2 when dtype is a
+   quantized format; ignored otherwise (they are of dtype). Default BF16.
+   (w13_scale .. dense_dtype were appended after the first release: a caller compiled
+   before them passes the smaller struct_size and gets these defaults.)
+   */
+  uint32_t dense_dtype;
 } FdmoeWeights;
 
 /*
@@ -596,6 +642,116 @@ typedef struct FdmoeMemoryRequirements {
    */
   uint64_t host_workspace_bytes;
 } FdmoeMemoryRequirements;
+
+/*
+ FP8 pre-dispatch (SPEC §5, the MegaMoE input format sent before the expert-parallel
+ transfer): x [T, H] becomes E4M3 [T_max, H] with one UE8M0 scale per 32 channels (packed
+ four to an int32), and the routing is copied beside it; rows T..T_max are padding (zero
+ data and scales, id -1, weight 0). Initialise with `fdmoe_pre_dispatch_args_init`.
+
+ Per token and group of 32 channels: amax = max |x| (NaN skipped) clamped below at 1e-4;
+ exponent = ceil(log2(amax / 448)); the scale 2^exponent is stored as its biased byte
+ exponent + 127; data = E4M3(x / 2^exponent), round to nearest even, saturating to ±448;
+ a group holding ±inf gets the NaN scale 0xFF. out_scales[t, c] holds, little-endian, the
+ bytes of channel groups 4c, 4c+1, 4c+2, 4c+3 (byte 0 = group 4c). The outputs must not
+ overlap the inputs or each other.
+ */
+typedef struct FdmoePreDispatchArgs {
+  uint32_t struct_size;
+  /*
+   FdmoeMemory of every pointer. HOST: computed on the CPU before return (stream must be
+   NULL). DEVICE (a CUDA kernel on `stream`): UNSUPPORTED in this build. Default HOST.
+   */
+  uint32_t memory;
+  /*
+   FdmoeDtype of x: BF16 (default), F16 or F32.
+   */
+  uint32_t x_dtype;
+  /*
+   T: tokens in x, 0 ..= max_tokens.
+   */
+  uint32_t num_tokens;
+  /*
+   H: channels per token; a positive multiple of 128 (four 32-channel scales per int32).
+   */
+  uint32_t hidden_size;
+  /*
+   k: routed slots per token, at least 1.
+   */
+  uint32_t top_k;
+  /*
+   T_max: the rows of every output buffer. T > T_max is CAPACITY_EXCEEDED, before any write.
+   */
+  uint32_t max_tokens;
+  /*
+   [T, H] of x_dtype.
+   */
+  const void *x;
+  /*
+   [T, k] int32 expert ids and [T, k] f32 weights, copied as they are.
+   */
+  const int32_t *topk_ids;
+  const float *topk_weights;
+  /*
+   [T_max, H] E4M3 bytes.
+   */
+  uint8_t *out_x;
+  /*
+   [T_max, H/128] int32: four UE8M0 bytes each.
+   */
+  int32_t *out_scales;
+  /*
+   [T_max, k] int32 ids (padding -1) and [T_max, k] f32 weights (padding 0).
+   */
+  int32_t *out_topk_ids;
+  float *out_topk_weights;
+  /*
+   cudaStream_t for memory DEVICE; must be NULL for HOST.
+   */
+  void *stream;
+} FdmoePreDispatchArgs;
+
+/*
+ B matrices [B, N, K] in one quantized format, laid out as FdmoeWeights' pre-quantized experts
+ (one matrix = one expert's w13 or w2): FP8_BLOCK data [B, N, K] E4M3 bytes and scales
+ [B, ceil(N/128), ceil(K/128)] f32; MXFP4 data [B, N, K/2] bytes (element 2i in the low
+ nibble) and scales [B, N, K/32] UE8M0 bytes; NVFP4 data [B, N, K/2] bytes, scales
+ [B, N, K/16] E4M3 bytes and global_scales [B] f32. Initialise with
+ `fdmoe_quantized_tensor_init`. fdmoe_quantize_weights writes the buffers,
+ fdmoe_dequantize_weights reads them.
+ */
+typedef struct FdmoeQuantizedTensor {
+  uint32_t struct_size;
+  /*
+   FdmoeDtype: FP8_BLOCK, MXFP4 or NVFP4. Default FP8_BLOCK.
+   */
+  uint32_t format;
+  /*
+   B: number of matrices (e.g. experts).
+   */
+  uint32_t num_matrices;
+  /*
+   N: rows (output features) of each matrix.
+   */
+  uint32_t rows;
+  /*
+   K: columns of each matrix, the contiguous dimension that is packed and scaled; a
+   multiple of 32 (MXFP4) or 16 (NVFP4); any value for FP8_BLOCK (edge blocks partial).
+   */
+  uint32_t cols;
+  /*
+   The packed elements.
+   */
+  void *data;
+  /*
+   The scales.
+   */
+  void *scales;
+  /*
+   NVFP4: [B] f32 global scales (dequantization multipliers); must be NULL otherwise.
+   */
+  float *global_scales;
+} FdmoeQuantizedTensor;
 
 #ifdef __cplusplus
 extern "C" {
@@ -713,6 +869,52 @@ FdmoeStatus fdmoe_query_memory(const struct FdmoeConfig *config,
  Thread-safe. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend).
  */
 FdmoeStatus fdmoe_query_features(uint32_t backend_kind, uint64_t *features_out);
+
+/*
+ Fills `args` with the defaults (host memory, bf16 x, sizes 0, pointers NULL) and sets
+ `struct_size`. Thread-safe. Errors: NULL_ARGUMENT.
+ */
+FdmoeStatus fdmoe_pre_dispatch_args_init(struct FdmoePreDispatchArgs *args);
+
+/*
+ FP8 pre-dispatch of x [T, H] and its routing into the caller's [T_max, ...] buffers (see
+ FdmoePreDispatchArgs for the format). Every argument, the capacity T <= T_max included, is
+ checked before the first write: on error the outputs are untouched. On success every output
+ element is written (rows past T are padding). Needs no backend handle; thread-safe, and calls
+ on disjoint outputs may run concurrently. Host memory: computed before return on the CPU.
+ Errors: NULL_ARGUMENT, INVALID_ARGUMENT (hidden_size not a positive multiple of 128,
+ top_k 0, x_dtype or memory values, a stream on host memory), CAPACITY_EXCEEDED,
+ UNSUPPORTED (device memory: not in this build).
+ */
+FdmoeStatus fdmoe_pre_dispatch_fp8(const struct FdmoePreDispatchArgs *args);
+
+/*
+ Fills `tensor` with the defaults (format FP8_BLOCK, sizes 0, pointers NULL) and sets
+ `struct_size`. Thread-safe. Errors: NULL_ARGUMENT.
+ */
+FdmoeStatus fdmoe_quantized_tensor_init(struct FdmoeQuantizedTensor *tensor);
+
+/*
+ Quantizes `src` (B row-major [N, K] matrices of `src_dtype`: F32, BF16 or F16, aligned to
+ its element; B, N, K from `dst`) into dst's buffers with the codec of dst->format, each
+ matrix on its own (SPEC §5: round to nearest even, saturating; FP8_BLOCK scale = amax/448
+ per 128x128 block, amax floored at 1e-4; MXFP4 scale 2^(floor(log2 amax) - 2) per 32;
+ NVFP4 global scale amax/(6*448) per matrix, E4M3 scale per 16). The same codec quantizes
+ dense experts at load, so loading its output as pre-quantized weights gives bitwise the
+ same layer. Thread-safe; host memory. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (format,
+ src_dtype, K not a multiple of the format's group, a global_scales pointer outside NVFP4).
+ */
+FdmoeStatus fdmoe_quantize_weights(const void *src,
+                                   uint32_t src_dtype,
+                                   const struct FdmoeQuantizedTensor *dst);
+
+/*
+ Dequantizes `src` into `dst`, B row-major [N, K] f32 matrices: decode(q) * scale exactly in
+ f32 (NVFP4: * (e4m3 scale * global scale), the product of the scales rounded first); NaN
+ scales give NaN values. Thread-safe; host memory. Errors: NULL_ARGUMENT, INVALID_ARGUMENT
+ (format, K not a multiple of the format's group, a non-finite NVFP4 global scale).
+ */
+FdmoeStatus fdmoe_dequantize_weights(const struct FdmoeQuantizedTensor *src, float *dst);
 
 #ifdef __cplusplus
 }  // extern "C"

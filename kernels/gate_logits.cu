@@ -1,66 +1,76 @@
-// Router logits: partial[s][t][e] = sum over k in split s of x[t][k] * gate_t[k][e], in f32.
+// Router logits: logits[t][e] = sum_k x[t][k] * gate_t[k][e], in f32.
 //
 // The gate runs on the full hidden x (before any latent projection) with the f32 gate weight
-// stored transposed, [H, E], so that the threads of a block (one expert each) read one row of
-// it with coalesced loads while every x value they multiply is a shared-memory broadcast.
-// A block covers TOKENS tokens, so each gate value loaded feeds TOKENS FMAs; splitting H over
-// gridDim.z gives decode (T = 1) enough blocks to stream the gate at full bandwidth. Partial
-// sums are summed later in split order by route_topk, never with atomics: deterministic.
+// stored transposed, [H, E], so the 32 lanes of a warp (32 consecutive experts) read one
+// 128-byte line of it per k while the x values they multiply are shared-memory broadcasts;
+// each gate value loaded feeds TOKENS FMAs. H is cut in rounds of 8 * 64; warp w of the block
+// sums the w-th 64-wide chunk of every round, and the 8 warp partials are added in warp order
+// at the end. The order of every sum is therefore fixed by H alone: a token's logits are
+// bitwise the same whatever batch, bucket or grid it is computed in, and no atomics are used.
 //
-// Grid: (ceil(T / TOKENS), ceil(E / 256), splits); block 256. k_per_split is a multiple of K_TILE.
+// Grid: (ceil(T / TOKENS), ceil(E / 32)); block 256 (8 warps).
 #include "common/types.cuh"
 
-#define K_TILE 64
+#define GATE_WARPS 8
+#define GATE_CHUNK 64
+#define GATE_ROUND (GATE_WARPS * GATE_CHUNK)
 
 template <int TOKENS>
 __device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restrict__ gate_t,
-                                 float* __restrict__ partial, const int* num_tokens_dev, int num_tokens,
-                                 int hidden, int num_experts, int k_per_split) {
-    __shared__ float xs[TOKENS][K_TILE];
+                                 float* __restrict__ logits, const int* num_tokens_dev, int num_tokens,
+                                 int hidden, int num_experts) {
+    __shared__ float xs[TOKENS][GATE_ROUND];
+    __shared__ float partial[GATE_WARPS][TOKENS][32];
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t0 = blockIdx.x * TOKENS;
     if (t0 >= T) return;
-    const int e = blockIdx.y * 256 + threadIdx.x;
-    const int split = blockIdx.z;
-    const int k_begin = split * k_per_split;
-    const int k_end = min(hidden, k_begin + k_per_split);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int e = blockIdx.y * 32 + lane;
     float acc[TOKENS];
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
-    for (int k0 = k_begin; k0 < k_end; k0 += K_TILE) {
+    for (int k0 = 0; k0 < hidden; k0 += GATE_ROUND) {
         __syncthreads();
-        for (int i = threadIdx.x; i < TOKENS * K_TILE; i += 256) {
-            int t = i / K_TILE, kk = i % K_TILE;
-            int tok = t0 + t, k = k0 + kk;
-            xs[t][kk] = (tok < T && k < k_end) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
+        for (int i = threadIdx.x; i < TOKENS * GATE_ROUND; i += 256) {
+            const int t = i / GATE_ROUND, kk = i % GATE_ROUND;
+            const int tok = t0 + t, k = k0 + kk;
+            xs[t][kk] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
         }
         __syncthreads();
-        if (e < num_experts) {
-            const int kmax = min(K_TILE, k_end - k0);
-            for (int kk = 0; kk < kmax; ++kk) {
-                float w = gate_t[(i64)(k0 + kk) * num_experts + e];
+        const int kb = k0 + warp * GATE_CHUNK;
+        const int kn = min(GATE_CHUNK, hidden - kb);
+        if (e < num_experts && kn > 0) {
+            const float* g = gate_t + (i64)kb * num_experts + e;
+#pragma unroll 8
+            for (int kk = 0; kk < kn; ++kk) {
+                const float w = g[(i64)kk * num_experts];
 #pragma unroll
-                for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][kk], w, acc[t]);
+                for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w, acc[t]);
             }
         }
     }
-    if (e < num_experts) {
 #pragma unroll
-        for (int t = 0; t < TOKENS; ++t) {
-            int tok = t0 + t;
-            if (tok < T) partial[((i64)split * T + tok) * num_experts + e] = acc[t];
-        }
+    for (int t = 0; t < TOKENS; ++t) partial[warp][t][lane] = acc[t];
+    __syncthreads();
+    for (int i = threadIdx.x; i < TOKENS * 32; i += 256) {
+        const int t = i / 32, l = i % 32;
+        const int tok = t0 + t, ex = blockIdx.y * 32 + l;
+        if (tok >= T || ex >= num_experts) continue;
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < GATE_WARPS; ++w) s += partial[w][t][l];
+        logits[(i64)tok * num_experts + ex] = s;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) gate_logits_t4(const u16* x, const float* gate_t, float* partial,
+extern "C" __global__ void __launch_bounds__(256) gate_logits_t4(const u16* x, const float* gate_t, float* logits,
                                                                  const int* num_tokens_dev, int num_tokens, int hidden,
-                                                                 int num_experts, int k_per_split) {
-    gate_logits_impl<4>(x, gate_t, partial, num_tokens_dev, num_tokens, hidden, num_experts, k_per_split);
+                                                                 int num_experts) {
+    gate_logits_impl<4>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts);
 }
 
-extern "C" __global__ void __launch_bounds__(256) gate_logits_t32(const u16* x, const float* gate_t, float* partial,
+extern "C" __global__ void __launch_bounds__(256) gate_logits_t16(const u16* x, const float* gate_t, float* logits,
                                                                   const int* num_tokens_dev, int num_tokens, int hidden,
-                                                                  int num_experts, int k_per_split) {
-    gate_logits_impl<32>(x, gate_t, partial, num_tokens_dev, num_tokens, hidden, num_experts, k_per_split);
+                                                                  int num_experts) {
+    gate_logits_impl<16>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts);
 }

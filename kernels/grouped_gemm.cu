@@ -15,9 +15,14 @@
 // flight), ldmatrix into tensor-core m16n8k16 MMAs, padded shared rows (no bank conflicts), and
 // a device-side tile table (from sort_by_expert) so blocks past the real work exit at once —
 // no host sync and graph-safe. Decode uses BM = 16 so a token row does not pay for 64.
-// The body is plain sm_80 PTX; a wgmma/TMA body for sm_90a can replace `mainloop` alone.
+// Two main loops share the tile setup and the epilogues: an sm_80 one (mma.sync m16n8k16 from
+// ldmatrix fragments) for every architecture, and on sm_90a (FDMOE_SM90A) a Hopper one where
+// each warpgroup issues wgmma m64n128k16 straight from 128-byte-swizzled shared tiles.
 #include "common/activation.cuh"
 #include "common/mma.cuh"
+#ifdef FDMOE_SM90A
+#include "common/wgmma.cuh"
+#endif
 
 #define MODE_GATHER 1
 #define MODE_GATED 2
@@ -51,6 +56,109 @@ struct GemmParams {
     i64 num_tokens;
 };
 
+// The rows and columns one block covers, and each tile row's / column's source offset.
+struct TileRange {
+    int expert, row0, rows, col_base;
+};
+
+// Returns false when the block has no work (past the real T or the real tile count).
+template <int BM, int BN, int THREADS, int MODE>
+__device__ __forceinline__ bool setup_tile(const GemmParams& p, i64* a_row_offset, i64* b_row_offset, TileRange& tr) {
+    tr.expert = 0;
+    if (MODE & MODE_DENSE) {
+        const int T = token_count(p.num_tokens_dev, (int)p.num_tokens);
+        tr.row0 = blockIdx.x * BM;
+        if (tr.row0 >= T) return false;
+        tr.rows = min(BM, T - tr.row0);
+    } else {
+        if ((int)blockIdx.x >= *p.num_tiles) return false;
+        tr.expert = p.tile_expert[blockIdx.x];
+        tr.row0 = p.tile_row[blockIdx.x];
+        tr.rows = min(BM, p.expert_offsets[tr.expert + 1] - tr.row0);
+    }
+    const int N = (int)p.n;
+    // Accumulator column c of this tile -> output column / B row.
+    //   GATED: columns come in 16s: 8 gate then the matching 8 up columns.
+    tr.col_base = (MODE & MODE_GATED) ? blockIdx.y * (BN / 2) : blockIdx.y * BN;
+    for (int r = threadIdx.x; r < BM; r += THREADS) {
+        i64 off = -1;
+        if (r < tr.rows) {
+            const int row = tr.row0 + r;
+            off = (MODE & MODE_GATHER) ? (i64)(p.sorted_slots[row] / (int)p.top_k) * p.lda : (i64)row * p.lda;
+        }
+        a_row_offset[r] = off;
+    }
+    for (int c = threadIdx.x; c < BN; c += THREADS) {
+        int out_col, b_row;
+        if (MODE & MODE_GATED) {
+            out_col = tr.col_base + (c / 16) * 8 + (c % 8);
+            b_row = out_col + ((c % 16) >= 8 ? (int)p.up_offset : 0);
+        } else {
+            out_col = tr.col_base + c;
+            b_row = out_col;
+        }
+        b_row_offset[c] = out_col < N ? (i64)b_row * p.ldb : -1;
+    }
+    __syncthreads();
+    return true;
+}
+
+// Writes one warp's accumulator fragment: NT blocks of 8 columns starting at tile column
+// `col0`, rows `r0` and `r0 + 8` of the tile (the m16n8 / wgmma accumulator layout).
+template <int NT, int MODE, int ACT>
+__device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRange& tr, float (*acc)[4], int r0, int col0) {
+    const int lane = threadIdx.x % 32;
+    const int N = (int)p.n;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + h * 8;
+        if (r >= tr.rows) continue;
+        const int row = tr.row0 + r;
+        float scale = 1.0f;
+        if (MODE & MODE_SCALE) scale = p.slot_weights[p.sorted_slots[row]];
+        if (MODE & MODE_GATED) {
+            u16* out = (u16*)p.c + (i64)row * p.ldc;
+#pragma unroll
+            for (int j = 0; j < NT; j += 2) {
+                const int col = tr.col_base + ((col0 + j * 8) / 16) * 8 + (lane % 4) * 2;
+                const float a0 = gated_activation<ACT>(acc[j][h * 2], acc[j + 1][h * 2]);
+                const float a1 = gated_activation<ACT>(acc[j][h * 2 + 1], acc[j + 1][h * 2 + 1]);
+                if (col + 1 < N && ((p.ldc | col) & 1) == 0) {
+                    *(u32*)(out + col) = pack_elem2(a0, a1);
+                } else {
+                    if (col < N) out[col] = float_to_elem(a0);
+                    if (col + 1 < N) out[col + 1] = float_to_elem(a1);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int col = tr.col_base + col0 + j * 8 + (lane % 4) * 2;
+                float v0 = acc[j][h * 2] * scale;
+                float v1 = acc[j][h * 2 + 1] * scale;
+                if (MODE & MODE_RESIDUAL) {
+                    const float* res = p.residual + (i64)row * p.ld_residual;
+                    if (col < N) v0 += res[col];
+                    if (col + 1 < N) v1 += res[col + 1];
+                }
+                if (MODE & MODE_OUT_F32) {
+                    float* out = (float*)p.c + (i64)row * p.ldc;
+                    if (col < N) out[col] = v0;
+                    if (col + 1 < N) out[col + 1] = v1;
+                } else {
+                    u16* out = (u16*)p.c + (i64)row * p.ldc;
+                    if (col + 1 < N && ((p.ldc | col) & 1) == 0) {
+                        *(u32*)(out + col) = pack_elem2(v0, v1);
+                    } else {
+                        if (col < N) out[col] = float_to_elem(v0);
+                        if (col + 1 < N) out[col + 1] = float_to_elem(v1);
+                    }
+                }
+            }
+        }
+    }
+}
+
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MODE, int ACT>
 __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     constexpr int THREADS = WARPS_M * WARPS_N * 32;
@@ -67,52 +175,10 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     u16* Bs = As + STAGES * BM * LDS;          // [STAGES][BN][LDS]
     i64* a_row_offset = (i64*)(Bs + STAGES * BN * LDS);  // [BM] element offset of each A row, -1 = none
     i64* b_row_offset = a_row_offset + BM;               // [BN]
-
-    // Which rows this tile covers.
-    int expert = 0, row0, rows;
-    if (MODE & MODE_DENSE) {
-        const int T = token_count(p.num_tokens_dev, (int)p.num_tokens);
-        row0 = blockIdx.x * BM;
-        if (row0 >= T) return;
-        rows = min(BM, T - row0);
-    } else {
-        if ((int)blockIdx.x >= *p.num_tiles) return;
-        expert = p.tile_expert[blockIdx.x];
-        row0 = p.tile_row[blockIdx.x];
-        rows = min(BM, p.expert_offsets[expert + 1] - row0);
-    }
+    TileRange tr;
+    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_row_offset, b_row_offset, tr)) return;
     const int K = (int)p.k;
-    const int N = (int)p.n;
-    // Accumulator column c of this tile -> output column / B row.
-    //   GATED: columns come in 16s: 8 gate then the matching 8 up columns.
-    const int col_base = (MODE & MODE_GATED) ? blockIdx.y * (BN / 2) : blockIdx.y * BN;
-
-    for (int r = threadIdx.x; r < BM; r += THREADS) {
-        i64 off = -1;
-        if (r < rows) {
-            const int row = row0 + r;
-            if (MODE & MODE_GATHER) {
-                off = (i64)(p.sorted_slots[row] / (int)p.top_k) * p.lda;
-            } else {
-                off = (i64)row * p.lda;
-            }
-        }
-        a_row_offset[r] = off;
-    }
-    const u16* b_base = p.b + (i64)expert * p.b_group_stride;
-    for (int c = threadIdx.x; c < BN; c += THREADS) {
-        int out_col, b_row;
-        if (MODE & MODE_GATED) {
-            out_col = col_base + (c / 16) * 8 + (c % 8);
-            b_row = out_col + ((c % 16) >= 8 ? (int)p.up_offset : 0);
-        } else {
-            out_col = col_base + c;
-            b_row = out_col;
-        }
-        b_row_offset[c] = out_col < N ? (i64)b_row * p.ldb : -1;
-    }
-    __syncthreads();
-
+    const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
     auto load_stage = [&](int stage, int k0) {
         constexpr int A_CHUNKS = BM * BK / 8;
         constexpr int B_CHUNKS = BN * BK / 8;
@@ -185,69 +251,96 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     }
     cp_async_wait<0>();
 
-    // Epilogue. Accumulator (i, j, q): row wm*WTM + i*16 + lane/4 + (q >= 2 ? 8 : 0),
-    // column wn*WTN + j*8 + (lane%4)*2 + (q & 1).
+    // Epilogue: warp (wm, wn) holds rows wm*WTM + i*16 + lane/4 (+8), columns wn*WTN + j*8 + ....
+    const int lane_row = lane / 4;
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int r = wm * WTM + i * 16 + lane / 4 + h * 8;
-            if (r >= rows) continue;
-            const int row = row0 + r;
-            float scale = 1.0f;
-            if (MODE & MODE_SCALE) scale = p.slot_weights[p.sorted_slots[row]];
-            if (MODE & MODE_GATED) {
-                u16* out = (u16*)p.c + (i64)row * p.ldc;
-#pragma unroll
-                for (int j = 0; j < NT; j += 2) {
-                    const int col = col_base + ((wn * WTN + j * 8) / 16) * 8 + (lane % 4) * 2;
-                    const float a0 = gated_activation<ACT>(acc[i][j][h * 2], acc[i][j + 1][h * 2]);
-                    const float a1 = gated_activation<ACT>(acc[i][j][h * 2 + 1], acc[i][j + 1][h * 2 + 1]);
-                    if (col + 1 < N && ((p.ldc | col) & 1) == 0) {
-                        *(u32*)(out + col) = pack_elem2(a0, a1);
-                    } else {
-                        if (col < N) out[col] = float_to_elem(a0);
-                        if (col + 1 < N) out[col + 1] = float_to_elem(a1);
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    const int col = col_base + wn * WTN + j * 8 + (lane % 4) * 2;
-                    float v0 = acc[i][j][h * 2] * scale;
-                    float v1 = acc[i][j][h * 2 + 1] * scale;
-                    if (MODE & MODE_RESIDUAL) {
-                        const float* res = p.residual + (i64)row * p.ld_residual;
-                        if (col < N) v0 += res[col];
-                        if (col + 1 < N) v1 += res[col + 1];
-                    }
-                    if (MODE & MODE_OUT_F32) {
-                        float* out = (float*)p.c + (i64)row * p.ldc;
-                        if (col < N) out[col] = v0;
-                        if (col + 1 < N) out[col + 1] = v1;
-                    } else {
-                        u16* out = (u16*)p.c + (i64)row * p.ldc;
-                        if (col + 1 < N && ((p.ldc | col) & 1) == 0) {
-                            *(u32*)(out + col) = pack_elem2(v0, v1);
-                        } else {
-                            if (col < N) out[col] = float_to_elem(v0);
-                            if (col + 1 < N) out[col + 1] = float_to_elem(v1);
-                        }
-                    }
-                }
-            }
-        }
-    }
+    for (int i = 0; i < MT; ++i) store_fragment<NT, MODE, ACT>(p, tr, acc[i], wm * WTM + i * 16 + lane_row, wn * WTN);
 }
 
-template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES>
-constexpr int gemm_smem_bytes() {
-    return STAGES * (BM + BN) * (BK + 8) * 2 + (BM + BN) * 8;
+#ifdef FDMOE_SM90A
+// Hopper main loop: BM/64 warpgroups, each computing 64 x 256 with wgmma m64n256k16 from
+// 128-byte-swizzled K-major tiles of 64 columns (one swizzle atom per row), STAGES deep. The
+// MMAs of one stage run while the next stage's copies are issued: a warpgroup waits only for
+// the previous stage's MMAs, and a barrier makes sure both warpgroups are past them before
+// that stage's buffer is refilled.
+template <int BM, int STAGES, int MODE, int ACT>
+__device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
+    constexpr int BN = 256, BK = 64;
+    constexpr int THREADS = BM / 64 * 128;
+    constexpr int A_STAGE = BM * BK * 2, B_STAGE = BN * BK * 2;  // bytes
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* base = (unsigned char*)(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    unsigned char* As = base;                        // [STAGES][BM rows x 128 B], swizzled
+    unsigned char* Bs = base + STAGES * A_STAGE;     // [STAGES][BN rows x 128 B], swizzled
+    i64* a_row_offset = (i64*)(Bs + STAGES * B_STAGE);
+    i64* b_row_offset = a_row_offset + BM;
+    TileRange tr;
+    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_row_offset, b_row_offset, tr)) return;
+    const int K = (int)p.k;
+    const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
+
+    auto load_stage = [&](int stage, int k0) {
+        unsigned char* as = As + stage * A_STAGE;
+        unsigned char* bs = Bs + stage * B_STAGE;
+        for (int i = threadIdx.x; i < BM * 8; i += THREADS) {
+            const int r = i / 8, c = i % 8, kc = c * 8;
+            const i64 off = a_row_offset[r];
+            const bool valid = off >= 0 && k0 + kc < K;
+            cp_async_16(as + swizzle_128b(r, c), valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
+        }
+        for (int i = threadIdx.x; i < BN * 8; i += THREADS) {
+            const int r = i / 8, c = i % 8, kc = c * 8;
+            const i64 off = b_row_offset[r];
+            const bool valid = off >= 0 && k0 + kc < K;
+            cp_async_16(bs + swizzle_128b(r, c), valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
+        }
+    };
+
+    const int warpgroup = threadIdx.x / 128;
+    float acc[32][4];
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
+
+    const int k_tiles = (K + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s * BK);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        fence_proxy_async();
+        __syncthreads();
+        const u64 da = wgmma_desc(As + (kt % STAGES) * A_STAGE + warpgroup * 64 * 128);
+        const u64 db = wgmma_desc(Bs + (kt % STAGES) * B_STAGE);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_m64n256k16(&acc[0][0], da + 2 * kk, db + 2 * kk);
+        wgmma_commit();
+        // This warpgroup's MMAs of stage kt-1 are done; the barrier extends that to both
+        // warpgroups, so stage kt-1's buffer may be refilled while stage kt's MMAs run.
+        wgmma_wait_one();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles) load_stage(next % STAGES, next * BK);
+        cp_async_commit();
+    }
+    wgmma_wait_all();
+    cp_async_wait<0>();
+
+    // Accumulator layout: warp w of a warpgroup holds rows 16w + lane/4 (+8), n8 block j.
+    const int warp_in_group = (threadIdx.x % 128) / 32;
+    const int lane = threadIdx.x % 32;
+    store_fragment<32, MODE, ACT>(p, tr, acc, warpgroup * 64 + warp_in_group * 16 + lane / 4, 0);
 }
+#endif
 
 // Entry points: one per (tile config, mode, activation). Names: gemm_<tile>_<mode>[_<act>].
-// Tile configs: s = decode (16 rows), m = mid (64), l = prefill (128).
-#define FDMOE_TILE_s 16, 128, 64, 1, 4, 4
+// Tile configs: s = decode (16 rows), m = mid (64), l = prefill (128); w = prefill with wgmma
+// and v = 64-row wgmma (sm_90a builds only). Shared memory sizes are computed in src/backend/cuda/kernels.rs.
+#define FDMOE_TILE_s 16, 64, 64, 1, 4, 6
 #define FDMOE_TILE_m 64, 128, 32, 2, 2, 4
 #define FDMOE_TILE_l 128, 128, 32, 2, 4, 4
 #define FDMOE_THREADS_s 128
@@ -256,8 +349,17 @@ constexpr int gemm_smem_bytes() {
 
 #define FDMOE_GEMM(tile, name, mode, act)                                                         \
     extern "C" __global__ void __launch_bounds__(FDMOE_THREADS_##tile) gemm_##tile##_##name(GemmParams p) { \
-        grouped_gemm_body<FDMOE_TILE_##tile, mode, act>(p);                                       \
+        FDMOE_BODY_##tile<FDMOE_TILE_##tile, mode, act>(p);                                       \
     }
+#define FDMOE_BODY_s grouped_gemm_body
+#define FDMOE_BODY_m grouped_gemm_body
+#define FDMOE_BODY_l grouped_gemm_body
+#define FDMOE_BODY_w grouped_gemm_wgmma
+#define FDMOE_TILE_w 128, 4
+#define FDMOE_THREADS_w 256
+#define FDMOE_BODY_v grouped_gemm_wgmma
+#define FDMOE_TILE_v 64, 4
+#define FDMOE_THREADS_v 128
 
 #define FDMOE_GEMM_TILE(tile)                                                                      \
     FDMOE_GEMM(tile, up_swiglu, MODE_GATHER | MODE_GATED, FDMOE_ACT_SWIGLU)                         \
@@ -274,3 +376,7 @@ constexpr int gemm_smem_bytes() {
 FDMOE_GEMM_TILE(s)
 FDMOE_GEMM_TILE(m)
 FDMOE_GEMM_TILE(l)
+#ifdef FDMOE_SM90A
+FDMOE_GEMM_TILE(v)
+FDMOE_GEMM_TILE(w)
+#endif

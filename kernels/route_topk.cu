@@ -1,5 +1,5 @@
-// Routing (SPEC §3) for one token per block: sums the gate's split partial logits in split
-// order (or reads the caller's logits), scores them (softmax / sigmoid), optionally keeps the
+// Routing (SPEC §3) for one token per block: reads the token's logits (from gate_logits or
+// the caller), scores them (softmax / sigmoid), optionally keeps the
 // best expert groups (DeepSeek-V3 grouped top-k), picks the top k with one block-wide arg-max
 // per pick over 64-bit rank keys (value desc, NaN lowest, lower index on ties), and writes the
 // ids and final weights to the workspace and, when asked, to the caller's routing record.
@@ -15,7 +15,7 @@
 #define MODE_GROUPED 2
 
 struct RouteParams {
-    const float* logits;        // [splits][T][E] partials, or the caller's [T][E] with splits = 1
+    const float* logits;        // [T][E]
     const float* correction_bias;  // [E] or null
     int* topk_ids;              // [T][k] workspace
     float* topk_weights;
@@ -23,7 +23,6 @@ struct RouteParams {
     float* record_weights;
     const int* num_tokens_dev;
     i64 num_tokens;
-    i64 splits;
     i64 num_experts;
     i64 top_k;
     i64 mode;
@@ -85,11 +84,9 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(RoutePara
     int* group_keep = (int*)(smem + 2 * E);
     int* picked = group_keep + p.n_group;
 
-    // Logits: the split partials summed in split order.
     float local_max = __int_as_float(0xff800000);  // -inf
     for (int e = threadIdx.x; e < E; e += ROUTE_THREADS) {
-        float r = 0.0f;
-        for (int s = 0; s < p.splits; ++s) r += p.logits[((i64)s * T + t) * E + e];
+        const float r = p.logits[(i64)t * E + e];
         scores[e] = r;
         local_max = fmaxf(local_max, r);
     }

@@ -4,7 +4,7 @@
 # carried to the device by `run ... carry=[".device"]`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="$PWD/target-cuda"
+export CARGO_TARGET_DIR="$PWD/target-cuda"  # a separate folder: the device build never invalidates the CPU one
 cargo build --release --features cuda --quiet
 mkdir -p .device/bin
 rm -f .device/bin/*

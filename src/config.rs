@@ -215,6 +215,27 @@ impl FdmoeDtype {
         matches!(self, FdmoeDtype::F32 | FdmoeDtype::Bf16 | FdmoeDtype::F16)
     }
 
+    /// Quantized weight formats (SPEC §5): FP8_BLOCK, MXFP4, NVFP4.
+    pub fn is_quantized(self) -> bool {
+        matches!(
+            self,
+            FdmoeDtype::Fp8Block | FdmoeDtype::Mxfp4 | FdmoeDtype::Nvfp4
+        )
+    }
+
+    /// The multiple a quantized format needs along K (the reduction dimension, contiguous in
+    /// TORCH orientation): 128 for FP8_BLOCK (whole 128x128 weight blocks and whole 128-channel
+    /// activation groups, as the FP8 GEMM kernels take them), 32 for MXFP4, 16 for NVFP4.
+    /// `None` for dense types.
+    pub fn k_multiple(self) -> Option<usize> {
+        match self {
+            FdmoeDtype::Fp8Block => Some(128),
+            FdmoeDtype::Mxfp4 => Some(32),
+            FdmoeDtype::Nvfp4 => Some(16),
+            _ => None,
+        }
+    }
+
     /// Bytes per element of a dense type.
     pub fn dense_size(self) -> Option<usize> {
         match self {
@@ -373,6 +394,23 @@ impl MoeConfig {
                 self.routing
             );
         }
+        if let Some(multiple) = self.weight_dtype.k_multiple() {
+            // K of w13 is the expert hidden size L, K of w2 the intermediate size I.
+            let (l_name, l) = match self.latent_size {
+                Some(l) => ("latent_size", l),
+                None => ("hidden_size", self.hidden_size),
+            };
+            for (name, k, matrix) in [
+                (l_name, l, "w13"),
+                ("intermediate_size", self.intermediate_size, "w2"),
+            ] {
+                ensure!(
+                    k % multiple == 0,
+                    "config.{name} = {k} (K of {matrix}) is not a multiple of {multiple}, which config.weight_dtype = {} needs along K",
+                    self.weight_dtype
+                );
+            }
+        }
         ensure!(self.ep_size >= 1, "config.ep_size must be at least 1");
         ensure!(
             self.ep_rank < self.ep_size,
@@ -450,5 +488,36 @@ mod tests {
         let mut c = base();
         c.act_dtype = FdmoeDtype::Mxfp4;
         assert!(c.validate().unwrap_err().message.contains("act_dtype"));
+    }
+
+    #[test]
+    fn quantized_formats_need_k_multiples() {
+        // base(): H = 16, I = 8.
+        let mut c = base();
+        c.weight_dtype = FdmoeDtype::Nvfp4;
+        let m = c.validate().unwrap_err().message;
+        assert!(
+            m.contains("config.intermediate_size = 8 (K of w2)") && m.contains("16"),
+            "{m}"
+        );
+        c.intermediate_size = 32;
+        c.validate().unwrap();
+        c.weight_dtype = FdmoeDtype::Mxfp4;
+        let m = c.validate().unwrap_err().message;
+        assert!(m.contains("config.hidden_size = 16 (K of w13)"), "{m}");
+        c.latent_size = Some(64);
+        c.validate().unwrap();
+        c.weight_dtype = FdmoeDtype::Fp8Block;
+        let m = c.validate().unwrap_err().message;
+        assert!(
+            m.contains("config.latent_size = 64") && m.contains("128"),
+            "{m}"
+        );
+        c.latent_size = Some(128);
+        c.intermediate_size = 256;
+        c.validate().unwrap();
+        assert!(FdmoeDtype::ALL
+            .iter()
+            .all(|d| d.is_quantized() != d.is_dense()));
     }
 }

@@ -11,6 +11,8 @@ pub mod error;
 pub mod ffi;
 pub mod forward;
 pub mod moe;
+// The C header (cbindgen) skips the codecs: their constants are internal.
+/// cbindgen:ignore
 pub mod quant;
 pub mod routing;
 pub mod weights;

@@ -7,7 +7,7 @@ use std::ffi::c_void;
 use crate::config::{
     FdmoeDtype, FdmoeGateLayout, FdmoeLayout, FdmoeMemory, FdmoeOwnership, FdmoeRouting, MoeConfig,
 };
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Error, FdmoeStatus, Result};
 
 /// The expert matrices: stacked (TORCH / PADDLE) or one pointer per expert (PER_EXPERT).
 #[derive(Debug, Clone)]
@@ -23,6 +23,19 @@ pub enum ExpertSource {
         up_proj: Vec<*const c_void>,
         down_proj: Vec<*const c_void>,
     },
+    /// Pre-quantized experts in `format` (FP8_BLOCK, MXFP4, NVFP4), stacked in TORCH
+    /// orientation: each expert's W13 [2I, L] and W2 [L, I] is one matrix, packed along K
+    /// (its last dimension), with its scales. `crate::quant::experts` documents the layouts.
+    Quantized {
+        format: FdmoeDtype,
+        w13: *const c_void,
+        w2: *const c_void,
+        w13_scale: *const c_void,
+        w2_scale: *const c_void,
+        /// NVFP4 only: [E] f32 global scale of each expert's W13 / W2.
+        w13_global_scale: *const f32,
+        w2_global_scale: *const f32,
+    },
 }
 
 /// The router gate weight.
@@ -33,11 +46,18 @@ pub struct GateSource {
     pub layout: FdmoeGateLayout,
 }
 
-/// Everything `load_weights` reads. Dense matrices (experts, fc1/fc2, shared) are of `dtype`;
-/// fc1/fc2/shared follow `layout` (TORCH and PER_EXPERT: nn.Linear [out, in]; PADDLE: [in, out]).
+/// Everything `load_weights` reads. Dense matrices (the experts unless they are
+/// `ExpertSource::Quantized`, fc1/fc2, shared) are of `dtype`; fc1/fc2/shared follow `layout`
+/// (TORCH and PER_EXPERT: nn.Linear [out, in]; PADDLE: [in, out]).
+///
+/// Quantized expert formats (`config.weight_dtype` FP8_BLOCK, MXFP4, NVFP4) apply to the
+/// routed experts only: dense experts are quantized at load (quantize-on-load), pre-quantized
+/// ones come as `ExpertSource::Quantized`. The gate, fc1/fc2 and the shared experts stay dense
+/// at the precision they are given in.
 #[derive(Debug, Clone)]
 pub struct WeightSource {
     pub layout: FdmoeLayout,
+    /// Element type of the dense matrices: F32, BF16 or F16.
     pub dtype: FdmoeDtype,
     pub memory: FdmoeMemory,
     pub ownership: FdmoeOwnership,
@@ -60,7 +80,7 @@ impl WeightSource {
     pub fn validate(&self, cfg: &MoeConfig) -> Result<()> {
         ensure!(
             self.dtype.is_dense(),
-            "weights.dtype = {} : pre-quantized weights need the quantized-weights fields (not in this version)",
+            "the dense weights' dtype = {} must be float32, bfloat16 or float16",
             self.dtype
         );
         match &self.experts {
@@ -100,6 +120,69 @@ impl WeightSource {
                     !self.gate_up_interleaved,
                     "weights.gate_up_interleaved applies to a stacked w13, not to per-expert gate_proj/up_proj"
                 );
+            }
+            ExpertSource::Quantized {
+                format,
+                w13,
+                w2,
+                w13_scale,
+                w2_scale,
+                w13_global_scale,
+                w2_global_scale,
+            } => {
+                let format = *format;
+                ensure!(
+                    format.is_quantized(),
+                    "pre-quantized experts need a quantized format (fp8_block, mxfp4, nvfp4), got {format}"
+                );
+                ensure!(
+                    format == cfg.weight_dtype,
+                    "weights.dtype = {format} (pre-quantized experts) does not match config.weight_dtype = {}; pass weights of the configured format, or dense weights to quantize at load",
+                    cfg.weight_dtype
+                );
+                match self.layout {
+                    FdmoeLayout::Torch => {}
+                    FdmoeLayout::Paddle => {
+                        return Err(Error::invalid(format!(
+                            "pre-quantized experts (weights.dtype = {format}) cannot be in layout paddle: the formats pack along K, the last dimension of layout torch; pass w13 [E, 2I, L] and w2 [E, L, I] in layout torch"
+                        )))
+                    }
+                    FdmoeLayout::PerExpert => {
+                        return Err(Error::new(
+                            FdmoeStatus::Unsupported,
+                            format!(
+                                "pre-quantized experts (weights.dtype = {format}) in layout per_expert are not supported; stack them as w13 [E, 2I, L] and w2 [E, L, I] in layout torch"
+                            ),
+                        ))
+                    }
+                }
+                non_null(*w13, "weights.w13")?;
+                non_null(*w2, "weights.w2")?;
+                non_null(
+                    *w13_scale,
+                    &format!("weights.w13_scale (weights.dtype = {format})"),
+                )?;
+                non_null(
+                    *w2_scale,
+                    &format!("weights.w2_scale (weights.dtype = {format})"),
+                )?;
+                let globals = [
+                    ("w13_global_scale", *w13_global_scale),
+                    ("w2_global_scale", *w2_global_scale),
+                ];
+                for (name, p) in globals {
+                    if format == FdmoeDtype::Nvfp4 {
+                        non_null(
+                            p as *const c_void,
+                            &format!("weights.{name} (weights.dtype = nvfp4)"),
+                        )?;
+                    } else {
+                        ensure!(
+                            p.is_null(),
+                            "weights.{name} applies only to weights.dtype nvfp4 (weights.dtype is {format})"
+                        );
+                    }
+                }
             }
         }
         if let Some(g) = &self.gate {

@@ -145,7 +145,7 @@ fn run_c_program(name: &str) {
 }
 
 /// The programs run by the tests below; a new `tests/c/*.c` needs a line here.
-const PROGRAMS: [&str; 3] = ["test_api", "test_errors", "test_layouts"];
+const PROGRAMS: [&str; 4] = ["test_api", "test_errors", "test_layouts", "test_quantized"];
 
 #[test]
 fn every_c_program_is_run() {
@@ -170,4 +170,9 @@ fn c_test_errors() {
 #[test]
 fn c_test_layouts() {
     run_c_program("test_layouts");
+}
+
+#[test]
+fn c_test_quantized() {
+    run_c_program("test_quantized");
 }

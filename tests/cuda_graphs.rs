@@ -270,8 +270,8 @@ fn forward_inside_a_caller_graph() {
             ))
             .unwrap()
     };
-    let exec = GraphExec::capture(stream.0, || unsafe {
-        l.moe.forward(&args(
+    let capture = |moe: &mut Moe| unsafe {
+        moe.forward(&args(
             t,
             &inp,
             &captured,
@@ -279,10 +279,11 @@ fn forward_inside_a_caller_graph() {
             stream.0 as *mut c_void,
             false,
         ))
-    })
-    .expect("fdmoe_forward captures inside the caller's graph");
+    };
+    let exec = unsafe { GraphExec::capture(stream.0, || capture(&mut l.moe)) }
+        .expect("fdmoe_forward captures inside the caller's graph");
     for _ in 0..3 {
-        exec.launch(stream.0).unwrap();
+        unsafe { exec.launch(stream.0).unwrap() };
     }
     stream.synchronize().unwrap();
     assert!(

@@ -139,7 +139,7 @@ fn source(case: &Case, w: &mut HostWeights, paddle: &mut Vec<Vec<f32>>) -> Weigh
             dtype: FdmoeDtype::F32,
             layout: FdmoeGateLayout::ExpertsByHidden,
         }),
-        correction_bias: case.with_bias.then(|| w.bias.as_ptr()),
+        correction_bias: case.with_bias.then_some(w.bias.as_ptr()),
         fc1: cfg.latent_size.map(|_| p(&w.fc1)),
         fc2: cfg.latent_size.map(|_| p(&w.fc2)),
         shared_w13: cfg.shared_intermediate_size.map(|_| p(&w.sw13)),

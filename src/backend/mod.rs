@@ -1,6 +1,9 @@
 //! The backend interface every engine implements, and the features each one offers.
 
+// The C header (cbindgen) skips the engines: their constants and types are internal.
+/// cbindgen:ignore
 pub mod cpu;
+/// cbindgen:ignore
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
@@ -83,11 +86,16 @@ pub fn features(kind: FdmoeBackendKind) -> u64 {
                 | FDMOE_FEATURE_WEIGHT_F32
                 | FDMOE_FEATURE_WEIGHT_BF16
                 | FDMOE_FEATURE_WEIGHT_F16
+                | FDMOE_FEATURE_WEIGHT_FP8_BLOCK
+                | FDMOE_FEATURE_WEIGHT_MXFP4
+                | FDMOE_FEATURE_WEIGHT_NVFP4
                 | FDMOE_FEATURE_LAYOUT_TORCH
                 | FDMOE_FEATURE_LAYOUT_PADDLE
                 | FDMOE_FEATURE_LAYOUT_PER_EXPERT
                 | FDMOE_FEATURE_WEIGHTS_OWN
                 | FDMOE_FEATURE_WEIGHTS_BORROW
+                // fdmoe_pre_dispatch_fp8 on host memory.
+                | FDMOE_FEATURE_FP8_PRE_DISPATCH
         }
         #[cfg(feature = "cuda")]
         FdmoeBackendKind::Cuda => {

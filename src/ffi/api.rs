@@ -5,17 +5,22 @@
 //! non-NULL pointer points to the extent its struct field or argument documents.
 #![allow(clippy::missing_safety_doc)]
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void};
 
 use super::boundary::{
     last_error_ptr, read_versioned, run, run_silent, write_defaults, write_versioned,
 };
 use super::handles::{lookup, register, release, FdmoeBackend};
-use super::types::{FdmoeConfig, FdmoeForwardArgs, FdmoeMemoryRequirements, FdmoeWeights};
+use super::types::{
+    FdmoeConfig, FdmoeForwardArgs, FdmoeMemoryRequirements, FdmoePreDispatchArgs,
+    FdmoeQuantizedTensor, FdmoeWeights,
+};
 use crate::backend::features;
-use crate::config::FdmoeBackendKind;
-use crate::error::{Error, FdmoeStatus};
+use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeMemory};
+use crate::error::{ensure, Error, FdmoeStatus};
 use crate::moe::Moe;
+use crate::quant::experts::QuantizedMatrix;
+use crate::quant::{pre_dispatch_fp8_into, PreDispatchOutput};
 use crate::{FDMOE_VERSION_MAJOR, FDMOE_VERSION_MINOR};
 
 /// ABI version of the loaded library: major << 16 | minor. A caller built against header
@@ -232,4 +237,265 @@ pub unsafe extern "C" fn fdmoe_query_features(
         *features_out = features(kind);
         Ok(())
     })
+}
+
+/// Fills `args` with the defaults (host memory, bf16 x, sizes 0, pointers NULL) and sets
+/// `struct_size`. Thread-safe. Errors: NULL_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_pre_dispatch_args_init(
+    args: *mut FdmoePreDispatchArgs,
+) -> FdmoeStatus {
+    run(|| write_defaults(args, "args"))
+}
+
+/// FP8 pre-dispatch of x [T, H] and its routing into the caller's [T_max, ...] buffers (see
+/// FdmoePreDispatchArgs for the format). Every argument, the capacity T <= T_max included, is
+/// checked before the first write: on error the outputs are untouched. On success every output
+/// element is written (rows past T are padding). Needs no backend handle; thread-safe, and calls
+/// on disjoint outputs may run concurrently. Host memory: computed before return on the CPU.
+/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (hidden_size not a positive multiple of 128,
+/// top_k 0, x_dtype or memory values, a stream on host memory), CAPACITY_EXCEEDED,
+/// UNSUPPORTED (device memory: not in this build).
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_pre_dispatch_fp8(args: *const FdmoePreDispatchArgs) -> FdmoeStatus {
+    run(|| {
+        let a = read_versioned(args, "args")?;
+        let memory = FdmoeMemory::from_raw(a.memory, "args->memory")?;
+        let x_dtype = FdmoeDtype::from_raw(a.x_dtype, "args->x_dtype")?;
+        ensure!(
+            x_dtype.is_dense(),
+            "args->x_dtype = {x_dtype} must be bfloat16, float16 or float32"
+        );
+        if memory == FdmoeMemory::Device {
+            return Err(Error::new(
+                FdmoeStatus::Unsupported,
+                "FP8 pre-dispatch on device memory (args->memory = device) is not supported in this build (no CUDA pre-dispatch kernel); pass host memory",
+            ));
+        }
+        ensure!(
+            a.stream.is_null(),
+            "args->stream must be NULL for host memory (streams belong to device memory)"
+        );
+        let (t, h, k, t_max) = (
+            a.num_tokens as usize,
+            a.hidden_size as usize,
+            a.top_k as usize,
+            a.max_tokens as usize,
+        );
+        ensure!(
+            h > 0 && h % 128 == 0,
+            "args->hidden_size = {h} must be a positive multiple of 128 (four 32-channel UE8M0 scales per int32)"
+        );
+        ensure!(k >= 1, "args->top_k must be at least 1");
+        if t > t_max {
+            return Err(Error::new(
+                FdmoeStatus::CapacityExceeded,
+                format!("args->num_tokens = {t} exceeds args->max_tokens = {t_max}"),
+            ));
+        }
+        for (name, p, needed) in [
+            ("args->x", a.x, t > 0),
+            ("args->topk_ids", a.topk_ids.cast(), t > 0),
+            ("args->topk_weights", a.topk_weights.cast(), t > 0),
+            ("args->out_x", a.out_x.cast_const().cast(), t_max > 0),
+            (
+                "args->out_scales",
+                a.out_scales.cast_const().cast(),
+                t_max > 0,
+            ),
+            (
+                "args->out_topk_ids",
+                a.out_topk_ids.cast_const().cast(),
+                t_max > 0,
+            ),
+            (
+                "args->out_topk_weights",
+                a.out_topk_weights.cast_const().cast(),
+                t_max > 0,
+            ),
+        ] {
+            if needed && p.is_null() {
+                return Err(Error::null(name));
+            }
+        }
+        let out = PreDispatchOutput {
+            data: slice_mut(a.out_x, t_max * h),
+            scales: slice_mut(a.out_scales, t_max * (h / 128)),
+            topk_ids: slice_mut(a.out_topk_ids, t_max * k),
+            topk_weights: slice_mut(a.out_topk_weights, t_max * k),
+        };
+        let ids = slice(a.topk_ids, t * k);
+        let weights = slice(a.topk_weights, t * k);
+        match x_dtype {
+            FdmoeDtype::Bf16 => {
+                let x = slice(a.x as *const half::bf16, t * h);
+                pre_dispatch_fp8_into(x, ids, weights, h, k, out)
+            }
+            FdmoeDtype::F16 => {
+                let x = slice(a.x as *const half::f16, t * h);
+                pre_dispatch_fp8_into(x, ids, weights, h, k, out)
+            }
+            _ => {
+                let x = slice(a.x as *const f32, t * h);
+                pre_dispatch_fp8_into(x, ids, weights, h, k, out)
+            }
+        }
+        .map(|_| ())
+    })
+}
+
+/// Fills `tensor` with the defaults (format FP8_BLOCK, sizes 0, pointers NULL) and sets
+/// `struct_size`. Thread-safe. Errors: NULL_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_quantized_tensor_init(
+    tensor: *mut FdmoeQuantizedTensor,
+) -> FdmoeStatus {
+    run(|| write_defaults(tensor, "tensor"))
+}
+
+/// Quantizes `src` (B row-major [N, K] matrices of `src_dtype`: F32, BF16 or F16, aligned to
+/// its element; B, N, K from `dst`) into dst's buffers with the codec of dst->format, each
+/// matrix on its own (SPEC §5: round to nearest even, saturating; FP8_BLOCK scale = amax/448
+/// per 128x128 block, amax floored at 1e-4; MXFP4 scale 2^(floor(log2 amax) - 2) per 32;
+/// NVFP4 global scale amax/(6*448) per matrix, E4M3 scale per 16). The same codec quantizes
+/// dense experts at load, so loading its output as pre-quantized weights gives bitwise the
+/// same layer. Thread-safe; host memory. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (format,
+/// src_dtype, K not a multiple of the format's group, a global_scales pointer outside NVFP4).
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_quantize_weights(
+    src: *const c_void,
+    src_dtype: u32,
+    dst: *const FdmoeQuantizedTensor,
+) -> FdmoeStatus {
+    run(|| {
+        let tensor = read_versioned(dst, "dst")?;
+        let dtype = FdmoeDtype::from_raw(src_dtype, "src_dtype")?;
+        ensure!(
+            dtype.is_dense(),
+            "src_dtype = {dtype} must be float32, bfloat16 or float16"
+        );
+        let shape = tensor.shape("dst")?;
+        if shape.elements() == 0 {
+            return Ok(());
+        }
+        if src.is_null() {
+            return Err(Error::null("src"));
+        }
+        let (n, k) = (shape.rows, shape.cols);
+        for m in 0..shape.matrices {
+            let matrix = match dtype {
+                FdmoeDtype::F32 => QuantizedMatrix::quantize(
+                    shape.format,
+                    slice(src.cast::<f32>().add(m * n * k), n * k),
+                    n,
+                    k,
+                ),
+                FdmoeDtype::Bf16 => QuantizedMatrix::quantize(
+                    shape.format,
+                    slice(src.cast::<half::bf16>().add(m * n * k), n * k),
+                    n,
+                    k,
+                ),
+                _ => QuantizedMatrix::quantize(
+                    shape.format,
+                    slice(src.cast::<half::f16>().add(m * n * k), n * k),
+                    n,
+                    k,
+                ),
+            }?;
+            let scales = matrix.scale_bytes();
+            std::ptr::copy_nonoverlapping(
+                matrix.data().as_ptr(),
+                tensor.data.cast::<u8>().add(m * shape.sizes.data_bytes),
+                shape.sizes.data_bytes,
+            );
+            std::ptr::copy_nonoverlapping(
+                scales.as_ptr(),
+                tensor
+                    .scales
+                    .cast::<u8>()
+                    .add(m * shape.sizes.scale_bytes()),
+                scales.len(),
+            );
+            if let Some(g) = matrix.global_scale() {
+                tensor.global_scales.add(m).write_unaligned(g);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Dequantizes `src` into `dst`, B row-major [N, K] f32 matrices: decode(q) * scale exactly in
+/// f32 (NVFP4: * (e4m3 scale * global scale), the product of the scales rounded first); NaN
+/// scales give NaN values. Thread-safe; host memory. Errors: NULL_ARGUMENT, INVALID_ARGUMENT
+/// (format, K not a multiple of the format's group, a non-finite NVFP4 global scale).
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_dequantize_weights(
+    src: *const FdmoeQuantizedTensor,
+    dst: *mut f32,
+) -> FdmoeStatus {
+    run(|| {
+        let tensor = read_versioned(src, "src")?;
+        let shape = tensor.shape("src")?;
+        if shape.elements() == 0 {
+            return Ok(());
+        }
+        if dst.is_null() {
+            return Err(Error::null("dst"));
+        }
+        let (n, k) = (shape.rows, shape.cols);
+        let globals: Vec<f32> = (0..shape.matrices)
+            .map(|m| {
+                if shape.format == FdmoeDtype::Nvfp4 {
+                    tensor.global_scales.add(m).read_unaligned()
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        if let Some((m, g)) = globals.iter().enumerate().find(|(_, g)| !g.is_finite()) {
+            return Err(Error::invalid(format!(
+                "src->global_scales[{m}] = {g} is not finite"
+            )));
+        }
+        for (m, &global) in globals.iter().enumerate() {
+            let matrix = QuantizedMatrix::from_raw(
+                shape.format,
+                n,
+                k,
+                tensor.data.cast::<u8>().add(m * shape.sizes.data_bytes),
+                tensor
+                    .scales
+                    .cast::<u8>()
+                    .add(m * shape.sizes.scale_bytes()),
+                global,
+            )?;
+            matrix.dequantize_into(slice_mut(dst.add(m * n * k), n * k))?;
+        }
+        Ok(())
+    })
+}
+
+/// `n` elements at `p` (an empty slice for n = 0, where `p` may be NULL).
+///
+/// # Safety
+/// For n > 0, `p` points to n readable, aligned elements.
+unsafe fn slice<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    if n == 0 {
+        &[]
+    } else {
+        std::slice::from_raw_parts(p, n)
+    }
+}
+
+/// `n` writable elements at `p` (an empty slice for n = 0, where `p` may be NULL).
+///
+/// # Safety
+/// For n > 0, `p` points to n writable, aligned elements nobody else accesses meanwhile.
+unsafe fn slice_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
+    if n == 0 {
+        &mut []
+    } else {
+        std::slice::from_raw_parts_mut(p, n)
+    }
 }

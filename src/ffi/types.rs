@@ -6,8 +6,9 @@ use std::ffi::c_void;
 use super::boundary::Versioned;
 use crate::backend::MemoryRequirements;
 use crate::config::*;
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Error, FdmoeStatus, Result};
 use crate::forward::ForwardArgs;
+use crate::quant::experts::{part_sizes, PartSizes};
 use crate::weights::{ExpertSource, GateSource, WeightSource};
 
 /// Layer configuration. Initialise with `fdmoe_config_init`, then set the fields you need.
@@ -71,13 +72,41 @@ pub struct FdmoeConfig {
 ///   [I, L], [L, I]; fc1/fc2/shared as TORCH.
 /// - gate: [E, H] or [H, E] per gate_layout, of gate_dtype; may be NULL when every forward
 ///   passes router logits. correction_bias: [E] f32, GROUPED_TOPK only.
+///
+/// Quantized experts (config.weight_dtype FP8_BLOCK, MXFP4 or NVFP4; SPEC §5) apply to the
+/// routed experts w13/w2 only: the gate, fc1/fc2 and the shared experts stay dense at the
+/// precision they are given in. Two ways in:
+/// - quantize-on-load: dense experts (dtype F32, BF16 or F16, any layout) are quantized by the
+///   library with the format's codec (round to nearest even, saturating), each expert's w13
+///   [2I, L] (rows in the order given) and w2 [L, I] as one matrix in TORCH orientation, exactly
+///   as fdmoe_quantize_weights does for [E, 2I, L] and [E, L, I] arrays;
+/// - pre-quantized: dtype = the format (it must equal config.weight_dtype), layout TORCH, w13
+///   and w2 hold the packed data and w13_scale / w2_scale (and NVFP4's global scales) their
+///   scales; dense_dtype gives the dtype of fc1/fc2/shared. With N x K = 2I x L for w13 and
+///   L x I for w2 (K, the last dimension, is the one packed and scaled):
+///   FP8_BLOCK: data [E, N, K] E4M3 bytes, scale [E, N/128, K/128] f32 (DeepSeek-V3
+///   weight_scale_inv: dequantization multipliers);
+///   MXFP4: data [E, N, K/2] bytes (two E2M1 per byte, element 2i in the low nibble), scale
+///   [E, N, K/32] UE8M0 bytes (OCP MX; gpt-oss blocks/scales);
+///   NVFP4: data [E, N, K/2] bytes as MXFP4, scale [E, N, K/16] E4M3 bytes, global scale [E]
+///   f32 per matrix (ModelOpt weight_scale_2: w = e2m1 * e4m3(scale) * global).
+///   gate_up_interleaved applies (w13's rows alternate gate and up; scales follow their rows).
+///   Scales are checked at load: NaN or negative scales are INVALID_ARGUMENT naming the field
+///   and position.
+///
+/// config.weight_dtype needs K to be a multiple of 128 (FP8_BLOCK), 32 (MXFP4) or 16 (NVFP4) for
+/// both matrices (L and I), checked at create. The cpu backend dequantizes the experts into its
+/// own f32 copy at load (so ownership must be OWN) and, for FP8_BLOCK, quantizes the inputs of
+/// both expert GEMMs per token per 128 channels to E4M3 on the fly (SPEC §5).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct FdmoeWeights {
     pub struct_size: u32,
     /// FdmoeLayout. Default TORCH.
     pub layout: u32,
-    /// FdmoeDtype of w13, w2, fc1, fc2 and the shared matrices (F32, BF16, F16). Default BF16.
+    /// FdmoeDtype of w13, w2, fc1, fc2 and the shared matrices (F32, BF16, F16), or the format
+    /// of pre-quantized w13/w2 (FP8_BLOCK, MXFP4, NVFP4; fc1/fc2/shared are then of
+    /// dense_dtype). Default BF16.
     pub dtype: u32,
     /// FdmoeMemory of every pointer below. Default HOST.
     pub memory: u32,
@@ -100,6 +129,18 @@ pub struct FdmoeWeights {
     pub fc2: *const c_void,
     pub shared_w13: *const c_void,
     pub shared_w2: *const c_void,
+    /// Scales of pre-quantized w13 / w2 (dtype FP8_BLOCK, MXFP4, NVFP4): required then, NULL
+    /// otherwise. Layouts above.
+    pub w13_scale: *const c_void,
+    pub w2_scale: *const c_void,
+    /// NVFP4 only: [E] f32 global scale of each expert's w13 / w2. NULL otherwise.
+    pub w13_global_scale: *const f32,
+    pub w2_global_scale: *const f32,
+    /// FdmoeDtype (F32, BF16, F16) of fc1, fc2, shared_w13 and shared_w2 when dtype is a
+    /// quantized format; ignored otherwise (they are of dtype). Default BF16.
+    /// (w13_scale .. dense_dtype were appended after the first release: a caller compiled
+    /// before them passes the smaller struct_size and gets these defaults.)
+    pub dense_dtype: u32,
 }
 
 /// One forward. Initialise with `fdmoe_forward_args_init`.
@@ -145,6 +186,117 @@ pub struct FdmoeMemoryRequirements {
     pub host_workspace_bytes: u64,
 }
 
+/// FP8 pre-dispatch (SPEC §5, the MegaMoE input format sent before the expert-parallel
+/// transfer): x [T, H] becomes E4M3 [T_max, H] with one UE8M0 scale per 32 channels (packed
+/// four to an int32), and the routing is copied beside it; rows T..T_max are padding (zero
+/// data and scales, id -1, weight 0). Initialise with `fdmoe_pre_dispatch_args_init`.
+///
+/// Per token and group of 32 channels: amax = max |x| (NaN skipped) clamped below at 1e-4;
+/// exponent = ceil(log2(amax / 448)); the scale 2^exponent is stored as its biased byte
+/// exponent + 127; data = E4M3(x / 2^exponent), round to nearest even, saturating to ±448;
+/// a group holding ±inf gets the NaN scale 0xFF. out_scales[t, c] holds, little-endian, the
+/// bytes of channel groups 4c, 4c+1, 4c+2, 4c+3 (byte 0 = group 4c). The outputs must not
+/// overlap the inputs or each other.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FdmoePreDispatchArgs {
+    pub struct_size: u32,
+    /// FdmoeMemory of every pointer. HOST: computed on the CPU before return (stream must be
+    /// NULL). DEVICE (a CUDA kernel on `stream`): UNSUPPORTED in this build. Default HOST.
+    pub memory: u32,
+    /// FdmoeDtype of x: BF16 (default), F16 or F32.
+    pub x_dtype: u32,
+    /// T: tokens in x, 0 ..= max_tokens.
+    pub num_tokens: u32,
+    /// H: channels per token; a positive multiple of 128 (four 32-channel scales per int32).
+    pub hidden_size: u32,
+    /// k: routed slots per token, at least 1.
+    pub top_k: u32,
+    /// T_max: the rows of every output buffer. T > T_max is CAPACITY_EXCEEDED, before any write.
+    pub max_tokens: u32,
+    /// [T, H] of x_dtype.
+    pub x: *const c_void,
+    /// [T, k] int32 expert ids and [T, k] f32 weights, copied as they are.
+    pub topk_ids: *const i32,
+    pub topk_weights: *const f32,
+    /// [T_max, H] E4M3 bytes.
+    pub out_x: *mut u8,
+    /// [T_max, H/128] int32: four UE8M0 bytes each.
+    pub out_scales: *mut i32,
+    /// [T_max, k] int32 ids (padding -1) and [T_max, k] f32 weights (padding 0).
+    pub out_topk_ids: *mut i32,
+    pub out_topk_weights: *mut f32,
+    /// cudaStream_t for memory DEVICE; must be NULL for HOST.
+    pub stream: *mut c_void,
+}
+
+/// B matrices [B, N, K] in one quantized format, laid out as FdmoeWeights' pre-quantized experts
+/// (one matrix = one expert's w13 or w2): FP8_BLOCK data [B, N, K] E4M3 bytes and scales
+/// [B, ceil(N/128), ceil(K/128)] f32; MXFP4 data [B, N, K/2] bytes (element 2i in the low
+/// nibble) and scales [B, N, K/32] UE8M0 bytes; NVFP4 data [B, N, K/2] bytes, scales
+/// [B, N, K/16] E4M3 bytes and global_scales [B] f32. Initialise with
+/// `fdmoe_quantized_tensor_init`. fdmoe_quantize_weights writes the buffers,
+/// fdmoe_dequantize_weights reads them.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FdmoeQuantizedTensor {
+    pub struct_size: u32,
+    /// FdmoeDtype: FP8_BLOCK, MXFP4 or NVFP4. Default FP8_BLOCK.
+    pub format: u32,
+    /// B: number of matrices (e.g. experts).
+    pub num_matrices: u32,
+    /// N: rows (output features) of each matrix.
+    pub rows: u32,
+    /// K: columns of each matrix, the contiguous dimension that is packed and scaled; a
+    /// multiple of 32 (MXFP4) or 16 (NVFP4); any value for FP8_BLOCK (edge blocks partial).
+    pub cols: u32,
+    /// The packed elements.
+    pub data: *mut c_void,
+    /// The scales.
+    pub scales: *mut c_void,
+    /// NVFP4: [B] f32 global scales (dequantization multipliers); must be NULL otherwise.
+    pub global_scales: *mut f32,
+}
+
+unsafe impl Versioned for FdmoePreDispatchArgs {
+    const FIRST_SIZE: usize = std::mem::size_of::<FdmoePreDispatchArgs>();
+    fn defaults() -> Self {
+        FdmoePreDispatchArgs {
+            struct_size: std::mem::size_of::<FdmoePreDispatchArgs>() as u32,
+            memory: FdmoeMemory::Host as u32,
+            x_dtype: FdmoeDtype::Bf16 as u32,
+            num_tokens: 0,
+            hidden_size: 0,
+            top_k: 0,
+            max_tokens: 0,
+            x: std::ptr::null(),
+            topk_ids: std::ptr::null(),
+            topk_weights: std::ptr::null(),
+            out_x: std::ptr::null_mut(),
+            out_scales: std::ptr::null_mut(),
+            out_topk_ids: std::ptr::null_mut(),
+            out_topk_weights: std::ptr::null_mut(),
+            stream: std::ptr::null_mut(),
+        }
+    }
+}
+
+unsafe impl Versioned for FdmoeQuantizedTensor {
+    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeQuantizedTensor>();
+    fn defaults() -> Self {
+        FdmoeQuantizedTensor {
+            struct_size: std::mem::size_of::<FdmoeQuantizedTensor>() as u32,
+            format: FdmoeDtype::Fp8Block as u32,
+            num_matrices: 0,
+            rows: 0,
+            cols: 0,
+            data: std::ptr::null_mut(),
+            scales: std::ptr::null_mut(),
+            global_scales: std::ptr::null_mut(),
+        }
+    }
+}
+
 unsafe impl Versioned for FdmoeConfig {
     const FIRST_SIZE: usize = std::mem::size_of::<FdmoeConfig>();
     fn defaults() -> Self {
@@ -177,7 +329,8 @@ unsafe impl Versioned for FdmoeConfig {
 }
 
 unsafe impl Versioned for FdmoeWeights {
-    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeWeights>();
+    /// The size of the first release: up to shared_w2, before the quantized-expert fields.
+    const FIRST_SIZE: usize = std::mem::offset_of!(FdmoeWeights, w13_scale);
     fn defaults() -> Self {
         let null = std::ptr::null();
         FdmoeWeights {
@@ -200,6 +353,11 @@ unsafe impl Versioned for FdmoeWeights {
             fc2: null,
             shared_w13: null,
             shared_w2: null,
+            w13_scale: null,
+            w2_scale: null,
+            w13_global_scale: std::ptr::null(),
+            w2_global_scale: std::ptr::null(),
+            dense_dtype: FdmoeDtype::Bf16 as u32,
         }
     }
 }
@@ -275,11 +433,43 @@ impl FdmoeWeights {
     /// The per-expert pointer arrays, when non-NULL, hold `num_experts` pointers.
     pub unsafe fn to_source(&self, num_experts: usize) -> Result<WeightSource> {
         let layout = FdmoeLayout::from_raw(self.layout, "weights.layout")?;
+        let dtype = FdmoeDtype::from_raw(self.dtype, "weights.dtype")?;
+        let dense_dtype = if dtype.is_quantized() {
+            let d = FdmoeDtype::from_raw(self.dense_dtype, "weights.dense_dtype")?;
+            ensure!(
+                d.is_dense(),
+                "weights.dense_dtype = {d} must be float32, bfloat16 or float16 (the dtype of fc1, fc2 and the shared experts next to pre-quantized experts)"
+            );
+            d
+        } else {
+            ensure!(
+                dtype.is_dense(),
+                "weights.dtype = {dtype} is not a weight element type"
+            );
+            for (name, p) in [
+                ("w13_scale", self.w13_scale),
+                ("w2_scale", self.w2_scale),
+                ("w13_global_scale", self.w13_global_scale as *const c_void),
+                ("w2_global_scale", self.w2_global_scale as *const c_void),
+            ] {
+                ensure!(
+                    p.is_null(),
+                    "weights.{name} is given but weights.dtype = {dtype} is not a quantized format (set weights.dtype to the format of pre-quantized w13/w2)"
+                );
+            }
+            dtype
+        };
         let experts = if layout == FdmoeLayout::PerExpert {
             ensure!(
                 self.w13.is_null() && self.w2.is_null(),
                 "weights.w13/w2 are given but weights.layout is per_expert (pass gate_proj/up_proj/down_proj)"
             );
+            if dtype.is_quantized() {
+                return Err(Error::new(
+                    FdmoeStatus::Unsupported,
+                    format!("pre-quantized experts (weights.dtype = {dtype}) in layout per_expert are not supported; stack them as w13 [E, 2I, L] and w2 [E, L, I] in layout torch"),
+                ));
+            }
             let list = |p: *const *const c_void, name: &str| -> Result<Vec<*const c_void>> {
                 if p.is_null() {
                     return Err(Error::null(&format!("weights.{name} (layout per_expert)")));
@@ -296,9 +486,21 @@ impl FdmoeWeights {
                 self.gate_proj.is_null() && self.up_proj.is_null() && self.down_proj.is_null(),
                 "weights.gate_proj/up_proj/down_proj are given but weights.layout is {layout} (pass w13/w2)"
             );
-            ExpertSource::Stacked {
-                w13: self.w13,
-                w2: self.w2,
+            if dtype.is_quantized() {
+                ExpertSource::Quantized {
+                    format: dtype,
+                    w13: self.w13,
+                    w2: self.w2,
+                    w13_scale: self.w13_scale,
+                    w2_scale: self.w2_scale,
+                    w13_global_scale: self.w13_global_scale,
+                    w2_global_scale: self.w2_global_scale,
+                }
+            } else {
+                ExpertSource::Stacked {
+                    w13: self.w13,
+                    w2: self.w2,
+                }
             }
         };
         let gate = match optional(self.gate) {
@@ -311,7 +513,7 @@ impl FdmoeWeights {
         };
         Ok(WeightSource {
             layout,
-            dtype: FdmoeDtype::from_raw(self.dtype, "weights.dtype")?,
+            dtype: dense_dtype,
             memory: FdmoeMemory::from_raw(self.memory, "weights.memory")?,
             ownership: FdmoeOwnership::from_raw(self.ownership, "weights.ownership")?,
             gate_up_interleaved: self.gate_up_interleaved != 0,
@@ -323,6 +525,76 @@ impl FdmoeWeights {
             shared_w13: optional(self.shared_w13),
             shared_w2: optional(self.shared_w2),
         })
+    }
+}
+
+/// The validated shape of an FdmoeQuantizedTensor.
+pub struct QuantizedTensorShape {
+    pub format: FdmoeDtype,
+    pub matrices: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// Sizes of one matrix's parts.
+    pub sizes: PartSizes,
+}
+
+impl QuantizedTensorShape {
+    /// B * N * K (0 when any is 0).
+    pub fn elements(&self) -> usize {
+        self.matrices * self.rows * self.cols
+    }
+}
+
+impl FdmoeQuantizedTensor {
+    /// Checks the format, the shape and the pointers a non-empty tensor needs; `name` names
+    /// the argument in messages.
+    pub fn shape(&self, name: &str) -> Result<QuantizedTensorShape> {
+        let format = FdmoeDtype::from_raw(self.format, &format!("{name}->format"))?;
+        ensure!(
+            format.is_quantized(),
+            "{name}->format = {format} is not a quantized format (fp8_block, mxfp4, nvfp4)"
+        );
+        let (matrices, rows, cols) = (
+            self.num_matrices as usize,
+            self.rows as usize,
+            self.cols as usize,
+        );
+        let sizes = part_sizes(format, rows, cols)
+            .map_err(|e| Error::invalid(format!("{name}: {}", e.message)))?;
+        let shape = QuantizedTensorShape {
+            format,
+            matrices,
+            rows,
+            cols,
+            sizes,
+        };
+        ensure!(
+            matrices
+                .checked_mul(rows)
+                .and_then(|v| v.checked_mul(cols))
+                .is_some_and(|v| v <= isize::MAX as usize / 4),
+            "{name}: num_matrices ({matrices}) x rows ({rows}) x cols ({cols}) is too large"
+        );
+        if format != FdmoeDtype::Nvfp4 {
+            ensure!(
+                self.global_scales.is_null(),
+                "{name}->global_scales applies only to format nvfp4 (format is {format})"
+            );
+        }
+        if shape.elements() > 0 {
+            if self.data.is_null() {
+                return Err(Error::null(&format!("{name}->data")));
+            }
+            if self.scales.is_null() {
+                return Err(Error::null(&format!("{name}->scales")));
+            }
+            if format == FdmoeDtype::Nvfp4 && self.global_scales.is_null() {
+                return Err(Error::null(&format!(
+                    "{name}->global_scales (format nvfp4)"
+                )));
+            }
+        }
+        Ok(shape)
     }
 }
 

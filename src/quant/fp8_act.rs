@@ -82,6 +82,19 @@ pub fn dequantize_fp8_activation_row(data: &[u8], scales: &[f32], out: &mut [f32
     }
 }
 
+/// Replaces one token row by its FP8 round trip (quantize, then dequantize) in place: what a
+/// GEMM over the quantized row computes with, as f32. Equal to `quantize_fp8_activation_row`
+/// followed by `dequantize_fp8_activation_row`, with no buffers (the CPU reference applies it
+/// to the inputs of the `FP8_BLOCK` GEMMs).
+pub fn fake_quantize_fp8_activation_row(row: &mut [f32]) {
+    for group in row.chunks_mut(FP8_ACT_GROUP_SIZE) {
+        let (multiplier, scale) = fp8_scale_for_amax(finite_amax(group).0);
+        for v in group.iter_mut() {
+            *v = decode_e4m3(encode_e4m3(*v * multiplier)) * scale;
+        }
+    }
+}
+
 /// Quantizes `[rows, cols]` activations into caller-owned buffers: `data` `[rows, cols]` and
 /// `scales` `[rows, ceil(cols/128)]` (no allocation, for the forward path).
 pub fn quantize_fp8_activations_into<X: SourceElement>(
@@ -211,6 +224,23 @@ mod tests {
         assert_eq!(q.data()[1], encode_e4m3(-112.0));
         assert_eq!(q.data()[130 + 129], 0xFE);
         assert!(q.data()[130..130 + 129].iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn fake_quantization_is_the_round_trip() {
+        let (rows, cols) = (7, 300);
+        let mut x = sample_matrix(rows, cols, 41);
+        x[5] = f32::NAN;
+        x[400] = f32::INFINITY;
+        let back = quantize_fp8_activations(&x, rows, cols)
+            .unwrap()
+            .dequantize();
+        for row in x.chunks_mut(cols) {
+            fake_quantize_fp8_activation_row(row);
+        }
+        for (i, (a, b)) in x.iter().zip(&back).enumerate() {
+            assert!(a.to_bits() == b.to_bits(), "element {i}: {a} vs {b}");
+        }
     }
 
     #[test]

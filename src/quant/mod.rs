@@ -19,6 +19,9 @@
 //! - [`pre_dispatch`]: the FP8 pre-dispatch (MegaMoE input format): E4M3 + UE8M0 per 32
 //!   channels packed four to an int32, top-k copied beside, padded to capacity.
 //!
+//! [`experts`] builds the routed experts of a layer in one of the matrix formats from the
+//! caller's weights (quantize-on-load or pre-quantized parts), for every backend.
+//!
 //! Matrix quantizers read any [`SourceElement`] (f32, bf16, f16: converted to f32 exactly),
 //! allocate their outputs once and run over rows in parallel with rayon; no per-element
 //! allocation. Quantizers return `Err(InvalidArgument)` naming the dimension when a shape does
@@ -27,6 +30,7 @@
 
 pub mod e2m1;
 pub mod e4m3;
+pub mod experts;
 pub mod fp8_act;
 pub mod fp8_block;
 pub mod mxfp4;
@@ -36,7 +40,11 @@ pub mod ue8m0;
 
 pub use e2m1::{decode_e2m1, encode_e2m1, pack_e2m1, E2M1_MAX};
 pub use e4m3::{decode_e4m3, encode_e4m3, encode_e4m3_scale, E4M3_MAX};
-pub use fp8_act::{quantize_fp8_activations, quantize_fp8_activations_into, Fp8Activations};
+pub use experts::QuantizedMatrix;
+pub use fp8_act::{
+    fake_quantize_fp8_activation_row, quantize_fp8_activations, quantize_fp8_activations_into,
+    Fp8Activations,
+};
 pub use fp8_block::{quantize_fp8_block, Fp8BlockMatrix};
 pub use mxfp4::{quantize_mxfp4, Mxfp4Matrix};
 pub use nvfp4::{quantize_nvfp4, quantize_nvfp4_with_global_scale, Nvfp4Matrix};

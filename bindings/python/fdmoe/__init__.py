@@ -2,7 +2,9 @@
 
 Pure ctypes over libfdmoe.so (found through $FDMOE_LIBRARY, next to this package, or in the
 repository's target/release or target/debug). numpy arrays in, numpy arrays out; bfloat16
-through ml_dtypes.
+through ml_dtypes. On device="cuda", torch / cupy GPU arrays are used in place on their
+library's current stream (torch in, torch out), and numpy arrays are copied to the device and
+back.
 
     import fdmoe
     with fdmoe.MoELayer(8, 2, 64, 32, act_dtype="bfloat16") as layer:
@@ -50,3 +52,12 @@ __all__ = [
     "InternalError",
     "LibraryLoadError",
 ]
+
+# ---- Quantized formats (fdmoe/quant.py): the codecs, the FP8 pre-dispatch, and
+# MoELayer.load_quantized_weights for pre-quantized experts. MoELayer(weight_dtype="fp8_block" |
+# "mxfp4" | "nvfp4") + load_weights(float arrays) quantizes at load.
+from . import quant
+from .quant import QuantizedTensor, dequantize, pre_dispatch, quantize
+
+MoELayer.load_quantized_weights = quant.load_quantized_weights
+__all__ += ["quantize", "dequantize", "pre_dispatch", "QuantizedTensor"]

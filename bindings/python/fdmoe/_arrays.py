@@ -5,10 +5,10 @@ documents before its address crosses the boundary. Arrays are made C-contiguous 
 element type the call needs; the converted arrays are returned to the caller of these helpers,
 which keeps them alive until the C call returns.
 
-`HostArrays` handles numpy arrays in host memory (the cpu backend, and weights of every backend:
-the library copies host weights to the device itself). A later `DeviceArrays` (torch / cupy
-through __cuda_array_interface__ or DLPack, for the cuda backend's forward) implements the same
-methods without copies and hands back device pointers; `MoELayer` only talks to this interface.
+`HostArrays` handles numpy arrays in host memory (the cpu backend, numpy arguments of a cuda
+layer, and weights the library copies). `DeviceArrays` (in _device.py: torch / cupy /
+__cuda_array_interface__ / DLPack arrays for the cuda backend) implements the same methods
+without copies and hands back device pointers; `MoELayer` only talks to this interface.
 """
 
 from __future__ import annotations
@@ -67,8 +67,14 @@ def format_shape(shape: Sequence[object]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def _is_gpu_array(value: object) -> bool:
-    return hasattr(value, "__cuda_array_interface__")
+def check_shape(name: str, got: Sequence[int], shape: Shape, names: Sequence[str]) -> None:
+    """Raises InvalidArgumentError unless `got` matches `shape` (None = any size)."""
+    ok = len(got) == len(shape) and all(want is None or g == want for g, want in zip(got, shape))
+    if not ok:
+        want = format_shape(["*" if d is None else d for d in shape])
+        raise InvalidArgumentError(
+            f"{name} has shape {format_shape(got)}; expected {format_shape(names)} = {want}"
+        )
 
 
 class HostArrays:
@@ -77,31 +83,37 @@ class HostArrays:
     memory = "host"
 
     def asarray(self, name: str, value: object) -> np.ndarray:
-        if _is_gpu_array(value):
+        from . import _device  # imports this module
+
+        if _device.is_device_array(value):
             raise UnsupportedError(
                 f"{name} is a GPU array; this layer reads host (numpy) arrays"
             )
+        if _device.is_torch_tensor(value):  # a CPU tensor: a numpy view (bfloat16 included)
+            return _device.to_host(value)
         try:
             return np.asarray(value)
         except Exception as e:  # noqa: BLE001 - any failure to view the object as an array
             raise InvalidArgumentError(f"{name} cannot be read as an array: {e}") from None
 
+    def shape_of(self, arr: np.ndarray) -> Tuple[int, ...]:
+        return arr.shape
+
     def check_shape(self, name: str, arr: np.ndarray, shape: Shape, names: Sequence[str]) -> None:
         """Raises InvalidArgumentError unless arr.shape matches (None = any size)."""
-        ok = arr.ndim == len(shape) and all(
-            want is None or got == want for got, want in zip(arr.shape, shape)
-        )
-        if not ok:
-            got = format_shape(arr.shape)
-            want = format_shape(["*" if d is None else d for d in shape])
-            raise InvalidArgumentError(
-                f"{name} has shape {got}; expected {format_shape(names)} = {want}"
-            )
+        check_shape(name, arr.shape, shape, names)
 
     def float_input(
-        self, name: str, value: object, shape: Shape, names: Sequence[str], dtype: np.dtype
+        self,
+        name: str,
+        value: object,
+        shape: Shape,
+        names: Sequence[str],
+        dtype: np.dtype,
+        align: int = 1,
     ) -> np.ndarray:
-        """A C-contiguous array of `dtype` (converted with round-to-nearest-even if needed)."""
+        """A C-contiguous array of `dtype` (converted with round-to-nearest-even if needed).
+        `align` is for the device side (the cpu backend reads any address)."""
         arr = self.asarray(name, value)
         if not is_floating(arr.dtype):
             raise InvalidArgumentError(f"{name} has dtype {arr.dtype}; expected a floating-point array")
@@ -159,22 +171,3 @@ class HostArrays:
         if arr is None:
             return None
         return arr.ctypes.data
-
-
-class DeviceArrays:
-    """Placeholder of the GPU path (FDMOE_MEMORY_DEVICE).
-
-    The cuda backend's forward reads device pointers. The plan: accept objects exposing
-    __cuda_array_interface__ (cupy, numba) or __dlpack__ (torch), check shape, dtype and
-    contiguity without copying, allocate outputs with the caller's array library, and pass the
-    caller's stream. Until then every method answers UnsupportedError.
-    """
-
-    memory = "device"
-
-    def _unsupported(self, *_args, **_kwargs):
-        raise UnsupportedError(
-            "GPU arrays are not handled by this version of the fdmoe Python binding"
-        )
-
-    asarray = float_input = weight_input = int32_input = output = address = _unsupported

@@ -134,6 +134,12 @@ class FdmoeWeights(ctypes.Structure):
         ("fc2", c_void_p),
         ("shared_w13", c_void_p),
         ("shared_w2", c_void_p),
+        # Appended after 0.1.0: pre-quantized experts (the binding leaves them NULL/default).
+        ("w13_scale", c_void_p),
+        ("w2_scale", c_void_p),
+        ("w13_global_scale", POINTER(c_float)),
+        ("w2_global_scale", POINTER(c_float)),
+        ("dense_dtype", c_uint32),
     ]
 
 

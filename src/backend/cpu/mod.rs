@@ -1,6 +1,12 @@
 //! The CPU backend: the reference every GPU path is checked against, and a usable engine in
 //! its own right (multi-threaded, cache-blocked GEMMs through the `gemm` crate). It computes
 //! SPEC §3 in f32 from the given inputs and rounds the output once.
+//!
+//! Quantized experts (SPEC §5) run on weights dequantized exactly at load (`weights`). With
+//! FP8_BLOCK the inputs of both expert GEMMs are also quantized per token per 128 channels to
+//! E4M3 and dequantized before the GEMM (the rows of u for GEMM 1, once per token, which is the
+//! same as per gathered row; the activation rows for GEMM 2, in the expert stage), so each GEMM
+//! computes what the FP8 GEMM computes with f32 accumulation.
 
 mod experts;
 pub(crate) mod linear;
@@ -19,6 +25,7 @@ use crate::config::{FdmoeBackendKind, FdmoeDtype, MoeConfig};
 use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, FdmoeStatus, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
+use crate::quant::fake_quantize_fp8_activation_row;
 use crate::routing::RoutingParams;
 use crate::weights::WeightSource;
 
@@ -35,6 +42,8 @@ struct Workspace {
     routing_scratch: Vec<Mutex<Vec<f32>>>,
     /// fc1 output [T, L] (latent only).
     latent_in: Vec<f32>,
+    /// The experts' input rows [T, L] after the FP8 round trip (FP8_BLOCK only).
+    fp8_inputs: Vec<f32>,
     sort: ExpertSort,
     tasks: Vec<ExpertTask>,
     task_scratch: Vec<Mutex<TaskScratch>>,
@@ -50,7 +59,7 @@ struct Workspace {
 }
 
 impl Workspace {
-    fn sizes(cfg: &MoeConfig) -> [(usize, usize); 10] {
+    fn sizes(cfg: &MoeConfig) -> [(usize, usize); 11] {
         let (t, e, h, k, l) = (
             cfg.max_tokens,
             cfg.num_experts,
@@ -61,6 +70,7 @@ impl Workspace {
         let latent = cfg.latent_size.is_some() as usize;
         let s = cfg.shared_intermediate_size.unwrap_or(0);
         let x = (cfg.act_dtype != FdmoeDtype::F32) as usize;
+        let fp8 = (cfg.weight_dtype == FdmoeDtype::Fp8Block) as usize;
         // (elements, bytes per element)
         [
             (x * t * h, 4),
@@ -73,6 +83,7 @@ impl Workspace {
             (t * h, 4),
             (2 * t * s, 4),
             (2 * t * k + 3 * e, 8),
+            (fp8 * t * l, 4),
         ]
     }
 
@@ -84,7 +95,7 @@ impl Workspace {
     }
 
     fn new(cfg: &MoeConfig, threads: usize) -> Self {
-        let [x, logits, ids, w, lin, y, lout, out, shared, _] = Self::sizes(cfg);
+        let [x, logits, ids, w, lin, y, lout, out, shared, _, fp8] = Self::sizes(cfg);
         let max_slots = cfg.max_tokens * cfg.top_k;
         let max_tasks = cfg.num_experts + max_slots / ROWS_PER_TASK + 1;
         let scratch = RoutingParams::from_config(cfg).scratch_len();
@@ -97,6 +108,7 @@ impl Workspace {
                 .map(|_| Mutex::new(vec![0.0; scratch]))
                 .collect(),
             latent_in: vec![0.0; lin.0],
+            fp8_inputs: vec![0.0; fp8.0],
             sort: ExpertSort::with_capacity(cfg.num_experts, max_slots),
             tasks: Vec::with_capacity(max_tasks),
             task_scratch: (0..threads)
@@ -143,12 +155,6 @@ pub fn check_config(cfg: &MoeConfig) -> Result<()> {
             "config.device_ordinal = {} applies to the cuda backend; it must be 0 on backend cpu",
             cfg.device_ordinal
         )));
-    }
-    if !cfg.weight_dtype.is_dense() {
-        return Err(Error::unsupported(
-            format!("weight format {}", cfg.weight_dtype),
-            "cpu",
-        ));
     }
     Ok(())
 }
@@ -331,6 +337,15 @@ impl CpuBackend {
             }
             None => x,
         };
+        let inputs: &[f32] = if cfg.weight_dtype == FdmoeDtype::Fp8Block {
+            let q = &mut ws.fp8_inputs[..t * l];
+            q.copy_from_slice(inputs);
+            q.par_chunks_mut(l)
+                .for_each(fake_quantize_fp8_activation_row);
+            q
+        } else {
+            inputs
+        };
         ws.sort.sort(&ws.topk_ids[..t * k]);
         let stage = ExpertStage {
             experts: &w.experts,
@@ -339,6 +354,8 @@ impl CpuBackend {
             expert_hidden: l,
             intermediate: i,
             threads,
+            row_transform: (cfg.weight_dtype == FdmoeDtype::Fp8Block)
+                .then_some(fake_quantize_fp8_activation_row as fn(&mut [f32])),
         };
         stage.plan(&ws.sort, &mut ws.tasks);
         stage.run(

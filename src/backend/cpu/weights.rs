@@ -1,6 +1,13 @@
 //! CPU weight storage: every matrix as f32 (owned copies rounded to the configured weight
 //! precision, or the caller's f32 memory under BORROW) and `Linear` views over it in the
 //! caller's layout, so no layout needs a repack on the CPU.
+//!
+//! Quantized expert formats (config.weight_dtype FP8_BLOCK, MXFP4, NVFP4): the experts are
+//! quantized at load or read pre-quantized (`crate::quant::experts`), then dequantized exactly
+//! (`decode(q) · scale` in f32) into owned TORCH-orientation f32 matrices; the GEMMs over them
+//! are the format's GEMM with f32 accumulation (up to summation order). The gate, fc1/fc2 and
+//! shared experts stay dense at the precision they are given in. BORROW is not available: the
+//! CPU computes from the dequantized copy.
 
 use std::ffi::c_void;
 
@@ -10,6 +17,7 @@ use crate::config::{
 };
 use crate::dtype::{load_f32, round_to};
 use crate::error::{Error, Result};
+use crate::quant::experts::{for_each_quantized_expert, ExpertMatrix};
 use crate::weights::{ExpertSource, WeightSource};
 
 /// One expert's three projections.
@@ -60,7 +68,14 @@ impl Materializer<'_> {
         match self.src.ownership {
             FdmoeOwnership::Borrow => ptr as *const f32,
             FdmoeOwnership::Own => {
-                self.copy(ptr, count, self.src.dtype, Some(self.cfg.weight_dtype))
+                // Dense weights are rounded to the configured precision; next to quantized
+                // experts, the dense matrices keep the precision they are given in.
+                let round = self
+                    .cfg
+                    .weight_dtype
+                    .is_dense()
+                    .then_some(self.cfg.weight_dtype);
+                self.copy(ptr, count, self.src.dtype, round)
             }
         }
     }
@@ -98,9 +113,12 @@ impl CpuWeights {
                 "cpu",
             ));
         }
-        if !cfg.weight_dtype.is_dense() {
+        if src.ownership == FdmoeOwnership::Borrow && cfg.weight_dtype.is_quantized() {
             return Err(Error::unsupported(
-                format!("weight format {}", cfg.weight_dtype),
+                format!(
+                    "borrowing weights with config.weight_dtype {} (the CPU dequantizes quantized experts into its own float32 copy; use ownership own)",
+                    cfg.weight_dtype
+                ),
                 "cpu",
             ));
         }
@@ -127,6 +145,32 @@ impl CpuWeights {
             owned: Vec::new(),
         };
         let experts = match &src.experts {
+            _ if cfg.weight_dtype.is_quantized() => {
+                let (w13, w2) = dequantized_experts(cfg, src)?;
+                let (w13_ptr, w2_ptr) = (w13.as_ptr(), w2.as_ptr());
+                // Moving the Vecs keeps their heap buffers, and so the pointers, in place.
+                m.owned.push(w13);
+                m.owned.push(w2);
+                // TORCH orientation whatever the source layout; W13's rows in the order given.
+                (0..e)
+                    .map(|x| {
+                        let w13 = Linear::row_major(w13_ptr.wrapping_add(x * 2 * i * l), 2 * i, l);
+                        let (gate, up) = if src.gate_up_interleaved {
+                            (w13.out_rows_strided(0, 2, i), w13.out_rows_strided(1, 2, i))
+                        } else {
+                            (w13.out_rows(0, i), w13.out_rows(i, i))
+                        };
+                        ExpertLinears {
+                            gate,
+                            up,
+                            down: Linear::row_major(w2_ptr.wrapping_add(x * l * i), l, i),
+                        }
+                    })
+                    .collect()
+            }
+            ExpertSource::Quantized { .. } => {
+                unreachable!("validate: pre-quantized experts need a quantized weight_dtype")
+            }
             ExpertSource::Stacked { w13, w2 } => {
                 let w13 = m.matrix(*w13, e * 2 * i * l);
                 let w2 = m.matrix(*w2, e * l * i);
@@ -208,4 +252,17 @@ fn oriented(
             Linear::row_major(ptr, out_features, in_features)
         }
     }
+}
+
+/// Every expert's W13 [2I, L] and W2 [L, I] in config.weight_dtype, dequantized to f32:
+/// `[E, 2I, L]` and `[E, L, I]`, TORCH orientation.
+fn dequantized_experts(cfg: &MoeConfig, src: &WeightSource) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (e, i, l) = (cfg.num_experts, cfg.intermediate_size, cfg.expert_hidden());
+    let mut w13 = vec![0.0f32; e * 2 * i * l];
+    let mut w2 = vec![0.0f32; e * l * i];
+    for_each_quantized_expert(cfg, src, |x, which, matrix| match which {
+        ExpertMatrix::W13 => matrix.dequantize_into(&mut w13[x * 2 * i * l..(x + 1) * 2 * i * l]),
+        ExpertMatrix::W2 => matrix.dequantize_into(&mut w2[x * l * i..(x + 1) * l * i]),
+    })?;
+    Ok((w13, w2))
 }

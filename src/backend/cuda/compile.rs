@@ -44,7 +44,7 @@ pub const ALL_FILES: [KernelFile; 5] = [
     COMBINE,
 ];
 
-const HEADERS: [(&str, &str); 3] = [
+const HEADERS: [(&str, &str); 4] = [
     (
         "common/types.cuh",
         include_str!("../../../kernels/common/types.cuh"),
@@ -56,6 +56,10 @@ const HEADERS: [(&str, &str); 3] = [
     (
         "common/mma.cuh",
         include_str!("../../../kernels/common/mma.cuh"),
+    ),
+    (
+        "common/wgmma.cuh",
+        include_str!("../../../kernels/common/wgmma.cuh"),
     ),
 ];
 
@@ -228,6 +232,9 @@ pub fn compile(file: KernelFile, arch: &str, element: Element) -> Result<Cubin> 
     ];
     if element == Element::F16 {
         options.push("-DFDMOE_F16".to_string());
+    }
+    if arch == "sm_90a" {
+        options.push("-DFDMOE_SM90A".to_string());
     }
     let (major, minor) = nvrtc_version()?;
     let key = fnv1a(&[

@@ -331,7 +331,9 @@ pub fn arg<T>(value: &mut T) -> *mut c_void {
 }
 
 /// Async device-to-device copy on `stream` (capture-safe).
-pub fn copy_device_async(
+/// # Safety
+/// `stream` is a live stream of the current context (NULL: the legacy stream).
+pub unsafe fn copy_device_async(
     dst: DevicePtr,
     src: DevicePtr,
     bytes: usize,
@@ -348,7 +350,14 @@ pub fn copy_device_async(
 
 /// Sets `count` 32-bit words to `value` on `stream`; the value travels by value, so no host
 /// buffer can race with a later call.
-pub fn set_words_async(dst: DevicePtr, value: u32, count: usize, stream: Stream) -> Result<()> {
+/// # Safety
+/// `stream` is a live stream of the current context (NULL: the legacy stream).
+pub unsafe fn set_words_async(
+    dst: DevicePtr,
+    value: u32,
+    count: usize,
+    stream: Stream,
+) -> Result<()> {
     check(
         unsafe { sys::cuMemsetD32Async(dst, value, count, stream) },
         "cuMemsetD32Async",
@@ -356,7 +365,9 @@ pub fn set_words_async(dst: DevicePtr, value: u32, count: usize, stream: Stream)
 }
 
 /// Whether work enqueued on `stream` is being captured into a graph right now.
-pub fn is_capturing(stream: Stream) -> Result<bool> {
+/// # Safety
+/// `stream` is a live stream of the current context (NULL: the legacy stream).
+pub unsafe fn is_capturing(stream: Stream) -> Result<bool> {
     let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
     check(
         unsafe { sys::cuStreamIsCapturing(stream, &mut status) },
@@ -404,7 +415,9 @@ unsafe impl Sync for GraphExec {}
 impl GraphExec {
     /// Captures what `body` enqueues on `stream` (thread-local capture mode) and instantiates
     /// it. The capture is always ended, also when `body` fails.
-    pub fn capture(stream: Stream, body: impl FnOnce() -> Result<()>) -> Result<Self> {
+    /// # Safety
+    /// `stream` is a live, non-legacy stream of the current context.
+    pub unsafe fn capture(stream: Stream, body: impl FnOnce() -> Result<()>) -> Result<Self> {
         check(
             unsafe {
                 sys::cuStreamBeginCapture_v2(
@@ -434,7 +447,9 @@ impl GraphExec {
         result
     }
 
-    pub fn launch(&self, stream: Stream) -> Result<()> {
+    /// # Safety
+    /// `stream` is a live stream of the graph's context.
+    pub unsafe fn launch(&self, stream: Stream) -> Result<()> {
         check(
             unsafe { sys::cuGraphLaunch(self.0, stream) },
             "cuGraphLaunch",

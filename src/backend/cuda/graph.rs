@@ -1,6 +1,6 @@
 //! Library-owned CUDA graphs (SPEC §6): one graph per token bucket, captured over static
-//! input/output buffers. A forward with T tokens replays the smallest bucket >= T that plans
-//! the work the same way (see `plan_mode`): it sets the true T in device memory (by value, so
+//! input/output buffers. A forward with T tokens replays the smallest bucket >= T: it sets the
+//! true T in device memory (by value, so
 //! no host buffer races the next call), copies the inputs in, replays and copies the outputs
 //! out. Kernels read T from device memory, so padding rows cost no routing and write nothing,
 //! and replay runs the same kernels with the same numerics as eager: bitwise equal.
@@ -16,14 +16,6 @@ use crate::forward::{ForwardArgs, RoutingSource};
 pub const DEFAULT_BUCKETS: [usize; 14] = [
     1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
 ];
-
-/// Token counts up to this split the gate GEMM over H (decode); above it they do not. Numerics
-/// differ between the two, so a bucket serves only token counts of its own mode.
-pub const SPLIT_GATE_MAX_TOKENS: usize = 64;
-
-pub fn plan_mode(num_tokens: usize) -> bool {
-    num_tokens <= SPLIT_GATE_MAX_TOKENS
-}
 
 /// Buckets to capture: the given list (sorted, deduplicated) or the defaults capped by max_tokens.
 pub fn buckets(cfg: &MoeConfig, requested: &[usize]) -> Result<Vec<usize>> {
@@ -145,13 +137,14 @@ pub struct Graphs {
 impl Graphs {
     /// The graph to replay for `t` tokens, if any.
     pub fn pick(&self, t: usize) -> Option<&(usize, GraphExec)> {
-        self.graphs
-            .iter()
-            .find(|(b, _)| *b >= t && plan_mode(*b) == plan_mode(t))
+        self.graphs.iter().find(|(b, _)| *b >= t)
     }
 
     /// Replays `graph` for the call's `t` tokens on `stream`.
-    pub fn replay(
+    ///
+    /// # Safety
+    /// The pointers of `args` cover their extents in device memory; `stream` is live.
+    pub unsafe fn replay(
         &self,
         cfg: &MoeConfig,
         graph: &GraphExec,

@@ -47,7 +47,6 @@ pub struct RouteParams {
     pub record_weights: DevicePtr,
     pub num_tokens_dev: DevicePtr,
     pub num_tokens: i64,
-    pub splits: i64,
     pub num_experts: i64,
     pub top_k: i64,
     pub mode: i64,
@@ -62,59 +61,82 @@ pub struct RouteParams {
 /// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tile {
-    /// 16 x 128 x 64, 4 warps: decode.
+    /// 16 x 64 x 64, 4 warps, 6 stages: decode (many blocks to stream the weights).
     Small,
     /// 64 x 128 x 32, 4 warps.
     Mid,
-    /// 128 x 128 x 32, 8 warps: prefill.
+    /// 128 x 128 x 32, 8 warps: prefill on sm_80.
     Large,
+    /// 64 x 256 x 64, 1 warpgroup of wgmma: mid-size groups on sm_90a.
+    WgmmaMid,
+    /// 128 x 256 x 64, 2 warpgroups of wgmma: prefill on sm_90a.
+    Wgmma,
 }
 
 impl Tile {
-    pub const ALL: [Tile; 3] = [Tile::Small, Tile::Mid, Tile::Large];
+    pub const ALL: [Tile; 5] = [
+        Tile::Small,
+        Tile::Mid,
+        Tile::Large,
+        Tile::WgmmaMid,
+        Tile::Wgmma,
+    ];
+
+    fn needs_hopper(self) -> bool {
+        matches!(self, Tile::WgmmaMid | Tile::Wgmma)
+    }
 
     pub fn block_m(self) -> usize {
         match self {
             Tile::Small => 16,
-            Tile::Mid => 64,
-            Tile::Large => 128,
+            Tile::Mid | Tile::WgmmaMid => 64,
+            Tile::Large | Tile::Wgmma => 128,
         }
     }
     pub fn block_n(self) -> usize {
-        128
-    }
-    fn block_k(self) -> usize {
         match self {
             Tile::Small => 64,
-            _ => 32,
+            Tile::Wgmma | Tile::WgmmaMid => 256,
+            _ => 128,
         }
     }
     pub fn threads(self) -> u32 {
         match self {
-            Tile::Large => 256,
+            Tile::Large | Tile::Wgmma => 256,
             _ => 128,
         }
     }
     pub fn smem_bytes(self) -> usize {
-        let (m, n, k) = (self.block_m(), self.block_n(), self.block_k());
-        4 * (m + n) * (k + 8) * 2 + (m + n) * 8
+        let offsets = (self.block_m() + self.block_n()) * 8;
+        match self {
+            Tile::Small => 6 * (16 + 64) * (64 + 8) * 2 + offsets,
+            Tile::Mid => 4 * (64 + 128) * (32 + 8) * 2 + offsets,
+            Tile::Large => 4 * (128 + 128) * (32 + 8) * 2 + offsets,
+            // Swizzled stages need 1024-byte alignment: one extra KiB to align the base.
+            Tile::WgmmaMid => 4 * (64 + 256) * 64 * 2 + 1024 + offsets,
+            Tile::Wgmma => 4 * (128 + 256) * 64 * 2 + 1024 + offsets,
+        }
     }
     fn suffix(self) -> &'static str {
         match self {
             Tile::Small => "s",
             Tile::Mid => "m",
             Tile::Large => "l",
+            Tile::WgmmaMid => "v",
+            Tile::Wgmma => "w",
         }
     }
 
     /// Smallest tile that is not mostly padding for `rows` rows per group.
-    pub fn for_rows(rows: usize) -> Tile {
-        if rows <= 24 {
-            Tile::Small
-        } else if rows <= 96 {
-            Tile::Mid
-        } else {
-            Tile::Large
+    pub fn for_rows(rows: usize, hopper: bool) -> Tile {
+        match (rows, hopper) {
+            (0..=24, _) => Tile::Small,
+            // Measured on an H100: the 64-row wgmma tile wins at ~32 rows per expert
+            // (DeepSeek-V3, T = 1024) and loses to the 128-row one from ~64 rows.
+            (25..=48, true) => Tile::WgmmaMid,
+            (_, true) => Tile::Wgmma,
+            (25..=96, false) => Tile::Mid,
+            (_, false) => Tile::Large,
         }
     }
 }
@@ -164,13 +186,14 @@ fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
 
 pub const ROUTE_THREADS: u32 = 256;
 pub const SORT_THREADS: u32 = 1024;
-pub const GATE_K_TILE: usize = 64;
 
 /// Every kernel a backend launches, loaded once at create.
 pub struct Kernels {
     _modules: Vec<Module>,
+    /// sm_90a: the wgmma tiles are available.
+    pub hopper: bool,
     gate_t4: Function,
-    gate_t32: Function,
+    gate_t16: Function,
     route: Function,
     given: Function,
     sort: Function,
@@ -194,7 +217,11 @@ impl Kernels {
         let gemm = load(GROUPED_GEMM)?;
         let combine = load(COMBINE)?;
         let mut gemms = Vec::new();
-        for tile in Tile::ALL {
+        let hopper = arch == "sm_90a";
+        for tile in Tile::ALL
+            .into_iter()
+            .filter(|t| hopper || !t.needs_hopper())
+        {
             for kind in GEMM_KINDS {
                 gemms.push((
                     (tile, kind),
@@ -204,12 +231,13 @@ impl Kernels {
         }
         Ok(Kernels {
             gate_t4: gate.function("gate_logits_t4", 0)?,
-            gate_t32: gate.function("gate_logits_t32", 0)?,
+            gate_t16: gate.function("gate_logits_t16", 0)?,
             route: route.function("route_topk", 0)?,
             given: route.function("given_topk", 0)?,
             sort: sort.function("sort_by_expert", sort_smem_bytes(num_experts))?,
             combine: combine.function("combine_slots", 0)?,
             gemms,
+            hopper,
             _modules: vec![gate, route, sort, gemm, combine],
         })
     }
@@ -254,39 +282,32 @@ impl Kernels {
     }
 
     /// # Safety
-    /// Pointers cover [T, H] x, [H, E] gate and [splits, T, E] partial logits.
+    /// Pointers cover [T, H] x, [H, E] gate and [T, E] logits.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gate_logits(
         &self,
         x: DevicePtr,
         gate_t: DevicePtr,
-        partial: DevicePtr,
+        logits: DevicePtr,
         num_tokens_dev: DevicePtr,
         num_tokens: usize,
         hidden: usize,
         num_experts: usize,
-        splits: usize,
-        k_per_split: usize,
         stream: Stream,
     ) -> Result<()> {
-        let tokens_per_block = if num_tokens <= 16 { 4 } else { 32 };
-        let f = if tokens_per_block == 4 {
-            &self.gate_t4
+        // Numerically identical; fewer tokens per block for decode keeps more blocks busy.
+        let (f, tokens_per_block) = if num_tokens <= 64 {
+            (&self.gate_t4, 4)
         } else {
-            &self.gate_t32
+            (&self.gate_t16, 16)
         };
         let grid = (
             num_tokens.div_ceil(tokens_per_block) as u32,
-            num_experts.div_ceil(256) as u32,
-            splits as u32,
+            num_experts.div_ceil(32) as u32,
+            1,
         );
-        let (mut x, mut g, mut p, mut nd) = (x, gate_t, partial, num_tokens_dev);
-        let (mut t, mut h, mut e, mut kps) = (
-            num_tokens as i32,
-            hidden as i32,
-            num_experts as i32,
-            k_per_split as i32,
-        );
+        let (mut x, mut g, mut l, mut nd) = (x, gate_t, logits, num_tokens_dev);
+        let (mut t, mut h, mut e) = (num_tokens as i32, hidden as i32, num_experts as i32);
         f.launch(
             grid,
             256,
@@ -295,12 +316,11 @@ impl Kernels {
             &mut [
                 arg(&mut x),
                 arg(&mut g),
-                arg(&mut p),
+                arg(&mut l),
                 arg(&mut nd),
                 arg(&mut t),
                 arg(&mut h),
                 arg(&mut e),
-                arg(&mut kps),
             ],
         )
     }

@@ -19,8 +19,8 @@ use self::compile::Element;
 use self::driver::{
     is_capturing, Context, DeviceBuffer, DevicePtr, GraphExec, OwnedStream, Stream,
 };
-use self::graph::{buckets, plan_mode, GraphBuffers, Graphs, DEFAULT_BUCKETS};
-use self::kernels::{GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile, GATE_K_TILE};
+use self::graph::{buckets, GraphBuffers, Graphs, DEFAULT_BUCKETS};
+use self::kernels::{GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile};
 use self::weights::{require_device, weight_bytes, CudaWeights};
 use super::{Backend, MemoryRequirements};
 use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig};
@@ -28,12 +28,17 @@ use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
 use crate::weights::WeightSource;
 
-/// K chunk of the split gate GEMM: fixed, so a token's logits are summed in the same order
-/// whatever the batch it comes in.
-const GATE_SPLIT_K: usize = 128;
-
 /// Checks the parts of a config the kernels cannot take; each answer names the feature.
 pub fn check_config(cfg: &MoeConfig) -> Result<()> {
+    if !cfg.weight_dtype.is_dense() {
+        return Err(Error::unsupported(
+            format!(
+                "weight format {} (quantized experts run on the cpu backend in this version)",
+                cfg.weight_dtype
+            ),
+            "cuda",
+        ));
+    }
     if !matches!(cfg.act_dtype, FdmoeDtype::Bf16 | FdmoeDtype::F16) {
         return Err(Error::unsupported(
             format!("activations of {} (use bfloat16 or float16)", cfg.act_dtype),
@@ -90,18 +95,8 @@ pub fn check_config(cfg: &MoeConfig) -> Result<()> {
     Ok(())
 }
 
-/// How the gate GEMM splits H: decode token counts split it in fixed chunks across blocks
-/// (enough blocks to stream the gate at full bandwidth); larger ones do not need to.
-fn gate_splits(num_tokens: usize, hidden: usize) -> (usize, usize) {
-    if plan_mode(num_tokens) {
-        (hidden.div_ceil(GATE_SPLIT_K), GATE_SPLIT_K)
-    } else {
-        (1, hidden.div_ceil(GATE_K_TILE) * GATE_K_TILE)
-    }
-}
-
 struct Workspace {
-    partial_logits: DeviceBuffer,
+    logits: DeviceBuffer,
     topk_ids: DeviceBuffer,
     topk_weights: DeviceBuffer,
     expert_offsets: DeviceBuffer,
@@ -135,10 +130,7 @@ impl Workspace {
         let s = cfg.shared_intermediate_size.unwrap_or(0);
         let max_tiles = slots.div_ceil(Tile::Small.block_m()) + e.min(slots) + 1;
         [
-            (
-                e * t.min(graph::SPLIT_GATE_MAX_TOKENS) * h.div_ceil(GATE_SPLIT_K) * 4 + e * t * 4,
-                "partial router logits",
-            ),
+            (e * t * 4, "router logits"),
             (slots * 4, "top-k ids"),
             (slots * 4, "top-k weights"),
             ((e + 1) * 4, "expert offsets"),
@@ -162,7 +154,7 @@ impl Workspace {
             .map(|(b, what)| DeviceBuffer::alloc(b, what));
         let mut next = || bufs.next().expect("15 buffers");
         Ok(Workspace {
-            partial_logits: next()?,
+            logits: next()?,
             topk_ids: next()?,
             topk_weights: next()?,
             expert_offsets: next()?,
@@ -327,24 +319,12 @@ impl CudaBackend {
                 stream,
             )?,
             RoutingSource::Logits | RoutingSource::GateWeight => {
-                let (logits, splits) = if source == RoutingSource::Logits {
-                    (args.router_logits as DevicePtr, 1)
+                let logits = if source == RoutingSource::Logits {
+                    args.router_logits as DevicePtr
                 } else {
-                    let (splits, k_per_split) = gate_splits(t, h);
                     let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
-                    k.gate_logits(
-                        x,
-                        gate.ptr,
-                        ws.partial_logits.ptr,
-                        num_tokens_dev,
-                        t,
-                        h,
-                        e,
-                        splits,
-                        k_per_split,
-                        stream,
-                    )?;
-                    (ws.partial_logits.ptr, splits)
+                    k.gate_logits(x, gate.ptr, ws.logits.ptr, num_tokens_dev, t, h, e, stream)?;
+                    ws.logits.ptr
                 };
                 let p = RouteParams {
                     logits,
@@ -355,7 +335,6 @@ impl CudaBackend {
                     record_weights,
                     num_tokens_dev,
                     num_tokens: t as i64,
-                    splits: splits as i64,
                     num_experts: e as i64,
                     top_k: top_k as i64,
                     mode: match cfg.routing {
@@ -375,7 +354,7 @@ impl CudaBackend {
         }
 
         // 2. Latent fc1: u = x · fc1ᵀ.
-        let dense_tile = Tile::for_rows(t);
+        let dense_tile = Tile::for_rows(t, k.hopper);
         let dense = |a: DevicePtr, lda: usize, b: DevicePtr, kk: usize, n: usize, c: DevicePtr| {
             GemmParams {
                 a,
@@ -403,7 +382,7 @@ impl CudaBackend {
 
         // 3. Sort slots by expert; tiles of the grouped GEMMs.
         let slots = t * top_k;
-        let tile = Tile::for_rows(slots.div_ceil(e.min(slots)));
+        let tile = Tile::for_rows(slots.div_ceil(e.min(slots)), k.hopper);
         let sort = SortBuffers {
             expert_offsets: ws.expert_offsets.ptr,
             sorted_slots: ws.sorted_slots.ptr,
@@ -574,7 +553,7 @@ impl Backend for CudaBackend {
         let buckets = buckets(&self.cfg, token_counts)?;
         let _current = self.ctx.enter()?;
         let stream = stream as Stream;
-        if !stream.is_null() && is_capturing(stream)? {
+        if !stream.is_null() && unsafe { is_capturing(stream)? } {
             return Err(Error::state("the stream is already capturing a graph; capture_prefill_graph needs a stream outside capture"));
         }
         // The legacy stream cannot capture: use one of ours, then order it before the caller's.
@@ -597,15 +576,18 @@ impl Backend for CudaBackend {
         let mut graphs = Vec::with_capacity(buckets.len());
         for &bucket in &buckets {
             let args = buffers.capture_args(bucket, source);
-            let exec = GraphExec::capture(capture_stream, || unsafe {
-                self.enqueue(
-                    &args,
-                    source,
-                    bucket,
-                    buffers.num_tokens.ptr,
-                    capture_stream,
-                )
-            })?;
+            // SAFETY: the capture stream is live; the static buffers outlive the graphs.
+            let exec = unsafe {
+                GraphExec::capture(capture_stream, || {
+                    self.enqueue(
+                        &args,
+                        source,
+                        bucket,
+                        buffers.num_tokens.ptr,
+                        capture_stream,
+                    )
+                })?
+            };
             graphs.push((bucket, exec));
         }
         if let Some(s) = &own {

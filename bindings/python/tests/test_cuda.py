@@ -1,0 +1,479 @@
+"""device="cuda" against device="cpu": the same configuration and weights on both backends.
+
+Skipped unless torch sees a CUDA device and the loaded libfdmoe has the cuda backend
+(query_features("cuda") non-empty; the plain `cargo build --release` has none: build with
+scripts/build_gpu_bundle.sh and point FDMOE_LIBRARY at .device/libfdmoe.so).
+
+The cpu backend computes in f32 from the same bf16/f16-rounded inputs and weights, so the GPU
+output must be within SPEC §8's relative L2 1e-2 of it (on the GPU's own routing, replayed on
+the cpu, so near-tied choices do not count), and the routing ids must match wherever the k-th
+and (k+1)-th scores are more than 1e-4 apart. Also: two GPU runs are bitwise equal; torch
+tensors are used in place, numpy arrays make a round trip, cupy arrays work where cupy is
+installed; host pointers are refused; T > max_tokens is CAPACITY_EXCEEDED; forward captured in
+the caller's torch.cuda.CUDAGraph replays bitwise like eager.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import fdmoe
+import reference as ref
+
+ROUTING_GAP = 1e-4
+TOLERANCE = 1e-2
+NP = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+torch = None
+
+
+def _cuda_ready():
+    global torch
+    try:
+        import torch as t
+    except ImportError:
+        return False, "torch is not installed"
+    if not t.cuda.is_available():
+        return False, "torch sees no CUDA device"
+    try:
+        features = fdmoe.query_features("cuda")
+    except fdmoe.FdmoeError as e:
+        return False, f"libfdmoe could not be queried: {e}"
+    if not features:
+        return False, "this libfdmoe build has no cuda backend (query_features('cuda') is empty)"
+    torch = t
+    return True, ""
+
+
+READY, WHY = _cuda_ready()
+pytestmark = pytest.mark.skipif(not READY, reason=WHY)
+
+DEV = "cuda:0"
+
+
+# -- conversions between numpy (ml_dtypes) and torch ------------------------------------------
+
+
+def T(a: np.ndarray):
+    """A torch CUDA tensor with a numpy array's values and dtype (bfloat16 included)."""
+    a = np.ascontiguousarray(a)
+    if a.dtype == NP["bfloat16"]:
+        return torch.from_numpy(a.view(np.int16)).to(DEV).view(torch.bfloat16)
+    return torch.from_numpy(a).to(DEV)
+
+
+def N(t) -> np.ndarray:
+    """A numpy copy of a tensor (bfloat16 as ml_dtypes.bfloat16)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).cpu().numpy().view(NP["bfloat16"])
+    return t.cpu().numpy()
+
+
+def bits(t):
+    """The raw bits of a tensor, for bitwise comparisons (NaN == NaN)."""
+    t = t.detach().contiguous()
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def same_bits(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+# -- one configuration -----------------------------------------------------------------------
+
+
+@dataclass
+class GpuCase:
+    num_experts: int = 16
+    top_k: int = 4
+    hidden_size: int = 64
+    intermediate_size: int = 32
+    tokens: int = 40
+    dtype: str = "bfloat16"
+    routing: str = "softmax_topk"
+    n_group: int = 1
+    topk_group: int = 1
+    scoring: str = "sigmoid"
+    renormalize: bool = True
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    latent_size: Optional[int] = None
+    num_shared_experts: int = 0
+    shared_intermediate_size: int = 24
+    layout: str = "torch"
+    source: str = "gate"  # "gate", "logits" (router_logits given) or "given" (routing="given")
+    max_tokens: Optional[int] = None
+    seed: int = 0
+
+    def layer(self, device: str) -> fdmoe.MoELayer:
+        return fdmoe.MoELayer(
+            self.num_experts, self.top_k, self.hidden_size, self.intermediate_size,
+            routing="given" if self.source == "given" else self.routing,
+            n_group=self.n_group, topk_group=self.topk_group, scoring=self.scoring,
+            renormalize=self.renormalize, routed_scaling_factor=self.routed_scaling_factor,
+            latent_size=self.latent_size, num_shared_experts=self.num_shared_experts,
+            shared_intermediate_size=self.shared_intermediate_size,
+            act_dtype=self.dtype, weight_dtype=self.dtype,
+            max_tokens=self.max_tokens or self.tokens, device=device,
+        )
+
+    def inputs(self) -> dict:
+        """numpy inputs in the TORCH orientation; dense matrices and x already in the dtype, so
+        both backends compute from exactly these values."""
+        rng = np.random.default_rng(self.seed)
+        E, H, I, Tn = self.num_experts, self.hidden_size, self.intermediate_size, self.tokens
+        L = self.latent_size or H
+        S = self.num_shared_experts * self.shared_intermediate_size
+        dt = NP[self.dtype]
+
+        def mat(*shape):
+            return (rng.normal(0.0, 1.0, shape) / np.sqrt(shape[-1])).astype(np.float32).astype(dt)
+
+        d = {"x": rng.normal(0.0, 1.0, (Tn, H)).astype(np.float32).astype(dt),
+             "w13": mat(E, 2 * I, L), "w2": mat(E, L, I)}
+        if self.source == "gate":
+            d["gate"] = (rng.normal(0.0, 1.0, (E, H)) / np.sqrt(H)).astype(np.float32)
+        if self.source == "logits":
+            d["router_logits"] = rng.normal(0.0, 1.5, (Tn, E)).astype(np.float32)
+        if self.source == "given":
+            d["topk_ids"] = rng.integers(0, E, (Tn, self.top_k)).astype(np.int32)
+            d["topk_weights"] = rng.uniform(0.1, 1.0, (Tn, self.top_k)).astype(np.float32)
+        if self.latent_size:
+            d["fc1"] = mat(L, H)
+            d["fc2"] = mat(H, L)
+        if S:
+            d["shared_w13"] = mat(2 * S, H)
+            d["shared_w2"] = mat(H, S)
+        if self.correction_bias:
+            d["correction_bias"] = rng.normal(0.0, 0.3, (E,)).astype(np.float32)
+        return d
+
+    def weights(self, d: dict, kind: str) -> dict:
+        """load_weights keywords in self.layout, as numpy arrays or torch CUDA tensors."""
+        conv = T if kind == "torch" else (lambda a: a)
+        kw = {"layout": self.layout}
+        for name in ("w13", "w2", "fc1", "fc2", "shared_w13", "shared_w2"):
+            if name in d:
+                a = d[name]
+                if self.layout == "paddle":
+                    a = np.ascontiguousarray(np.swapaxes(a, -1, -2))
+                kw[name] = conv(a)
+        if "gate" in d:
+            g = d["gate"] if self.layout == "torch" else np.ascontiguousarray(d["gate"].T)
+            kw["gate"] = conv(g)
+        if "correction_bias" in d:
+            kw["correction_bias"] = conv(d["correction_bias"])
+        return kw
+
+    def routing_params(self, d: dict) -> ref.Routing:
+        return ref.Routing(
+            mode=self.routing, top_k=self.top_k, n_group=self.n_group,
+            topk_group=self.topk_group, scoring=self.scoring, renormalize=self.renormalize,
+            routed_scaling_factor=self.routed_scaling_factor,
+            correction_bias=d.get("correction_bias"),
+        )
+
+    def routing_args(self, d: dict, conv):
+        if self.source == "logits":
+            return {"router_logits": conv(d["router_logits"])}
+        if self.source == "given":
+            return {"topk_ids": conv(d["topk_ids"]), "topk_weights": conv(d["topk_weights"])}
+        return {}
+
+
+def check_against_cpu(case: GpuCase, d: dict, cpu: fdmoe.MoELayer, out, ids=None, weights=None) -> float:
+    """Asserts a GPU result (numpy arrays) against the cpu backend; returns the rel L2 error."""
+    x = d["x"]
+    assert np.isfinite(out.astype(np.float32)).all(), "non-finite GPU output"
+    if case.source == "given":
+        want = cpu.forward(x, topk_ids=d["topk_ids"], topk_weights=d["topk_weights"])
+    else:
+        E, k = case.num_experts, case.top_k
+        assert ids.shape == (case.tokens, k) and ids.dtype == np.int32
+        assert ((ids >= 0) & (ids < E)).all()
+        if case.source == "logits":
+            logits = d["router_logits"].astype(np.float64)
+        else:
+            logits = x.astype(np.float64) @ d["gate"].astype(np.float64).T
+        ref_ids, ref_w, gap = ref.route(logits, case.routing_params(d))
+        clear = gap > ROUTING_GAP
+        got_sorted, want_sorted = np.sort(ids, 1), np.sort(ref_ids, 1)
+        bad = np.nonzero(clear & (got_sorted != want_sorted).any(1))[0]
+        assert bad.size == 0, f"routing differs on tokens {bad[:5]}: {ids[bad[:5]]} vs {ref_ids[bad[:5]]}"
+        go, wo = np.argsort(ids, 1), np.argsort(ref_ids, 1)
+        np.testing.assert_allclose(
+            np.take_along_axis(weights, go, 1)[clear], np.take_along_axis(ref_w, wo, 1)[clear],
+            rtol=1e-4, atol=1e-6, err_msg="routing weights",
+        )
+        _, cpu_ids, _ = cpu.forward(x, **case.routing_args(d, lambda a: a), return_routing=True)
+        assert (np.sort(cpu_ids, 1)[clear] == got_sorted[clear]).all()
+        # The cpu backend on the GPU's routing: near-tied choices do not count.
+        want = cpu.forward(x, topk_ids=ids, topk_weights=weights)
+    err = ref.rel_l2(out.astype(np.float64), want.astype(np.float64))
+    assert err <= TOLERANCE, f"relative L2 error vs the cpu backend {err:.3e} > {TOLERANCE:.0e}"
+    return err
+
+
+def run_case(case: GpuCase, weights_kind: str = "torch", expect_borrowed: Optional[bool] = None):
+    """Runs `case` on both backends with torch tensors in place; checks, determinism, record."""
+    d = case.inputs()
+    with case.layer("cpu") as cpu, case.layer(DEV) as gpu:
+        cpu.load_weights(**case.weights(d, "numpy"))
+        gpu.load_weights(**case.weights(d, weights_kind))
+        if expect_borrowed is not None:
+            assert gpu.weights_borrowed == expect_borrowed
+        x = T(d["x"])
+        rargs = case.routing_args(d, T)
+        poison = torch.full((case.tokens, case.hidden_size), float("nan"), dtype=x.dtype, device=DEV)
+        res = gpu.forward(x, **rargs, out=poison, return_routing=True)
+        assert res[0] is poison
+        again = gpu.forward(x, **rargs, return_routing=True)
+        torch.cuda.synchronize()
+        for a, b in zip(res, again):
+            assert a.device == x.device
+            assert same_bits(a, b), "two GPU runs differ"
+        out, ids, w = (N(t) for t in res)
+        assert out.dtype == NP[case.dtype]
+        err = check_against_cpu(case, d, cpu, out, ids, w)
+        if case.source != "given":
+            # Replaying the record on the GPU gives the same bits.
+            replay = gpu.forward(x, topk_ids=res[1], topk_weights=res[2])
+            assert same_bits(replay, res[0])
+        else:
+            # The record of given routing is the routing given.
+            assert (ids == d["topk_ids"]).all() and w.tobytes() == d["topk_weights"].tobytes()
+        return err
+
+
+ROUTINGS = {
+    "softmax": dict(routing="softmax_topk"),
+    "softmax_norenorm_scaled": dict(routing="softmax_topk", renormalize=False, routed_scaling_factor=2.5),
+    "sigmoid": dict(routing="sigmoid_topk"),
+    "grouped": dict(routing="grouped_topk", n_group=4, topk_group=2),
+    "grouped_bias": dict(routing="grouped_topk", n_group=4, topk_group=2, correction_bias=True,
+                         routed_scaling_factor=2.5),
+    "grouped_softmax": dict(routing="grouped_topk", n_group=2, topk_group=1, scoring="softmax"),
+    "logits": dict(routing="sigmoid_topk", source="logits"),
+    "given": dict(source="given"),
+}
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_routing_modes_match_cpu(name, dtype):
+    run_case(GpuCase(dtype=dtype, seed=_seed(name, dtype), **ROUTINGS[name]), expect_borrowed=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["softmax", "grouped_bias", "given"])
+def test_latent_and_shared_experts(name, dtype):
+    case = GpuCase(dtype=dtype, latent_size=48, num_shared_experts=2, seed=_seed("ls", name, dtype),
+                   **ROUTINGS[name])
+    run_case(case, weights_kind="numpy", expect_borrowed=False)
+    run_case(replace(case, latent_size=None), expect_borrowed=True)
+    run_case(replace(case, num_shared_experts=0), expect_borrowed=True)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("layout", ["torch", "paddle"])
+def test_layouts(layout, dtype):
+    # Torch CUDA tensors either way: borrowed in the torch layout, copied (OWN) in paddle's.
+    case = GpuCase(dtype=dtype, layout=layout, latent_size=32, num_shared_experts=1,
+                   seed=_seed("layout", dtype), **ROUTINGS["grouped_bias"])
+    run_case(case, weights_kind="torch", expect_borrowed=(layout == "torch"))
+
+
+def test_weights_of_another_dtype_are_copied():
+    case = GpuCase(seed=3)
+    d = case.inputs()
+    kw = case.weights(d, "torch")
+    kw["w13"] = kw["w13"].float()  # float32 on a bfloat16 layer: OWN, rounded by the library
+    with case.layer(DEV) as gpu, case.layer(DEV) as borrowed:
+        gpu.load_weights(**kw)
+        assert not gpu.weights_borrowed
+        with pytest.raises(fdmoe.InvalidArgumentError, match="borrow"):
+            gpu.load_weights(**kw, borrow=True)
+        gpu.load_weights(**kw)
+        borrowed.load_weights(**case.weights(d, "torch"))
+        assert borrowed.weights_borrowed
+        x = T(d["x"])
+        assert same_bits(gpu.forward(x), borrowed.forward(x))
+
+
+def test_numpy_round_trip_equals_torch_in_place():
+    case = GpuCase(seed=4, **ROUTINGS["grouped_bias"])
+    d = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d, "numpy"))
+        got = gpu.forward(d["x"], return_routing=True)
+        assert all(isinstance(a, np.ndarray) for a in got)
+        want = gpu.forward(T(d["x"]), return_routing=True)
+        for a, b in zip(got, want):
+            assert a.tobytes() == N(b).tobytes()
+        # float32 numpy x is rounded like torch rounds a float32 tensor.
+        x32 = d["x"].astype(np.float32)
+        assert gpu.forward(x32).tobytes() == N(gpu.forward(T(x32))).tobytes()
+        out = np.empty_like(got[0])
+        assert gpu.forward(d["x"], out=out) is out and out.tobytes() == got[0].tobytes()
+
+
+def test_conversions_in_place():
+    case = GpuCase(seed=5)
+    d = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d, "torch"))
+        x = T(d["x"])
+        want = gpu.forward(x)
+        # float32 x: rounded on the device; a strided view: made contiguous; an x starting
+        # mid-buffer (not 16-byte aligned): copied.
+        assert same_bits(gpu.forward(x.float()), want)
+        wide = torch.repeat_interleave(x, 2, dim=1)[:, ::2]
+        assert not wide.is_contiguous()
+        assert same_bits(gpu.forward(wide), want)
+        buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=DEV)
+        mis = buf[1:].view(x.shape)
+        mis.copy_(x)
+        assert mis.data_ptr() % 16
+        assert same_bits(gpu.forward(mis), want)
+        # Routing given as int64 ids (converted on the device).
+        _, ids, w = gpu.forward(x, return_routing=True)
+        assert same_bits(gpu.forward(x, topk_ids=ids.long(), topk_weights=w), want)
+
+
+def test_explicit_stream():
+    case = GpuCase(seed=6)
+    d = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d, "torch"))
+        x = T(d["x"])
+        want = gpu.forward(x)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # the current stream
+            a = gpu.forward(x)
+        b = gpu.forward(x, stream=s)  # an explicit one
+        c = gpu.forward(x, stream=s.cuda_stream)
+        s.synchronize()
+        for got in (a, b, c):
+            assert same_bits(got, want)
+
+
+def test_cupy_arrays():
+    cupy = pytest.importorskip("cupy")
+    for dtype in ("float16", "bfloat16"):
+        case = GpuCase(dtype=dtype, seed=7)
+        d = case.inputs()
+        with case.layer(DEV) as gpu:
+            gpu.load_weights(**case.weights(d, "numpy"))
+            want = gpu.forward(T(d["x"]), return_routing=True)
+            torch.cuda.synchronize()
+            if dtype == "float16":
+                x = cupy.asarray(d["x"])
+            else:  # cupy has no bfloat16: float32 in, rounded on the device to bf16 bits
+                x = cupy.asarray(d["x"].astype(np.float32))
+            got = gpu.forward(x, return_routing=True)
+            cupy.cuda.get_current_stream().synchronize()
+            assert all(isinstance(a, cupy.ndarray) for a in got)
+            assert got[0].dtype == (np.float16 if dtype == "float16" else np.uint16)
+            for a, b in zip(got, want):
+                assert a.get().tobytes() == N(b).tobytes()
+
+
+def test_host_pointers_are_refused():
+    case = GpuCase(seed=8)
+    d = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d, "torch"))
+        x_host = np.ascontiguousarray(d["x"])
+        out_host = np.empty_like(x_host)
+        with pytest.raises(fdmoe.InvalidArgumentError, match="host pointer"):
+            gpu.forward_raw(case.tokens, x_host.ctypes.data, out_host.ctypes.data)
+        x = T(d["x"])
+        with pytest.raises(fdmoe.InvalidArgumentError, match="host pointer"):
+            gpu.forward_raw(case.tokens, x.data_ptr(), out_host.ctypes.data)
+        out = torch.empty_like(x)
+        ids_host = np.empty((case.tokens, case.top_k), np.int32)
+        with pytest.raises(fdmoe.InvalidArgumentError, match="host pointer"):
+            gpu.forward_raw(case.tokens, x.data_ptr(), out.data_ptr(), topk_ids_out=ids_host.ctypes.data)
+        # Device pointers through the same path work, and match forward.
+        gpu.forward_raw(case.tokens, x.data_ptr(), out.data_ptr(),
+                        stream=torch.cuda.current_stream().cuda_stream)
+        assert same_bits(out, gpu.forward(x))
+
+
+def test_tokens_above_max_tokens():
+    case = GpuCase(seed=9, tokens=16)
+    d = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d, "torch"))
+        gpu.forward(T(d["x"]))
+        x = torch.zeros(17, case.hidden_size, dtype=torch.bfloat16, device=DEV)
+        with pytest.raises(fdmoe.CapacityExceededError, match="max_tokens"):
+            gpu.forward(x)
+        with pytest.raises(fdmoe.CapacityExceededError):
+            gpu.forward(N(x))
+
+
+@pytest.mark.parametrize("name", ["grouped_bias", "given"])
+def test_forward_inside_a_torch_cuda_graph(name):
+    case = GpuCase(seed=_seed("graph", name), latent_size=32, num_shared_experts=1, **ROUTINGS[name])
+    d = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d, "torch"))
+        static_x = T(d["x"])
+        static_r = case.routing_args(d, T)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture, as torch recommends
+            gpu.forward(static_x, **static_r, return_routing=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_out, g_ids, g_w = gpu.forward(static_x, **static_r, return_routing=True)
+        for seed in (1, 2, 3):
+            fresh = replace(case, seed=seed).inputs()
+            static_x.copy_(T(fresh["x"]))
+            for key, value in case.routing_args(fresh, T).items():
+                static_r[key].copy_(value)
+            graph.replay()
+            e_out, e_ids, e_w = gpu.forward(static_x, **static_r, return_routing=True)
+            torch.cuda.synchronize()
+            assert same_bits(g_out, e_out) and same_bits(g_ids, e_ids) and same_bits(g_w, e_w)
+        # The last replay against the cpu backend: the layer's weights, the last inputs.
+        last = dict(d, **{key: fresh[key] for key in ("x", "router_logits", "topk_ids", "topk_weights")
+                          if key in fresh})
+        with case.layer("cpu") as cpu:
+            cpu.load_weights(**case.weights(d, "numpy"))
+            check_against_cpu(case, last, cpu, N(g_out), N(g_ids), N(g_w))
+
+
+def test_qwen3_sized_layer():
+    # Qwen3-30B-A3B's MoE layer (E=128, k=8, H=2048, I=768) at 64 tokens, weights borrowed.
+    E, k, H, I, Tn = 128, 8, 2048, 768, 64
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    w13 = (torch.randn(E, 2 * I, H, device=DEV, generator=gen) / H ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, device=DEV, generator=gen) / I ** 0.5).to(torch.bfloat16)
+    gate = torch.randn(E, H, device=DEV, generator=gen) / H ** 0.5
+    x = torch.randn(Tn, H, device=DEV, generator=gen).to(torch.bfloat16)
+    case = GpuCase(num_experts=E, top_k=k, hidden_size=H, intermediate_size=I, tokens=Tn)
+    d = {"x": N(x), "gate": N(gate)}
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(w13, w2, gate=gate, borrow=True)
+        out, ids, w = gpu.forward(x, return_routing=True)
+        again = gpu.forward(x)
+        torch.cuda.synchronize()
+        assert same_bits(out, again)
+        with case.layer("cpu") as cpu:
+            cpu.load_weights(N(w13), N(w2), gate=d["gate"])
+            check_against_cpu(case, d, cpu, N(out), N(ids), N(w))
