@@ -17,6 +17,10 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
   cp "$exe" ".device/bin/$t"
 done
+# The anchors harness (SPEC §8 comparisons) lives beside the repository and does not travel.
+if [ -f ../shared/anchors/moe_anchors.py ]; then
+  mkdir -p .device/anchors && cp ../shared/anchors/moe_anchors.py .device/anchors/
+fi
 # Debug info would push the bundle past what travels to the device (64 MiB).
 strip .device/libfdmoe.so .device/bin/*
 ls -la .device .device/bin
