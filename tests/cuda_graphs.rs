@@ -480,3 +480,102 @@ fn offsets_past_two_to_the_31() {
         assert!(err < 1e-2);
     }
 }
+
+/// Given ids outside [0, E) are skipped on the GPU (no row, no contribution, never indexed):
+/// the result equals the CPU's with those slots given weight 0 on a valid expert. Non-finite
+/// logits never produce ids outside [0, E).
+#[test]
+fn invalid_ids_and_non_finite_logits() {
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let mut c = cfg(64);
+    c.routing = FdmoeRouting::Given;
+    let t = 40;
+    let mut g = layer(&c, 21, false);
+    let inp = inputs(&c, t, 8);
+    let mut ids = vec![0i32; t * c.top_k];
+    driver::copy_to_host(inp.ids.ptr, &mut ids).unwrap();
+    let mut w = vec![0f32; t * c.top_k];
+    driver::copy_to_host(inp.weights.ptr, &mut w).unwrap();
+    let bad = [-1, c.num_experts as i32, 1000, i32::MIN];
+    let (mut cpu_ids, mut cpu_w) = (ids.clone(), w.clone());
+    for (n, slot) in (0..t * c.top_k).step_by(7).enumerate() {
+        ids[slot] = bad[n % bad.len()];
+        cpu_ids[slot] = 0;
+        cpu_w[slot] = 0.0;
+    }
+    let dids = DeviceBuffer::from_host(&ids, "ids").unwrap();
+    let o = Outputs::new(&c, t);
+    let mut a = args(t, &inp, &o, Source::Given, std::ptr::null_mut(), false);
+    a.topk_ids = dids.ptr as *const i32;
+    unsafe { g.moe.forward(&a).unwrap() };
+    let (out, _, _) = o.host(&c, t);
+    let mut xs = vec![0u16; t * c.hidden_size];
+    driver::copy_to_host(inp.x.ptr, &mut xs).unwrap();
+    let mut cpu = layer(
+        &MoeConfig {
+            backend: FdmoeBackendKind::Cpu,
+            ..c.clone()
+        },
+        21,
+        false,
+    );
+    let mut want = vec![0u16; t * c.hidden_size];
+    let ca = ForwardArgs {
+        num_tokens: t,
+        x: xs.as_ptr().cast(),
+        out: want.as_mut_ptr().cast(),
+        router_logits: std::ptr::null(),
+        topk_ids: cpu_ids.as_ptr(),
+        topk_weights: cpu_w.as_ptr(),
+        topk_ids_out: std::ptr::null_mut(),
+        topk_weights_out: std::ptr::null_mut(),
+        stream: std::ptr::null_mut(),
+        force_eager: false,
+    };
+    unsafe { cpu.moe.forward(&ca).unwrap() };
+    let (mut num, mut den) = (0f64, 0f64);
+    for (g, w) in out.iter().zip(&want) {
+        let (g, w) = (
+            bf16::from_bits(*g).to_f32() as f64,
+            bf16::from_bits(*w).to_f32() as f64,
+        );
+        num += (g - w).powi(2);
+        den += w * w;
+    }
+    let err = (num / den).sqrt();
+    println!("invalid given ids skipped: rel err vs CPU with zero-weight slots {err:.2e}");
+    assert!(err < 1e-2);
+
+    // Non-finite logits: ids stay in range.
+    let c = cfg(64);
+    let mut l = layer(&c, 3, false);
+    let mut logits = Rng(5).vec(t * c.num_experts, 1.0);
+    for (i, v) in logits.iter_mut().enumerate() {
+        match i % 5 {
+            0 => *v = f32::NAN,
+            1 => *v = f32::INFINITY,
+            2 => *v = f32::NEG_INFINITY,
+            _ => {}
+        }
+    }
+    for tok in 0..4 {
+        logits[tok * c.num_experts..(tok + 1) * c.num_experts]
+            .iter_mut()
+            .for_each(|v| *v = f32::NAN);
+    }
+    let dl = DeviceBuffer::from_host(&logits, "logits").unwrap();
+    let o = Outputs::new(&c, t);
+    let mut a = args(t, &inp, &o, Source::Logits, std::ptr::null_mut(), false);
+    a.router_logits = dl.ptr as *const f32;
+    unsafe { l.moe.forward(&a).unwrap() };
+    let (_, rec, _) = o.host(&c, t);
+    assert!(
+        rec.iter().all(|&i| (0..c.num_experts as i32).contains(&i)),
+        "ids out of range: {rec:?}"
+    );
+    println!(
+        "non-finite logits: all {} recorded ids in [0, E)",
+        rec.len()
+    );
+}
