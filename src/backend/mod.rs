@@ -71,52 +71,41 @@ pub mod feature {
 /// The features `kind` implements in this build.
 pub fn features(kind: FdmoeBackendKind) -> u64 {
     use feature::*;
+    // What both backends do: every routing mode and record, latent, shared experts, 16-bit
+    // activations and weights, every layout, OWN and BORROW.
+    let common = FDMOE_FEATURE_ROUTING_SOFTMAX_TOPK
+        | FDMOE_FEATURE_ROUTING_SIGMOID_TOPK
+        | FDMOE_FEATURE_ROUTING_GROUPED_TOPK
+        | FDMOE_FEATURE_ROUTING_GIVEN
+        | FDMOE_FEATURE_ROUTING_RECORD
+        | FDMOE_FEATURE_LATENT
+        | FDMOE_FEATURE_SHARED_EXPERTS
+        | FDMOE_FEATURE_ACT_BF16
+        | FDMOE_FEATURE_ACT_F16
+        | FDMOE_FEATURE_WEIGHT_BF16
+        | FDMOE_FEATURE_WEIGHT_F16
+        | FDMOE_FEATURE_LAYOUT_TORCH
+        | FDMOE_FEATURE_LAYOUT_PADDLE
+        | FDMOE_FEATURE_LAYOUT_PER_EXPERT
+        | FDMOE_FEATURE_WEIGHTS_OWN
+        | FDMOE_FEATURE_WEIGHTS_BORROW;
     match kind {
         FdmoeBackendKind::Cpu => {
-            FDMOE_FEATURE_ROUTING_SOFTMAX_TOPK
-                | FDMOE_FEATURE_ROUTING_SIGMOID_TOPK
-                | FDMOE_FEATURE_ROUTING_GROUPED_TOPK
-                | FDMOE_FEATURE_ROUTING_GIVEN
-                | FDMOE_FEATURE_ROUTING_RECORD
-                | FDMOE_FEATURE_LATENT
-                | FDMOE_FEATURE_SHARED_EXPERTS
+            common
                 | FDMOE_FEATURE_ACT_F32
-                | FDMOE_FEATURE_ACT_BF16
-                | FDMOE_FEATURE_ACT_F16
                 | FDMOE_FEATURE_WEIGHT_F32
-                | FDMOE_FEATURE_WEIGHT_BF16
-                | FDMOE_FEATURE_WEIGHT_F16
                 | FDMOE_FEATURE_WEIGHT_FP8_BLOCK
                 | FDMOE_FEATURE_WEIGHT_MXFP4
                 | FDMOE_FEATURE_WEIGHT_NVFP4
-                | FDMOE_FEATURE_LAYOUT_TORCH
-                | FDMOE_FEATURE_LAYOUT_PADDLE
-                | FDMOE_FEATURE_LAYOUT_PER_EXPERT
-                | FDMOE_FEATURE_WEIGHTS_OWN
-                | FDMOE_FEATURE_WEIGHTS_BORROW
                 // fdmoe_pre_dispatch_fp8 on host memory.
                 | FDMOE_FEATURE_FP8_PRE_DISPATCH
         }
         #[cfg(feature = "cuda")]
-        FdmoeBackendKind::Cuda => {
-            FDMOE_FEATURE_ROUTING_SOFTMAX_TOPK
-                | FDMOE_FEATURE_ROUTING_SIGMOID_TOPK
-                | FDMOE_FEATURE_ROUTING_GROUPED_TOPK
-                | FDMOE_FEATURE_ROUTING_GIVEN
-                | FDMOE_FEATURE_ROUTING_RECORD
-                | FDMOE_FEATURE_LATENT
-                | FDMOE_FEATURE_SHARED_EXPERTS
-                | FDMOE_FEATURE_ACT_BF16
-                | FDMOE_FEATURE_ACT_F16
-                | FDMOE_FEATURE_WEIGHT_BF16
-                | FDMOE_FEATURE_WEIGHT_F16
-                | FDMOE_FEATURE_LAYOUT_TORCH
-                | FDMOE_FEATURE_LAYOUT_PADDLE
-                | FDMOE_FEATURE_LAYOUT_PER_EXPERT
-                | FDMOE_FEATURE_WEIGHTS_OWN
-                | FDMOE_FEATURE_WEIGHTS_BORROW
-        }
+        FdmoeBackendKind::Cuda => common | FDMOE_FEATURE_CUDA_GRAPHS,
         #[cfg(not(feature = "cuda"))]
-        FdmoeBackendKind::Cuda => 0,
+        FdmoeBackendKind::Cuda => {
+            let _ = common;
+            0
+        }
     }
 }
