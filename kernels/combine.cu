@@ -20,7 +20,9 @@ __device__ __forceinline__ void add8(float* acc, const Vec8& v) {
 
 extern "C" __global__ void __launch_bounds__(128)
     combine_slots(const u16* __restrict__ y, const int* __restrict__ slot_positions, const float* __restrict__ residual,
-                  u16* __restrict__ out, const int* num_tokens_dev, int num_tokens, int top_k, int n) {
+                  u16* __restrict__ out, const int* num_tokens_dev, int num_tokens, int top_k, int n,
+                  const u64* args_block, int out_arg) {
+    if (args_block && out_arg >= 0) out = (u16*)args_block[out_arg];
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t = blockIdx.x;
     if (t >= T) return;

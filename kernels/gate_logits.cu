@@ -18,7 +18,8 @@
 template <int TOKENS>
 __device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restrict__ gate_t,
                                  float* __restrict__ logits, const int* num_tokens_dev, int num_tokens,
-                                 int hidden, int num_experts) {
+                                 int hidden, int num_experts, const u64* args_block) {
+    x = forward_arg(args_block, ARG_X, x);
     __shared__ float xs[TOKENS][GATE_ROUND];
     __shared__ float partial[GATE_WARPS][TOKENS][32];
     const int T = token_count(num_tokens_dev, num_tokens);
@@ -65,12 +66,12 @@ __device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restr
 
 extern "C" __global__ void __launch_bounds__(256) gate_logits_t4(const u16* x, const float* gate_t, float* logits,
                                                                  const int* num_tokens_dev, int num_tokens, int hidden,
-                                                                 int num_experts) {
-    gate_logits_impl<4>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts);
+                                                                 int num_experts, const u64* args_block) {
+    gate_logits_impl<4>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts, args_block);
 }
 
 extern "C" __global__ void __launch_bounds__(256) gate_logits_t16(const u16* x, const float* gate_t, float* logits,
                                                                   const int* num_tokens_dev, int num_tokens, int hidden,
-                                                                  int num_experts) {
-    gate_logits_impl<16>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts);
+                                                                  int num_experts, const u64* args_block) {
+    gate_logits_impl<16>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts, args_block);
 }

@@ -54,7 +54,19 @@ struct GemmParams {
     const float* slot_weights;  // [T * k] router weights (SCALE)
     const int* num_tokens_dev;  // DENSE: true T
     i64 num_tokens;
+    const u64* args_block;      // graph replay: a and/or c come from slots a_arg / c_arg
+    i64 a_arg;                  // -1: use a
+    i64 c_arg;                  // -1: use c
 };
+
+// Resolves the operands that graph replay passes through the argument block.
+__device__ __forceinline__ GemmParams resolve_args(GemmParams p) {
+    if (p.args_block) {
+        if (p.a_arg >= 0) p.a = (const u16*)p.args_block[p.a_arg];
+        if (p.c_arg >= 0) p.c = (void*)p.args_block[p.c_arg];
+    }
+    return p;
+}
 
 // The rows and columns one block covers, and each tile row's / column's source offset.
 struct TileRange {
@@ -349,7 +361,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
 
 #define FDMOE_GEMM(tile, name, mode, act)                                                         \
     extern "C" __global__ void __launch_bounds__(FDMOE_THREADS_##tile) gemm_##tile##_##name(GemmParams p) { \
-        FDMOE_BODY_##tile<FDMOE_TILE_##tile, mode, act>(p);                                       \
+        FDMOE_BODY_##tile<FDMOE_TILE_##tile, mode, act>(resolve_args(p));                         \
     }
 #define FDMOE_BODY_s grouped_gemm_body
 #define FDMOE_BODY_m grouped_gemm_body

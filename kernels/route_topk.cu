@@ -22,6 +22,7 @@ struct RouteParams {
     int* record_ids;            // [T][k] caller's routing record, or null
     float* record_weights;
     const int* num_tokens_dev;
+    const u64* args_block;      // graph replay: the record (and NULL logits) come from here
     i64 num_tokens;
     i64 num_experts;
     i64 top_k;
@@ -72,6 +73,12 @@ __device__ float block_max(float v, float* scratch) {
 
 // Dynamic shared memory: scores[E], choice[E], group_keep[n_group] (as int), picked ids[k].
 extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(RouteParams p) {
+    if (p.args_block) {
+        // NULL logits: the caller's, from the block; else the gate GEMM's workspace.
+        if (!p.logits) p.logits = (const float*)p.args_block[ARG_LOGITS];
+        p.record_ids = forward_arg(p.args_block, ARG_RECORD_IDS, p.record_ids);
+        p.record_weights = forward_arg(p.args_block, ARG_RECORD_WEIGHTS, p.record_weights);
+    }
     extern __shared__ float smem[];
     __shared__ u64 key_scratch[ROUTE_THREADS / 32];
     __shared__ float f_scratch[ROUTE_THREADS / 32];
@@ -178,7 +185,11 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_topk(RoutePara
 // routing record. Ids outside [0, E) are kept: the sort drops those slots (no work, no write).
 extern "C" __global__ void given_topk(const int* ids, const float* weights, int* topk_ids, float* topk_weights,
                                       int* record_ids, float* record_weights, const int* num_tokens_dev,
-                                      int num_tokens, int top_k) {
+                                      int num_tokens, int top_k, const u64* args_block) {
+    ids = forward_arg(args_block, ARG_TOPK_IDS, ids);
+    weights = forward_arg(args_block, ARG_TOPK_WEIGHTS, weights);
+    record_ids = forward_arg(args_block, ARG_RECORD_IDS, record_ids);
+    record_weights = forward_arg(args_block, ARG_RECORD_WEIGHTS, record_weights);
     const int T = token_count(num_tokens_dev, num_tokens);
     const i64 n = (i64)T * top_k;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -189,4 +200,19 @@ extern "C" __global__ void given_topk(const int* ids, const float* weights, int*
         if (record_ids) record_ids[i] = id;
         if (record_weights) record_weights[i] = w;
     }
+}
+
+// Graph replay prologue: one launch writes the call's pointers and true T where the captured
+// kernels read them (kernel parameters travel by value, so nothing races the next call).
+extern "C" __global__ void set_forward_args(u64* args_block, int* num_tokens_dev, u64 x, u64 out, u64 logits,
+                                            u64 topk_ids, u64 topk_weights, u64 record_ids, u64 record_weights,
+                                            int num_tokens) {
+    args_block[ARG_X] = x;
+    args_block[ARG_OUT] = out;
+    args_block[ARG_LOGITS] = logits;
+    args_block[ARG_TOPK_IDS] = topk_ids;
+    args_block[ARG_TOPK_WEIGHTS] = topk_weights;
+    args_block[ARG_RECORD_IDS] = record_ids;
+    args_block[ARG_RECORD_WEIGHTS] = record_weights;
+    *num_tokens_dev = num_tokens;
 }

@@ -35,6 +35,24 @@ __device__ __forceinline__ u32 pack_elem2(float lo, float hi) {
     return (u32)float_to_elem(lo) | ((u32)float_to_elem(hi) << 16);
 }
 
+// Slots of the forward argument block (graph replay): the caller's pointers of one call,
+// written by set_forward_args before the graph runs, so captured kernels read them instead of
+// pointers baked in at capture and no input or output needs copying.
+#define ARG_X 0
+#define ARG_OUT 1
+#define ARG_LOGITS 2
+#define ARG_TOPK_IDS 3
+#define ARG_TOPK_WEIGHTS 4
+#define ARG_RECORD_IDS 5
+#define ARG_RECORD_WEIGHTS 6
+#define ARG_SLOTS 7
+
+// The pointer in `slot` of the argument block when there is one, else `direct`.
+template <typename T>
+__device__ __forceinline__ T* forward_arg(const u64* args_block, int slot, T* direct) {
+    return args_block ? (T*)args_block[slot] : direct;
+}
+
 // The true token count: device memory when graphs replay a padded bucket, else the argument.
 __device__ __forceinline__ int token_count(const int* num_tokens_dev, int num_tokens) {
     return num_tokens_dev ? *num_tokens_dev : num_tokens;

@@ -184,14 +184,6 @@ pub fn copy_to_host<T: Copy>(src: DevicePtr, dst: &mut [T]) -> Result<()> {
     )
 }
 
-/// Synchronous device-to-device copy (load time).
-pub fn copy_device(dst: DevicePtr, src: DevicePtr, bytes: usize) -> Result<()> {
-    check(
-        unsafe { sys::cuMemcpyDtoD_v2(dst, src, bytes) },
-        "cuMemcpyDtoD",
-    )
-}
-
 /// Where a pointer points, as the driver sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PointerKind {
@@ -328,40 +320,6 @@ impl Function {
 /// `&mut value` as a kernel parameter pointer.
 pub fn arg<T>(value: &mut T) -> *mut c_void {
     value as *mut T as *mut c_void
-}
-
-/// Async device-to-device copy on `stream` (capture-safe).
-/// # Safety
-/// `stream` is a live stream of the current context (NULL: the legacy stream).
-pub unsafe fn copy_device_async(
-    dst: DevicePtr,
-    src: DevicePtr,
-    bytes: usize,
-    stream: Stream,
-) -> Result<()> {
-    if bytes == 0 {
-        return Ok(());
-    }
-    check(
-        unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, bytes, stream) },
-        "cuMemcpyDtoDAsync",
-    )
-}
-
-/// Sets `count` 32-bit words to `value` on `stream`; the value travels by value, so no host
-/// buffer can race with a later call.
-/// # Safety
-/// `stream` is a live stream of the current context (NULL: the legacy stream).
-pub unsafe fn set_words_async(
-    dst: DevicePtr,
-    value: u32,
-    count: usize,
-    stream: Stream,
-) -> Result<()> {
-    check(
-        unsafe { sys::cuMemsetD32Async(dst, value, count, stream) },
-        "cuMemsetD32Async",
-    )
 }
 
 /// Whether work enqueued on `stream` is being captured into a graph right now.

@@ -1,13 +1,13 @@
-//! Library-owned CUDA graphs (SPEC §6): one graph per token bucket, captured over static
-//! input/output buffers. A forward with T tokens replays the smallest bucket >= T: it sets the
-//! true T in device memory (by value, so
-//! no host buffer races the next call), copies the inputs in, replays and copies the outputs
-//! out. Kernels read T from device memory, so padding rows cost no routing and write nothing,
-//! and replay runs the same kernels with the same numerics as eager: bitwise equal.
+//! Library-owned CUDA graphs (SPEC §6): one graph per token bucket. A forward with T tokens
+//! replays the smallest bucket >= T: one small kernel writes the true T and the call's pointers
+//! into an argument block in device memory (kernel parameters travel by value, so nothing races
+//! the next call), then the graph runs, its kernels reading x, out, logits, given routing and
+//! the routing record through the block: no input or output is copied. Kernels read T from
+//! device memory, so padding rows cost no routing and write nothing, and replay runs the same
+//! kernels with the same numerics as eager: bitwise equal.
 
-use super::driver::{
-    copy_device_async, set_words_async, DeviceBuffer, DevicePtr, GraphExec, Stream,
-};
+use super::driver::{DeviceBuffer, DevicePtr, GraphExec, Stream};
+use super::kernels::{Kernels, ARG_SLOTS};
 use crate::config::MoeConfig;
 use crate::error::{ensure, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
@@ -43,84 +43,40 @@ pub fn buckets(cfg: &MoeConfig, requested: &[usize]) -> Result<Vec<usize>> {
     Ok(v)
 }
 
-/// Static buffers the graphs read and write, sized by the largest bucket.
+/// What the graphs read per call: the true T and the call's pointers (the argument block).
 pub struct GraphBuffers {
     pub num_tokens: DeviceBuffer,
-    pub x: DeviceBuffer,
-    pub out: DeviceBuffer,
-    pub logits: DeviceBuffer,
-    pub topk_ids: DeviceBuffer,
-    pub topk_weights: DeviceBuffer,
-    pub record_ids: DeviceBuffer,
-    pub record_weights: DeviceBuffer,
+    pub args_block: DeviceBuffer,
 }
 
 impl GraphBuffers {
-    pub fn bytes(
-        cfg: &MoeConfig,
-        max_bucket: usize,
-        source: Option<RoutingSource>,
-    ) -> [(usize, &'static str); 8] {
-        let el = cfg.act_dtype.dense_size().unwrap_or(2);
-        let slots = max_bucket * cfg.top_k;
-        let logits = matches!(source, None | Some(RoutingSource::Logits)) as usize;
-        let given = matches!(source, None | Some(RoutingSource::Given)) as usize;
+    pub fn bytes() -> [(usize, &'static str); 2] {
         [
             (4, "graph token count"),
-            (max_bucket * cfg.hidden_size * el, "graph input"),
-            (max_bucket * cfg.hidden_size * el, "graph output"),
-            (
-                logits * max_bucket * cfg.num_experts * 4,
-                "graph router logits",
-            ),
-            (given * slots * 4, "graph given ids"),
-            (given * slots * 4, "graph given weights"),
-            (slots * 4, "graph routing record ids"),
-            (slots * 4, "graph routing record weights"),
+            (ARG_SLOTS * 8, "graph argument block"),
         ]
     }
 
-    pub fn new(cfg: &MoeConfig, max_bucket: usize, source: RoutingSource) -> Result<Self> {
-        let mut it = Self::bytes(cfg, max_bucket, Some(source))
-            .into_iter()
-            .map(|(b, w)| DeviceBuffer::alloc(b, w));
-        let mut next = || it.next().expect("8 buffers");
+    pub fn new() -> Result<Self> {
+        let [(t, tw), (a, aw)] = Self::bytes();
         Ok(GraphBuffers {
-            num_tokens: next()?,
-            x: next()?,
-            out: next()?,
-            logits: next()?,
-            topk_ids: next()?,
-            topk_weights: next()?,
-            record_ids: next()?,
-            record_weights: next()?,
+            num_tokens: DeviceBuffer::alloc(t, tw)?,
+            args_block: DeviceBuffer::alloc(a, aw)?,
         })
     }
 
-    /// The forward arguments a graph is captured with: every pointer static.
-    pub fn capture_args(&self, bucket: usize, source: RoutingSource) -> ForwardArgs {
-        let p = |b: &DeviceBuffer| b.ptr as *mut std::ffi::c_void;
+    /// The forward arguments a graph is captured with: the caller's pointers are NULL, since
+    /// the kernels read them from the argument block.
+    pub fn capture_args(bucket: usize) -> ForwardArgs {
         ForwardArgs {
             num_tokens: bucket,
-            x: p(&self.x),
-            out: p(&self.out),
-            router_logits: if source == RoutingSource::Logits {
-                p(&self.logits) as *const f32
-            } else {
-                std::ptr::null()
-            },
-            topk_ids: if source == RoutingSource::Given {
-                p(&self.topk_ids) as *const i32
-            } else {
-                std::ptr::null()
-            },
-            topk_weights: if source == RoutingSource::Given {
-                p(&self.topk_weights) as *const f32
-            } else {
-                std::ptr::null()
-            },
-            topk_ids_out: p(&self.record_ids) as *mut i32,
-            topk_weights_out: p(&self.record_weights) as *mut f32,
+            x: std::ptr::null(),
+            out: std::ptr::null_mut(),
+            router_logits: std::ptr::null(),
+            topk_ids: std::ptr::null(),
+            topk_weights: std::ptr::null(),
+            topk_ids_out: std::ptr::null_mut(),
+            topk_weights_out: std::ptr::null_mut(),
             stream: std::ptr::null_mut(),
             force_eager: false,
         }
@@ -140,74 +96,35 @@ impl Graphs {
         self.graphs.iter().find(|(b, _)| *b >= t)
     }
 
-    /// Replays `graph` for the call's `t` tokens on `stream`.
+    /// Replays `graph` for the call's tokens on `stream`: one small launch writes T and the
+    /// call's pointers, then the graph runs; nothing is copied.
     ///
     /// # Safety
     /// The pointers of `args` cover their extents in device memory; `stream` is live.
     pub unsafe fn replay(
         &self,
-        cfg: &MoeConfig,
+        kernels: &Kernels,
         graph: &GraphExec,
         args: &ForwardArgs,
         stream: Stream,
     ) -> Result<()> {
-        let t = args.num_tokens;
-        let el = cfg.act_dtype.dense_size().unwrap_or(2);
-        let slots = t * cfg.top_k;
         let b = &self.buffers;
-        set_words_async(b.num_tokens.ptr, t as u32, 1, stream)?;
-        copy_device_async(
-            b.x.ptr,
+        let pointers = [
             args.x as DevicePtr,
-            t * cfg.hidden_size * el,
-            stream,
-        )?;
-        match self.source {
-            RoutingSource::Logits => copy_device_async(
-                b.logits.ptr,
-                args.router_logits as DevicePtr,
-                t * cfg.num_experts * 4,
-                stream,
-            )?,
-            RoutingSource::Given => {
-                copy_device_async(
-                    b.topk_ids.ptr,
-                    args.topk_ids as DevicePtr,
-                    slots * 4,
-                    stream,
-                )?;
-                copy_device_async(
-                    b.topk_weights.ptr,
-                    args.topk_weights as DevicePtr,
-                    slots * 4,
-                    stream,
-                )?;
-            }
-            RoutingSource::GateWeight => {}
-        }
-        graph.launch(stream)?;
-        copy_device_async(
             args.out as DevicePtr,
-            b.out.ptr,
-            t * cfg.hidden_size * el,
+            args.router_logits as DevicePtr,
+            args.topk_ids as DevicePtr,
+            args.topk_weights as DevicePtr,
+            args.topk_ids_out as DevicePtr,
+            args.topk_weights_out as DevicePtr,
+        ];
+        kernels.set_forward_args(
+            b.args_block.ptr,
+            b.num_tokens.ptr,
+            pointers,
+            args.num_tokens,
             stream,
         )?;
-        if !args.topk_ids_out.is_null() {
-            copy_device_async(
-                args.topk_ids_out as DevicePtr,
-                b.record_ids.ptr,
-                slots * 4,
-                stream,
-            )?;
-        }
-        if !args.topk_weights_out.is_null() {
-            copy_device_async(
-                args.topk_weights_out as DevicePtr,
-                b.record_weights.ptr,
-                slots * 4,
-                stream,
-            )?;
-        }
-        Ok(())
+        graph.launch(stream)
     }
 }

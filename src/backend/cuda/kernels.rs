@@ -10,7 +10,7 @@ use crate::error::Result;
 
 /// Mirrors `GemmParams` in kernels/grouped_gemm.cu.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct GemmParams {
     pub a: DevicePtr,
     pub lda: i64,
@@ -33,7 +33,48 @@ pub struct GemmParams {
     pub slot_weights: DevicePtr,
     pub num_tokens_dev: DevicePtr,
     pub num_tokens: i64,
+    /// Graph replay: the forward argument block; `a_arg`/`c_arg` (slots, -1 = none) name the
+    /// operands read from it instead of `a`/`c`.
+    pub args_block: DevicePtr,
+    pub a_arg: i64,
+    pub c_arg: i64,
 }
+
+impl Default for GemmParams {
+    fn default() -> Self {
+        GemmParams {
+            a: 0,
+            lda: 0,
+            b: 0,
+            ldb: 0,
+            b_group_stride: 0,
+            c: 0,
+            ldc: 0,
+            residual: 0,
+            ld_residual: 0,
+            k: 0,
+            n: 0,
+            up_offset: 0,
+            tile_expert: 0,
+            tile_row: 0,
+            num_tiles: 0,
+            expert_offsets: 0,
+            sorted_slots: 0,
+            top_k: 0,
+            slot_weights: 0,
+            num_tokens_dev: 0,
+            num_tokens: 0,
+            args_block: 0,
+            a_arg: -1,
+            c_arg: -1,
+        }
+    }
+}
+
+/// Slots of the forward argument block (ARG_* in kernels/common/types.cuh).
+pub const ARG_X: i64 = 0;
+pub const ARG_OUT: i64 = 1;
+pub const ARG_SLOTS: usize = 7;
 
 /// Mirrors `RouteParams` in kernels/route_topk.cu.
 #[repr(C)]
@@ -46,6 +87,7 @@ pub struct RouteParams {
     pub record_ids: DevicePtr,
     pub record_weights: DevicePtr,
     pub num_tokens_dev: DevicePtr,
+    pub args_block: DevicePtr,
     pub num_tokens: i64,
     pub num_experts: i64,
     pub top_k: i64,
@@ -196,6 +238,7 @@ pub struct Kernels {
     gate_t16: Function,
     route: Function,
     given: Function,
+    set_args: Function,
     sort: Function,
     combine: Function,
     gemms: Vec<((Tile, GemmKind), Function)>,
@@ -234,6 +277,7 @@ impl Kernels {
             gate_t16: gate.function("gate_logits_t16", 0)?,
             route: route.function("route_topk", 0)?,
             given: route.function("given_topk", 0)?,
+            set_args: route.function("set_forward_args", 0)?,
             sort: sort.function("sort_by_expert", sort_smem_bytes(num_experts))?,
             combine: combine.function("combine_slots", 0)?,
             gemms,
@@ -293,6 +337,7 @@ impl Kernels {
         num_tokens: usize,
         hidden: usize,
         num_experts: usize,
+        args_block: DevicePtr,
         stream: Stream,
     ) -> Result<()> {
         // Numerically identical; fewer tokens per block for decode keeps more blocks busy.
@@ -306,7 +351,7 @@ impl Kernels {
             num_experts.div_ceil(32) as u32,
             1,
         );
-        let (mut x, mut g, mut l, mut nd) = (x, gate_t, logits, num_tokens_dev);
+        let (mut x, mut g, mut l, mut nd, mut ab) = (x, gate_t, logits, num_tokens_dev, args_block);
         let (mut t, mut h, mut e) = (num_tokens as i32, hidden as i32, num_experts as i32);
         f.launch(
             grid,
@@ -321,6 +366,7 @@ impl Kernels {
                 arg(&mut t),
                 arg(&mut h),
                 arg(&mut e),
+                arg(&mut ab),
             ],
         )
     }
@@ -353,6 +399,7 @@ impl Kernels {
         num_tokens_dev: DevicePtr,
         num_tokens: usize,
         top_k: usize,
+        args_block: DevicePtr,
         stream: Stream,
     ) -> Result<()> {
         let slots = num_tokens * top_k;
@@ -366,7 +413,7 @@ impl Kernels {
             record_weights,
             num_tokens_dev,
         );
-        let (mut t, mut k) = (num_tokens as i32, top_k as i32);
+        let (mut t, mut k, mut ab) = (num_tokens as i32, top_k as i32, args_block);
         self.given.launch(
             (blocks, 1, 1),
             256,
@@ -382,6 +429,7 @@ impl Kernels {
                 arg(&mut g),
                 arg(&mut t),
                 arg(&mut k),
+                arg(&mut ab),
             ],
         )
     }
@@ -451,12 +499,15 @@ impl Kernels {
         num_tokens: usize,
         top_k: usize,
         n: usize,
+        args_block: DevicePtr,
+        out_arg: i64,
         stream: Stream,
     ) -> Result<()> {
         let grid = (num_tokens as u32, n.div_ceil(8 * 128) as u32, 1);
         let (mut a, mut b, mut c, mut d, mut e) =
             (y, slot_positions, residual, out, num_tokens_dev);
         let (mut t, mut k, mut nn) = (num_tokens as i32, top_k as i32, n as i32);
+        let (mut ab, mut oa) = (args_block, out_arg as i32);
         self.combine.launch(
             grid,
             128,
@@ -471,6 +522,45 @@ impl Kernels {
                 arg(&mut t),
                 arg(&mut k),
                 arg(&mut nn),
+                arg(&mut ab),
+                arg(&mut oa),
+            ],
+        )
+    }
+
+    /// Graph replay prologue: writes the call's pointers and T into the argument block.
+    ///
+    /// # Safety
+    /// `args_block` holds ARG_SLOTS u64s and `num_tokens_dev` one int, in device memory.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn set_forward_args(
+        &self,
+        args_block: DevicePtr,
+        num_tokens_dev: DevicePtr,
+        pointers: [DevicePtr; ARG_SLOTS],
+        num_tokens: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let (mut ab, mut nd) = (args_block, num_tokens_dev);
+        let mut p = pointers;
+        let mut t = num_tokens as i32;
+        let [p0, p1, p2, p3, p4, p5, p6] = &mut p;
+        self.set_args.launch(
+            (1, 1, 1),
+            1,
+            0,
+            stream,
+            &mut [
+                arg(&mut ab),
+                arg(&mut nd),
+                arg(p0),
+                arg(p1),
+                arg(p2),
+                arg(p3),
+                arg(p4),
+                arg(p5),
+                arg(p6),
+                arg(&mut t),
             ],
         )
     }

@@ -19,8 +19,10 @@ use self::compile::Element;
 use self::driver::{
     is_capturing, Context, DeviceBuffer, DevicePtr, GraphExec, OwnedStream, Stream,
 };
-use self::graph::{buckets, GraphBuffers, Graphs, DEFAULT_BUCKETS};
-use self::kernels::{GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile};
+use self::graph::{buckets, GraphBuffers, Graphs};
+use self::kernels::{
+    GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile, ARG_OUT, ARG_X,
+};
 use self::weights::{require_device, weight_bytes, CudaWeights};
 use super::{Backend, MemoryRequirements};
 use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig};
@@ -179,15 +181,7 @@ pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
     Ok(MemoryRequirements {
         device_weight_bytes: weight_bytes(cfg),
         device_workspace_bytes: Workspace::sizes(cfg).iter().map(|(b, _)| b).sum(),
-        device_graph_bytes: GraphBuffers::bytes(
-            cfg,
-            cfg.max_tokens
-                .min(DEFAULT_BUCKETS[DEFAULT_BUCKETS.len() - 1]),
-            None,
-        )
-        .iter()
-        .map(|(b, _)| b)
-        .sum(),
+        device_graph_bytes: GraphBuffers::bytes().iter().map(|(b, _)| b).sum(),
         host_weight_bytes: 0,
         host_workspace_bytes: 0,
     })
@@ -279,13 +273,16 @@ impl CudaBackend {
     }
 
     /// Enqueues the whole forward for `t` tokens. `num_tokens_dev` (0 in eager mode) lets a
-    /// graph captured for a larger bucket see the true T.
+    /// graph captured for a larger bucket see the true T. With an `args_block` (graph capture)
+    /// the caller's pointers are not baked in: kernels read them from the block at run time,
+    /// and `args` carries NULL for them.
     unsafe fn enqueue(
         &self,
         args: &ForwardArgs,
         source: RoutingSource,
         t: usize,
         num_tokens_dev: DevicePtr,
+        args_block: DevicePtr,
         stream: Stream,
     ) -> Result<()> {
         let cfg = &self.cfg;
@@ -303,6 +300,19 @@ impl CudaBackend {
         let out = args.out as DevicePtr;
         let record_ids = args.topk_ids_out as DevicePtr;
         let record_weights = args.topk_weights_out as DevicePtr;
+        // GEMM operands that are the caller's x or out come from the block under capture.
+        let via_block = |mut p: GemmParams| {
+            if args_block != 0 {
+                p.args_block = args_block;
+                if p.a == x {
+                    p.a_arg = ARG_X;
+                }
+                if p.c == out {
+                    p.c_arg = ARG_OUT;
+                }
+            }
+            p
+        };
 
         // 1. Routing.
         match source {
@@ -316,6 +326,7 @@ impl CudaBackend {
                 num_tokens_dev,
                 t,
                 top_k,
+                args_block,
                 stream,
             )?,
             RoutingSource::Logits | RoutingSource::GateWeight => {
@@ -323,7 +334,17 @@ impl CudaBackend {
                     args.router_logits as DevicePtr
                 } else {
                     let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
-                    k.gate_logits(x, gate.ptr, ws.logits.ptr, num_tokens_dev, t, h, e, stream)?;
+                    k.gate_logits(
+                        x,
+                        gate.ptr,
+                        ws.logits.ptr,
+                        num_tokens_dev,
+                        t,
+                        h,
+                        e,
+                        args_block,
+                        stream,
+                    )?;
                     ws.logits.ptr
                 };
                 let p = RouteParams {
@@ -334,6 +355,7 @@ impl CudaBackend {
                     record_ids,
                     record_weights,
                     num_tokens_dev,
+                    args_block,
                     num_tokens: t as i64,
                     num_experts: e as i64,
                     top_k: top_k as i64,
@@ -374,7 +396,13 @@ impl CudaBackend {
         let inputs = match &w.fc1 {
             Some(fc1) => {
                 let p = dense(x, h, fc1.ptr(), h, l, ws.latent_in.ptr);
-                k.gemm(dense_tile, GemmKind::Dense, &p, tiles_dense, stream)?;
+                k.gemm(
+                    dense_tile,
+                    GemmKind::Dense,
+                    &via_block(p),
+                    tiles_dense,
+                    stream,
+                )?;
                 ws.latent_in.ptr
             }
             None => x,
@@ -429,7 +457,7 @@ impl CudaBackend {
             up_offset: i as i64,
             ..grouped
         };
-        k.gemm(tile, GemmKind::UpGated, &p, max_tiles, stream)?;
+        k.gemm(tile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
 
         // 5. GEMM 2: y = w_slot · act · W2[e]ᵀ, in sorted order.
         let p = GemmParams {
@@ -444,7 +472,7 @@ impl CudaBackend {
             n: l as i64,
             ..grouped
         };
-        k.gemm(tile, GemmKind::DownScaled, &p, max_tiles, stream)?;
+        k.gemm(tile, GemmKind::DownScaled, &via_block(p), max_tiles, stream)?;
 
         // 6. Shared experts over the full hidden x, kept in f32 until the final rounding.
         let shared_out = match (&w.shared_w13, &w.shared_w2, cfg.shared_intermediate_size) {
@@ -453,9 +481,21 @@ impl CudaBackend {
                     up_offset: s as i64,
                     ..dense(x, h, sw13.ptr(), h, s, ws.shared_act.ptr)
                 };
-                k.gemm(dense_tile, GemmKind::DenseGated, &p, tiles_dense, stream)?;
+                k.gemm(
+                    dense_tile,
+                    GemmKind::DenseGated,
+                    &via_block(p),
+                    tiles_dense,
+                    stream,
+                )?;
                 let p = dense(ws.shared_act.ptr, s, sw2.ptr(), s, h, ws.shared_out.ptr);
-                k.gemm(dense_tile, GemmKind::DenseF32, &p, tiles_dense, stream)?;
+                k.gemm(
+                    dense_tile,
+                    GemmKind::DenseF32,
+                    &via_block(p),
+                    tiles_dense,
+                    stream,
+                )?;
                 ws.shared_out.ptr
             }
             _ => 0,
@@ -473,6 +513,8 @@ impl CudaBackend {
                     t,
                     top_k,
                     l,
+                    0,
+                    -1,
                     stream,
                 )?;
                 let mut p = dense(ws.latent_out.ptr, l, fc2.ptr(), l, h, out);
@@ -483,7 +525,7 @@ impl CudaBackend {
                 } else {
                     GemmKind::Dense
                 };
-                k.gemm(dense_tile, kind, &p, tiles_dense, stream)?;
+                k.gemm(dense_tile, kind, &via_block(p), tiles_dense, stream)?;
             }
             None => k.combine(
                 ws.y.ptr,
@@ -494,6 +536,8 @@ impl CudaBackend {
                 t,
                 top_k,
                 h,
+                args_block,
+                ARG_OUT,
                 stream,
             )?,
         }
@@ -537,11 +581,11 @@ impl Backend for CudaBackend {
             // Inside the caller's own capture our kernels are captured directly instead.
             if !args.force_eager && graphs.source == source && !is_capturing(stream)? {
                 if let Some((_, exec)) = graphs.pick(args.num_tokens) {
-                    return graphs.replay(&self.cfg, exec, args, stream);
+                    return graphs.replay(&self.kernels, exec, args, stream);
                 }
             }
         }
-        self.enqueue(args, source, args.num_tokens, 0, stream)
+        self.enqueue(args, source, args.num_tokens, 0, 0, stream)
     }
 
     fn capture_graphs(&mut self, token_counts: &[usize], stream: *mut c_void) -> Result<()> {
@@ -571,11 +615,10 @@ impl Backend for CudaBackend {
             RoutingSource::Logits
         };
         self.graphs = None;
-        let max_bucket = *buckets.last().expect("at least one bucket");
-        let buffers = GraphBuffers::new(&self.cfg, max_bucket, source)?;
+        let buffers = GraphBuffers::new()?;
         let mut graphs = Vec::with_capacity(buckets.len());
         for &bucket in &buckets {
-            let args = buffers.capture_args(bucket, source);
+            let args = GraphBuffers::capture_args(bucket);
             // SAFETY: the capture stream is live; the static buffers outlive the graphs.
             let exec = unsafe {
                 GraphExec::capture(capture_stream, || {
@@ -584,6 +627,7 @@ impl Backend for CudaBackend {
                         source,
                         bucket,
                         buffers.num_tokens.ptr,
+                        buffers.args_block.ptr,
                         capture_stream,
                     )
                 })?
