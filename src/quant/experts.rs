@@ -37,6 +37,7 @@ use super::fp8_block::{quantize_fp8_block, Fp8BlockMatrix, FP8_BLOCK_SIZE};
 use super::mxfp4::{quantize_mxfp4, Mxfp4Matrix, MXFP4_GROUP_SIZE};
 use super::nvfp4::{quantize_nvfp4, Nvfp4Matrix, NVFP4_GROUP_SIZE};
 use super::ue8m0::UE8M0_NAN;
+use super::RowDecode;
 use super::SourceElement;
 use crate::config::{FdmoeDtype, FdmoeLayout, MoeConfig};
 use crate::dtype::load_f32;

@@ -19,6 +19,7 @@
 use rayon::prelude::*;
 
 use super::e4m3::{decode_e4m3, encode_e4m3, E4M3_MAX};
+use super::RowDecode;
 use super::{check_matrix_len, finite_amax, SourceElement};
 use crate::error::{ensure, Result};
 
@@ -183,29 +184,15 @@ impl Fp8BlockMatrix {
             }
         }
     }
+}
 
-    /// Dequantizes the whole matrix into `out` (`rows * cols` values, row-major).
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
-        check_matrix_len(
-            "FP8_BLOCK dequantize output",
-            self.rows,
-            self.cols,
-            out.len(),
-        )?;
-        if self.cols > 0 {
-            out.par_chunks_mut(self.cols)
-                .enumerate()
-                .for_each(|(row, values)| self.dequantize_row(row, values));
-        }
-        Ok(())
+impl RowDecode for Fp8BlockMatrix {
+    const FORMAT: &'static str = "FP8_BLOCK";
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
-
-    /// The whole matrix as f32, row-major `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        self.dequantize_into(&mut out)
-            .expect("the output is allocated to the matrix shape");
-        out
+    fn decode_row(&self, row: usize, out: &mut [f32]) {
+        self.dequantize_row(row, out);
     }
 }
 

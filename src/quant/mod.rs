@@ -60,6 +60,43 @@ impl<T: Copy + Send + Sync + Into<f32>> SourceElement for T {}
 
 /// Checks that a `[rows, cols]` matrix given as `len` elements has that shape, without
 /// overflow; `what` names the argument in the message.
+/// A quantized `[rows, cols]` matrix that decodes one row at a time; decoding the whole matrix
+/// (row-parallel) is the same for every format.
+pub trait RowDecode: Sync {
+    /// Format name used in shape errors.
+    const FORMAT: &'static str;
+    fn shape(&self) -> (usize, usize);
+    /// Dequantizes row `row` into `out` (`cols` values).
+    fn decode_row(&self, row: usize, out: &mut [f32]);
+
+    /// Dequantizes the whole matrix into `out` (`rows * cols` values, row-major).
+    fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
+        use rayon::prelude::*;
+        let (rows, cols) = self.shape();
+        check_matrix_len(
+            &format!("{} dequantize output", Self::FORMAT),
+            rows,
+            cols,
+            out.len(),
+        )?;
+        if cols > 0 {
+            out.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(row, values)| self.decode_row(row, values));
+        }
+        Ok(())
+    }
+
+    /// The whole matrix as f32, row-major `[rows, cols]`.
+    fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = self.shape();
+        let mut out = vec![0f32; rows * cols];
+        self.dequantize_into(&mut out)
+            .expect("the output is allocated to the matrix shape");
+        out
+    }
+}
+
 pub(crate) fn check_matrix_len(what: &str, rows: usize, cols: usize, len: usize) -> Result<()> {
     let expected = rows.checked_mul(cols);
     ensure!(

@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use super::e2m1::{decode_e2m1_pair, encode_e2m1, pack_e2m1};
 use super::ue8m0::{decode_ue8m0, floor_log2, pow2, ue8m0_from_exponent, UE8M0_BIAS, UE8M0_NAN};
+use super::RowDecode;
 use super::{check_matrix_len, finite_amax, SourceElement};
 use crate::error::{ensure, Result};
 
@@ -212,24 +213,15 @@ impl Mxfp4Matrix {
             out,
         );
     }
+}
 
-    /// Dequantizes the whole matrix into `out` (`rows * cols` values, row-major).
-    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<()> {
-        check_matrix_len("MXFP4 dequantize output", self.rows, self.cols, out.len())?;
-        if self.cols > 0 {
-            out.par_chunks_mut(self.cols)
-                .enumerate()
-                .for_each(|(row, values)| self.dequantize_row(row, values));
-        }
-        Ok(())
+impl RowDecode for Mxfp4Matrix {
+    const FORMAT: &'static str = "MXFP4";
+    fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
-
-    /// The whole matrix as f32, row-major `[rows, cols]`.
-    pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        self.dequantize_into(&mut out)
-            .expect("the output is allocated to the matrix shape");
-        out
+    fn decode_row(&self, row: usize, out: &mut [f32]) {
+        self.dequantize_row(row, out);
     }
 }
 
