@@ -477,3 +477,26 @@ def test_qwen3_sized_layer():
         with case.layer("cpu") as cpu:
             cpu.load_weights(N(w13), N(w2), gate=d["gate"])
             check_against_cpu(case, d, cpu, N(out), N(ids), N(w))
+
+
+@pytest.mark.parametrize("name", ["softmax", "grouped_bias", "given"])
+def test_library_graphs_replay_bitwise_like_eager(name):
+    # layer.capture_graphs(): buckets 1..64 and a custom one; every T from 1 to 70 (between
+    # buckets, on a bucket, above the largest: eager) replays bitwise like force_eager, with
+    # the routing record, for torch inputs and numpy round trips.
+    case = GpuCase(seed=_seed("lib-graphs", name), max_tokens=96, latent_size=32, **ROUTINGS[name])
+    with case.layer(DEV) as gpu:
+        d0 = case.inputs()
+        gpu.load_weights(**case.weights(d0, "torch"))
+        gpu.capture_graphs([1, 2, 4, 8, 16, 32, 48, 64])
+        for tokens in (1, 3, 8, 17, 33, 48, 63, 64, 70):
+            d = replace(case, tokens=tokens, seed=tokens).inputs()
+            x, r = T(d["x"]), case.routing_args(d, T)
+            eager = gpu.forward(x, **r, return_routing=True, force_eager=True)
+            replay = gpu.forward(x, **r, return_routing=True)
+            torch.cuda.synchronize()
+            assert all(same_bits(a, b) for a, b in zip(eager, replay)), f"T={tokens}"
+        d = replace(case, tokens=5, seed=99).inputs()
+        out_np = gpu.forward(d["x"], **case.routing_args(d, lambda a: a))
+        out_t = gpu.forward(T(d["x"]), **case.routing_args(d, T), force_eager=True)
+        assert np.array_equal(out_np.view(np.uint16), N(out_t).view(np.uint16))
