@@ -660,7 +660,7 @@ typedef struct FdmoePreDispatchArgs {
   uint32_t struct_size;
   /*
    FdmoeMemory of every pointer. HOST: computed on the CPU before return (stream must be
-   NULL). DEVICE (a CUDA kernel on `stream`): UNSUPPORTED in this build. Default HOST.
+   NULL). DEVICE: a CUDA kernel enqueued on `stream`, bitwise equal to HOST. Default HOST.
    */
   uint32_t memory;
   /*
@@ -882,9 +882,12 @@ FdmoeStatus fdmoe_pre_dispatch_args_init(struct FdmoePreDispatchArgs *args);
  checked before the first write: on error the outputs are untouched. On success every output
  element is written (rows past T are padding). Needs no backend handle; thread-safe, and calls
  on disjoint outputs may run concurrently. Host memory: computed before return on the CPU.
+ Device memory: enqueued on args->stream (no sync), bitwise equal to the host result; the
+ first call for a device compiles and loads the kernel (disk-cached), later calls only launch.
  Errors: NULL_ARGUMENT, INVALID_ARGUMENT (hidden_size not a positive multiple of 128,
- top_k 0, x_dtype or memory values, a stream on host memory), CAPACITY_EXCEEDED,
- UNSUPPORTED (device memory: not in this build).
+ top_k 0, x_dtype or memory values, a stream on host memory, host pointers with memory =
+ device), CAPACITY_EXCEEDED, NO_DEVICE, CUDA_ERROR, UNSUPPORTED (device memory in a build
+ without the cuda feature).
  */
 FdmoeStatus fdmoe_pre_dispatch_fp8(const struct FdmoePreDispatchArgs *args);
 

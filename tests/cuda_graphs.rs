@@ -579,3 +579,124 @@ fn invalid_ids_and_non_finite_logits() {
         rec.len()
     );
 }
+
+/// FP8 pre-dispatch on device memory is bitwise equal to the host reference, padding included,
+/// for bf16 inputs with NaN, ±inf, tiny and huge values; capacity is checked before any write.
+#[test]
+fn pre_dispatch_on_device_equals_host() {
+    use fdmoe::ffi::{fdmoe_pre_dispatch_args_init, fdmoe_pre_dispatch_fp8, FdmoePreDispatchArgs};
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let (t, t_max, h, k) = (37usize, 64usize, 512usize, 4usize);
+    let mut vals = Rng(17).vec(t * h, 3.0);
+    for (i, v) in vals.iter_mut().enumerate() {
+        match i % 97 {
+            0 => *v = f32::NAN,
+            1 => *v *= 1e-30,
+            2 => *v *= 1e20,
+            _ => {}
+        }
+    }
+    vals[5 * h + 40] = f32::INFINITY;
+    vals[9 * h + 300] = f32::NEG_INFINITY;
+    let x: Vec<u16> = vals.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let ids: Vec<i32> = (0..t * k).map(|i| (i * 7 % 64) as i32).collect();
+    let w: Vec<f32> = (0..t * k).map(|i| i as f32 * 0.01).collect();
+    let run = |memory: FdmoeMemory, ptrs: [*mut c_void; 7], stream: *mut c_void| {
+        let mut a: FdmoePreDispatchArgs = unsafe { std::mem::zeroed() };
+        unsafe { fdmoe_pre_dispatch_args_init(&mut a) };
+        a.memory = memory as u32;
+        a.x_dtype = FdmoeDtype::Bf16 as u32;
+        a.num_tokens = t as u32;
+        a.hidden_size = h as u32;
+        a.top_k = k as u32;
+        a.max_tokens = t_max as u32;
+        a.x = ptrs[0];
+        a.topk_ids = ptrs[1] as *const i32;
+        a.topk_weights = ptrs[2] as *const f32;
+        a.out_x = ptrs[3] as *mut u8;
+        a.out_scales = ptrs[4] as *mut i32;
+        a.out_topk_ids = ptrs[5] as *mut i32;
+        a.out_topk_weights = ptrs[6] as *mut f32;
+        a.stream = stream;
+        unsafe { fdmoe_pre_dispatch_fp8(&a) }
+    };
+    let (mut hx, mut hs, mut hi, mut hw) = (
+        vec![0xAAu8; t_max * h],
+        vec![7i32; t_max * h / 128],
+        vec![9i32; t_max * k],
+        vec![5f32; t_max * k],
+    );
+    let st = run(
+        FdmoeMemory::Host,
+        [
+            x.as_ptr() as *mut c_void,
+            ids.as_ptr() as *mut c_void,
+            w.as_ptr() as *mut c_void,
+            hx.as_mut_ptr().cast(),
+            hs.as_mut_ptr().cast(),
+            hi.as_mut_ptr().cast(),
+            hw.as_mut_ptr().cast(),
+        ],
+        std::ptr::null_mut(),
+    );
+    assert_eq!(st, FdmoeStatus::Ok);
+    let dx = DeviceBuffer::from_host(&x, "x").unwrap();
+    let di = DeviceBuffer::from_host(&ids, "ids").unwrap();
+    let dw = DeviceBuffer::from_host(&w, "w").unwrap();
+    let ox = DeviceBuffer::from_host(&vec![0x55u8; t_max * h], "out x").unwrap();
+    let os = DeviceBuffer::from_host(&vec![3i32; t_max * h / 128], "out scales").unwrap();
+    let oi = DeviceBuffer::from_host(&vec![3i32; t_max * k], "out ids").unwrap();
+    let ow = DeviceBuffer::from_host(&vec![3f32; t_max * k], "out w").unwrap();
+    let p = |b: &DeviceBuffer| b.ptr as *mut c_void;
+    let stream = OwnedStream::new().unwrap();
+    let dev = [p(&dx), p(&di), p(&dw), p(&ox), p(&os), p(&oi), p(&ow)];
+    assert_eq!(
+        run(FdmoeMemory::Device, dev, stream.0 as *mut c_void),
+        FdmoeStatus::Ok
+    );
+    stream.synchronize().unwrap();
+    let (mut gx, mut gs, mut gi, mut gw) = (
+        vec![0u8; t_max * h],
+        vec![0i32; t_max * h / 128],
+        vec![0i32; t_max * k],
+        vec![0f32; t_max * k],
+    );
+    driver::copy_to_host(ox.ptr, &mut gx).unwrap();
+    driver::copy_to_host(os.ptr, &mut gs).unwrap();
+    driver::copy_to_host(oi.ptr, &mut gi).unwrap();
+    driver::copy_to_host(ow.ptr, &mut gw).unwrap();
+    assert!(gx == hx, "E4M3 data differs from the host reference");
+    assert!(gs == hs, "UE8M0 scales differ from the host reference");
+    assert!(
+        gi == hi
+            && gw
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(hw.iter().map(|v| v.to_bits()))
+    );
+    // Capacity before any write.
+    let before = gx.clone();
+    let big = dev;
+    let mut args: FdmoePreDispatchArgs = unsafe { std::mem::zeroed() };
+    unsafe { fdmoe_pre_dispatch_args_init(&mut args) };
+    args.memory = FdmoeMemory::Device as u32;
+    args.num_tokens = (t_max + 1) as u32;
+    args.hidden_size = h as u32;
+    args.top_k = k as u32;
+    args.max_tokens = t_max as u32;
+    args.x = big[0];
+    args.topk_ids = big[1] as *const i32;
+    args.topk_weights = big[2] as *const f32;
+    args.out_x = big[3] as *mut u8;
+    args.out_scales = big[4] as *mut i32;
+    args.out_topk_ids = big[5] as *mut i32;
+    args.out_topk_weights = big[6] as *mut f32;
+    assert_eq!(
+        unsafe { fdmoe_pre_dispatch_fp8(&args) },
+        FdmoeStatus::CapacityExceeded
+    );
+    driver::copy_to_host(ox.ptr, &mut gx).unwrap();
+    assert!(gx == before);
+    println!("pre-dispatch on device: bitwise equal to host ({t} of {t_max} rows, H = {h})");
+}

@@ -101,7 +101,9 @@ pub fn features(kind: FdmoeBackendKind) -> u64 {
                 | FDMOE_FEATURE_FP8_PRE_DISPATCH
         }
         #[cfg(feature = "cuda")]
-        FdmoeBackendKind::Cuda => common | FDMOE_FEATURE_CUDA_GRAPHS,
+        FdmoeBackendKind::Cuda => {
+            common | FDMOE_FEATURE_CUDA_GRAPHS | FDMOE_FEATURE_FP8_PRE_DISPATCH
+        }
         #[cfg(not(feature = "cuda"))]
         FdmoeBackendKind::Cuda => {
             let _ = common;

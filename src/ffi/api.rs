@@ -253,9 +253,12 @@ pub unsafe extern "C" fn fdmoe_pre_dispatch_args_init(
 /// checked before the first write: on error the outputs are untouched. On success every output
 /// element is written (rows past T are padding). Needs no backend handle; thread-safe, and calls
 /// on disjoint outputs may run concurrently. Host memory: computed before return on the CPU.
+/// Device memory: enqueued on args->stream (no sync), bitwise equal to the host result; the
+/// first call for a device compiles and loads the kernel (disk-cached), later calls only launch.
 /// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (hidden_size not a positive multiple of 128,
-/// top_k 0, x_dtype or memory values, a stream on host memory), CAPACITY_EXCEEDED,
-/// UNSUPPORTED (device memory: not in this build).
+/// top_k 0, x_dtype or memory values, a stream on host memory, host pointers with memory =
+/// device), CAPACITY_EXCEEDED, NO_DEVICE, CUDA_ERROR, UNSUPPORTED (device memory in a build
+/// without the cuda feature).
 #[no_mangle]
 pub unsafe extern "C" fn fdmoe_pre_dispatch_fp8(args: *const FdmoePreDispatchArgs) -> FdmoeStatus {
     run(|| {
@@ -265,16 +268,6 @@ pub unsafe extern "C" fn fdmoe_pre_dispatch_fp8(args: *const FdmoePreDispatchArg
         ensure!(
             x_dtype.is_dense(),
             "args->x_dtype = {x_dtype} must be bfloat16, float16 or float32"
-        );
-        if memory == FdmoeMemory::Device {
-            return Err(Error::new(
-                FdmoeStatus::Unsupported,
-                "FP8 pre-dispatch on device memory (args->memory = device) is not supported in this build (no CUDA pre-dispatch kernel); pass host memory",
-            ));
-        }
-        ensure!(
-            a.stream.is_null(),
-            "args->stream must be NULL for host memory (streams belong to device memory)"
         );
         let (t, h, k, t_max) = (
             a.num_tokens as usize,
@@ -318,6 +311,13 @@ pub unsafe extern "C" fn fdmoe_pre_dispatch_fp8(args: *const FdmoePreDispatchArg
                 return Err(Error::null(name));
             }
         }
+        if memory == FdmoeMemory::Device {
+            return pre_dispatch_on_device(&a, x_dtype);
+        }
+        ensure!(
+            a.stream.is_null(),
+            "args->stream must be NULL for host memory (streams belong to device memory)"
+        );
         let out = PreDispatchOutput {
             data: slice_mut(a.out_x, t_max * h),
             scales: slice_mut(a.out_scales, t_max * (h / 128)),
@@ -498,4 +498,39 @@ unsafe fn slice_mut<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
     } else {
         std::slice::from_raw_parts_mut(p, n)
     }
+}
+
+#[cfg(feature = "cuda")]
+unsafe fn pre_dispatch_on_device(
+    a: &FdmoePreDispatchArgs,
+    x_dtype: FdmoeDtype,
+) -> crate::error::Result<()> {
+    crate::backend::cuda::pre_dispatch::pre_dispatch_fp8_device(
+        &crate::backend::cuda::pre_dispatch::PreDispatchDevice {
+            x: a.x,
+            x_dtype,
+            topk_ids: a.topk_ids,
+            topk_weights: a.topk_weights,
+            out_x: a.out_x,
+            out_scales: a.out_scales,
+            out_topk_ids: a.out_topk_ids,
+            out_topk_weights: a.out_topk_weights,
+            num_tokens: a.num_tokens as usize,
+            hidden_size: a.hidden_size as usize,
+            top_k: a.top_k as usize,
+            max_tokens: a.max_tokens as usize,
+            stream: a.stream,
+        },
+    )
+}
+
+#[cfg(not(feature = "cuda"))]
+unsafe fn pre_dispatch_on_device(
+    _a: &FdmoePreDispatchArgs,
+    _x_dtype: FdmoeDtype,
+) -> crate::error::Result<()> {
+    Err(Error::new(
+        FdmoeStatus::Unsupported,
+        "FP8 pre-dispatch on device memory needs the cuda backend (built without the cuda feature)",
+    ))
 }

@@ -202,7 +202,7 @@ pub struct FdmoeMemoryRequirements {
 pub struct FdmoePreDispatchArgs {
     pub struct_size: u32,
     /// FdmoeMemory of every pointer. HOST: computed on the CPU before return (stream must be
-    /// NULL). DEVICE (a CUDA kernel on `stream`): UNSUPPORTED in this build. Default HOST.
+    /// NULL). DEVICE: a CUDA kernel enqueued on `stream`, bitwise equal to HOST. Default HOST.
     pub memory: u32,
     /// FdmoeDtype of x: BF16 (default), F16 or F32.
     pub x_dtype: u32,

@@ -34,14 +34,16 @@ pub const ROUTE_TOPK: KernelFile = kernel_file!("route_topk.cu");
 pub const SORT_BY_EXPERT: KernelFile = kernel_file!("sort_by_expert.cu");
 pub const GROUPED_GEMM: KernelFile = kernel_file!("grouped_gemm.cu");
 pub const COMBINE: KernelFile = kernel_file!("combine.cu");
+pub const PRE_DISPATCH_FP8: KernelFile = kernel_file!("pre_dispatch_fp8.cu");
 
 /// Every kernel file, for the compile-everything test.
-pub const ALL_FILES: [KernelFile; 5] = [
+pub const ALL_FILES: [KernelFile; 6] = [
     GATE_LOGITS,
     ROUTE_TOPK,
     SORT_BY_EXPERT,
     GROUPED_GEMM,
     COMBINE,
+    PRE_DISPATCH_FP8,
 ];
 
 const HEADERS: [(&str, &str); 4] = [

@@ -9,6 +9,7 @@ pub mod compile;
 pub mod driver;
 pub mod graph;
 pub mod kernels;
+pub mod pre_dispatch;
 pub mod weights;
 
 use std::ffi::c_void;
