@@ -270,13 +270,14 @@ def pre_dispatch(x, topk_ids, topk_weights, max_tokens: int, device="cpu"):
     little-endian, byte j of column c = channels 32(4c+j) .. +32), topk_ids int32 [T_max, k],
     topk_weights float32 [T_max, k]) with T_max = max_tokens; rows past T are padding (zero
     data and scales, id -1, weight 0). T > max_tokens raises CapacityExceededError. H must be
-    a multiple of 128. device="cpu" computes on the host (the library's CPU reference)."""
+    a multiple of 128. device="cpu" computes on the host (the library's CPU reference);
+    device="cuda[:N]" runs the library's CUDA kernel (bitwise equal) on torch's current stream:
+    torch CUDA tensors in give torch tensors out, numpy arrays make a round trip."""
     kind = str(device).strip().lower().partition(":")[0]
+    if kind == "cuda":
+        return _pre_dispatch_cuda(x, topk_ids, topk_weights, max_tokens, device)
     if kind != "cpu":
-        raise UnsupportedError(
-            f"pre_dispatch on device {device!r}: the binding runs the host (cpu) pre-dispatch "
-            "only; the CUDA pre-dispatch kernel is not in this version"
-        )
+        raise InvalidArgumentError(f"device = {device!r}: expected 'cpu', 'cuda' or 'cuda:N'")
     arr = _host("x", x)
     if not (arr.dtype.kind == "f" or arr.dtype.name == "bfloat16"):
         raise InvalidArgumentError(f"x has dtype {arr.dtype}; expected a floating-point array")
@@ -316,6 +317,71 @@ def pre_dispatch(x, topk_ids, topk_weights, max_tokens: int, device="cpu"):
     a.out_topk_weights = ctypes.cast(out_wts.ctypes.data, POINTER(c_float))
     _lib.check(_library().fdmoe_pre_dispatch_fp8(ctypes.byref(a)))
     return out_x, out_scales, out_ids, out_wts
+
+
+def _pre_dispatch_cuda(x, topk_ids, topk_weights, max_tokens, device):
+    """pre_dispatch on a GPU through torch (imported only here)."""
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise UnsupportedError(f"pre_dispatch on {device!r} needs torch: {e}") from None
+    dev = torch.device(str(device))
+    as_numpy = not isinstance(x, torch.Tensor)
+
+    def on_device(name, a, dtype=None):
+        if isinstance(a, torch.Tensor):
+            t = a
+        else:
+            arr = np.ascontiguousarray(np.asarray(a))
+            t = (torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+                 if arr.dtype.name == "bfloat16" else torch.from_numpy(arr))
+        t = t.to(device=dev)
+        if dtype is not None:
+            t = t.to(dtype)
+        return t.contiguous()
+
+    xt = on_device("x", x)
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    if xt.dtype not in names:
+        if not xt.is_floating_point():
+            raise InvalidArgumentError(f"x has dtype {xt.dtype}; expected a floating-point array")
+        xt = xt.float()
+    if xt.dim() != 2:
+        raise InvalidArgumentError(f"x has shape {list(xt.shape)}; expected [T, hidden_size]")
+    T, H = xt.shape
+    ids = on_device("topk_ids", topk_ids, torch.int32)
+    if ids.dim() != 2 or ids.shape[0] != T:
+        raise InvalidArgumentError(f"topk_ids has shape {list(ids.shape)}; expected [T = {T}, top_k]")
+    k = ids.shape[1]
+    wts = on_device("topk_weights", topk_weights, torch.float32)
+    if list(wts.shape) != [T, k]:
+        raise InvalidArgumentError(f"topk_weights has shape {list(wts.shape)}; expected [{T}, {k}]")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 0:
+        raise InvalidArgumentError(f"max_tokens = {max_tokens!r} must be a non-negative integer")
+    t_max = int(max_tokens)
+    out_x = torch.empty((t_max, H), dtype=torch.uint8, device=dev)
+    out_scales = torch.empty((t_max, H // 128 if H % 128 == 0 else 0), dtype=torch.int32, device=dev)
+    out_ids = torch.empty((t_max, k), dtype=torch.int32, device=dev)
+    out_wts = torch.empty((t_max, k), dtype=torch.float32, device=dev)
+    a = _lib.init_struct(FdmoePreDispatchArgs, "fdmoe_pre_dispatch_args_init")
+    a.memory = _lib.MEMORY["device"]
+    a.x_dtype = _lib.DTYPE[names[xt.dtype]]
+    a.num_tokens, a.hidden_size, a.top_k, a.max_tokens = T, H, k, t_max
+    a.x = xt.data_ptr() if T else None
+    a.topk_ids = ctypes.cast(ids.data_ptr(), POINTER(c_int32)) if T else None
+    a.topk_weights = ctypes.cast(wts.data_ptr(), POINTER(c_float)) if T else None
+    a.out_x = out_x.data_ptr() if t_max else None
+    a.out_scales = ctypes.cast(out_scales.data_ptr(), POINTER(c_int32)) if t_max else None
+    a.out_topk_ids = ctypes.cast(out_ids.data_ptr(), POINTER(c_int32)) if t_max else None
+    a.out_topk_weights = ctypes.cast(out_wts.data_ptr(), POINTER(c_float)) if t_max else None
+    stream = torch.cuda.current_stream(dev)
+    a.stream = stream.cuda_stream
+    _lib.check(_library().fdmoe_pre_dispatch_fp8(ctypes.byref(a)))
+    outs = (out_x, out_scales, out_ids, out_wts)
+    if as_numpy:
+        stream.synchronize()
+        return tuple(o.cpu().numpy() for o in outs)
+    return outs
 
 
 def load_quantized_weights(

@@ -500,3 +500,20 @@ def test_library_graphs_replay_bitwise_like_eager(name):
         out_np = gpu.forward(d["x"], **case.routing_args(d, lambda a: a))
         out_t = gpu.forward(T(d["x"]), **case.routing_args(d, T), force_eager=True)
         assert np.array_equal(out_np.view(np.uint16), N(out_t).view(np.uint16))
+
+
+def test_pre_dispatch_on_the_gpu_is_bitwise_the_cpu():
+    rng = np.random.default_rng(_seed("pre-dispatch"))
+    x = (rng.normal(0.0, 3.0, (37, 512)) * rng.choice([1e-30, 1.0, 1e20], (37, 512), p=[0.02, 0.96, 0.02]))
+    x = x.astype(np.float32).astype(NP["bfloat16"])
+    x[5, 40] = np.inf
+    x[9, 300] = np.nan
+    ids = rng.integers(0, 64, (37, 4)).astype(np.int32)
+    wts = rng.uniform(0.0, 1.0, (37, 4)).astype(np.float32)
+    host = fdmoe.pre_dispatch(x, ids, wts, 64)
+    round_trip = fdmoe.pre_dispatch(x, ids, wts, 64, device="cuda")
+    in_place = fdmoe.pre_dispatch(T(x), T(ids), T(wts), 64, device=DEV)
+    torch.cuda.synchronize()
+    for h, r, d in zip(host, round_trip, in_place):
+        assert np.array_equal(h.view(np.uint8), r.view(np.uint8))
+        assert np.array_equal(h.view(np.uint8), N(d).view(np.uint8))
