@@ -10,6 +10,12 @@
 /* The ABI version this header describes; compare with fdmoe_abi_version(). */
 #define FDMOE_ABI_VERSION ((FDMOE_VERSION_MAJOR << 16) | FDMOE_VERSION_MINOR)
 
+/* Initialise a struct with the size this header gives it, so a newer library never writes
+   past it: prefer these to the unsized fdmoe_*_init functions. */
+#define FDMOE_CONFIG_INIT(config) fdmoe_config_init_sized((config), sizeof(*(config)))
+#define FDMOE_WEIGHTS_INIT(weights) fdmoe_weights_init_sized((weights), sizeof(*(weights)))
+#define FDMOE_FORWARD_ARGS_INIT(args) fdmoe_forward_args_init_sized((args), sizeof(*(args)))
+
 /*
  Semantic version of the library and its C ABI.
  */
@@ -801,6 +807,26 @@ FdmoeStatus fdmoe_weights_init(struct FdmoeWeights *weights);
  `struct_size`. Thread-safe. Errors: NULL_ARGUMENT.
  */
 FdmoeStatus fdmoe_forward_args_init(struct FdmoeForwardArgs *args);
+
+/*
+ Like fdmoe_config_init, but writes only the first `size` bytes (pass `sizeof *config` as
+ your header defines it): a program built against an older header stays safe with a newer
+ library, whose FdmoeConfig may be larger. FDMOE_CONFIG_INIT(&cfg) does this. Thread-safe.
+ Errors: NULL_ARGUMENT, INVALID_ARGUMENT (size below the first release's struct size).
+ */
+FdmoeStatus fdmoe_config_init_sized(struct FdmoeConfig *config, size_t size);
+
+/*
+ fdmoe_weights_init writing only the first `size` bytes (see fdmoe_config_init_sized);
+ FDMOE_WEIGHTS_INIT(&w) does this. Thread-safe. Errors: NULL_ARGUMENT, INVALID_ARGUMENT.
+ */
+FdmoeStatus fdmoe_weights_init_sized(struct FdmoeWeights *weights, size_t size);
+
+/*
+ fdmoe_forward_args_init writing only the first `size` bytes (see fdmoe_config_init_sized);
+ FDMOE_FORWARD_ARGS_INIT(&a) does this. Thread-safe. Errors: NULL_ARGUMENT, INVALID_ARGUMENT.
+ */
+FdmoeStatus fdmoe_forward_args_init_sized(struct FdmoeForwardArgs *args, size_t size);
 
 /*
  Validates `config` and creates a layer: opens the device (cuda), compiles or loads every

@@ -8,7 +8,8 @@
 use std::ffi::{c_char, c_void};
 
 use super::boundary::{
-    last_error_ptr, read_versioned, run, run_silent, write_defaults, write_versioned,
+    last_error_ptr, read_versioned, run, run_silent, write_defaults, write_defaults_sized,
+    write_versioned,
 };
 use super::handles::{lookup, register, release, FdmoeBackend};
 use super::types::{
@@ -90,6 +91,38 @@ pub unsafe extern "C" fn fdmoe_weights_init(weights: *mut FdmoeWeights) -> Fdmoe
 #[no_mangle]
 pub unsafe extern "C" fn fdmoe_forward_args_init(args: *mut FdmoeForwardArgs) -> FdmoeStatus {
     run(|| write_defaults(args, "args"))
+}
+
+/// Like fdmoe_config_init, but writes only the first `size` bytes (pass `sizeof *config` as
+/// your header defines it): a program built against an older header stays safe with a newer
+/// library, whose FdmoeConfig may be larger. FDMOE_CONFIG_INIT(&cfg) does this. Thread-safe.
+/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (size below the first release's struct size).
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_config_init_sized(
+    config: *mut FdmoeConfig,
+    size: usize,
+) -> FdmoeStatus {
+    run(|| write_defaults_sized(config, size, "config"))
+}
+
+/// fdmoe_weights_init writing only the first `size` bytes (see fdmoe_config_init_sized);
+/// FDMOE_WEIGHTS_INIT(&w) does this. Thread-safe. Errors: NULL_ARGUMENT, INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_weights_init_sized(
+    weights: *mut FdmoeWeights,
+    size: usize,
+) -> FdmoeStatus {
+    run(|| write_defaults_sized(weights, size, "weights"))
+}
+
+/// fdmoe_forward_args_init writing only the first `size` bytes (see fdmoe_config_init_sized);
+/// FDMOE_FORWARD_ARGS_INIT(&a) does this. Thread-safe. Errors: NULL_ARGUMENT, INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn fdmoe_forward_args_init_sized(
+    args: *mut FdmoeForwardArgs,
+    size: usize,
+) -> FdmoeStatus {
+    run(|| write_defaults_sized(args, size, "args"))
 }
 
 /// Validates `config` and creates a layer: opens the device (cuda), compiles or loads every

@@ -116,6 +116,32 @@ pub unsafe fn write_defaults<T: Versioned>(ptr: *mut T, name: &str) -> Result<()
     Ok(())
 }
 
+/// Writes the first `min(size, sizeof)` bytes of `T::defaults()` to `ptr`, with `struct_size`
+/// set to that count: a caller compiled against an older (smaller) header is never overrun.
+///
+/// # Safety
+/// `ptr`, if non-NULL, points to `size` writable bytes.
+pub unsafe fn write_defaults_sized<T: Versioned>(
+    ptr: *mut T,
+    size: usize,
+    name: &str,
+) -> Result<()> {
+    if ptr.is_null() {
+        return Err(Error::null(name));
+    }
+    if size < T::FIRST_SIZE {
+        return Err(Error::invalid(format!(
+            "size = {size} is smaller than the smallest known size of {name} ({})",
+            T::FIRST_SIZE
+        )));
+    }
+    let n = size.min(std::mem::size_of::<T>());
+    let value = T::defaults();
+    std::ptr::copy_nonoverlapping(&value as *const T as *const u8, ptr as *mut u8, n);
+    std::ptr::write_unaligned(ptr as *mut u32, n as u32);
+    Ok(())
+}
+
 /// Writes `value` into a caller struct, `min(struct_size, sizeof)` bytes, keeping the caller's
 /// `struct_size`.
 ///

@@ -380,11 +380,47 @@ static void test_threads(void) {
     job_free(&j);
 }
 
+/* The sized initialisers write no more than the caller's struct and equal the unsized ones. */
+static void test_sized_init(void) {
+    FdmoeConfig a, b;
+    memset(&a, 0xab, sizeof a);
+    memset(&b, 0xcd, sizeof b);
+    CHECK_OK(fdmoe_config_init(&a));
+    CHECK_OK(FDMOE_CONFIG_INIT(&b));
+    CHECK(memcmp(&a, &b, sizeof a) == 0, "FDMOE_CONFIG_INIT equals fdmoe_config_init");
+    FdmoeForwardArgs fa, fb;
+    memset(&fa, 0, sizeof fa);
+    memset(&fb, 0x11, sizeof fb);
+    CHECK_OK(fdmoe_forward_args_init(&fa));
+    CHECK_OK(FDMOE_FORWARD_ARGS_INIT(&fb));
+    CHECK(fb.struct_size == sizeof fb && fb.num_tokens == fa.num_tokens && fb.x == NULL &&
+              fb.out == NULL && fb.stream == NULL && fb.flags == fa.flags,
+          "FDMOE_FORWARD_ARGS_INIT equals fdmoe_forward_args_init");
+
+    /* An older caller's smaller FdmoeWeights (v1 ended before w13_scale): the bytes past it
+       stay untouched, and struct_size says how many were written. */
+    const size_t v1 = offsetof(FdmoeWeights, w13_scale);
+    unsigned char buf[sizeof(FdmoeWeights) + 16];
+    memset(buf, 0x5a, sizeof buf);
+    CHECK_OK(fdmoe_weights_init_sized((FdmoeWeights *)buf, v1));
+    FdmoeWeights w;
+    memcpy(&w, buf, v1);
+    CHECK(w.struct_size == v1, "struct_size %u, expected %zu", w.struct_size, v1);
+    CHECK(w.layout == FDMOE_LAYOUT_TORCH && w.w13 == NULL && w.shared_w2 == NULL, "v1 defaults");
+    int untouched = 1;
+    for (size_t i = v1; i < sizeof buf; ++i) untouched &= buf[i] == 0x5a;
+    CHECK(untouched, "bytes past the caller's struct were written");
+    CHECK_STATUS(fdmoe_weights_init_sized((FdmoeWeights *)buf, v1 - 8), FDMOE_STATUS_INVALID_ARGUMENT);
+    CHECK_MESSAGE_HAS("size");
+    CHECK_STATUS(fdmoe_config_init_sized(NULL, sizeof a), FDMOE_STATUS_NULL_ARGUMENT);
+}
+
 int main(void) {
     printf("test_api (seed %llu)\n", (unsigned long long)test_seed());
     test_last_error_message(); /* first: checks the message before any call */
     test_versions_and_strings();
     test_init_defaults();
+    test_sized_init();
     test_queries();
     test_lifecycle();
     test_threads();
