@@ -602,12 +602,12 @@ fn pre_dispatch_on_device_equals_host() {
     let x: Vec<u16> = vals.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
     let ids: Vec<i32> = (0..t * k).map(|i| (i * 7 % 64) as i32).collect();
     let w: Vec<f32> = (0..t * k).map(|i| i as f32 * 0.01).collect();
-    let run = |memory: FdmoeMemory, ptrs: [*mut c_void; 7], stream: *mut c_void| {
+    let run = |memory: FdmoeMemory, tokens: usize, ptrs: [*mut c_void; 7], stream: *mut c_void| {
         let mut a: FdmoePreDispatchArgs = unsafe { std::mem::zeroed() };
         unsafe { fdmoe_pre_dispatch_args_init(&mut a) };
         a.memory = memory as u32;
         a.x_dtype = FdmoeDtype::Bf16 as u32;
-        a.num_tokens = t as u32;
+        a.num_tokens = tokens as u32;
         a.hidden_size = h as u32;
         a.top_k = k as u32;
         a.max_tokens = t_max as u32;
@@ -629,6 +629,7 @@ fn pre_dispatch_on_device_equals_host() {
     );
     let st = run(
         FdmoeMemory::Host,
+        t,
         [
             x.as_ptr() as *mut c_void,
             ids.as_ptr() as *mut c_void,
@@ -652,7 +653,7 @@ fn pre_dispatch_on_device_equals_host() {
     let stream = OwnedStream::new().unwrap();
     let dev = [p(&dx), p(&di), p(&dw), p(&ox), p(&os), p(&oi), p(&ow)];
     assert_eq!(
-        run(FdmoeMemory::Device, dev, stream.0 as *mut c_void),
+        run(FdmoeMemory::Device, t, dev, stream.0 as *mut c_void),
         FdmoeStatus::Ok
     );
     stream.synchronize().unwrap();
@@ -677,23 +678,8 @@ fn pre_dispatch_on_device_equals_host() {
     );
     // Capacity before any write.
     let before = gx.clone();
-    let big = dev;
-    let mut args: FdmoePreDispatchArgs = unsafe { std::mem::zeroed() };
-    unsafe { fdmoe_pre_dispatch_args_init(&mut args) };
-    args.memory = FdmoeMemory::Device as u32;
-    args.num_tokens = (t_max + 1) as u32;
-    args.hidden_size = h as u32;
-    args.top_k = k as u32;
-    args.max_tokens = t_max as u32;
-    args.x = big[0];
-    args.topk_ids = big[1] as *const i32;
-    args.topk_weights = big[2] as *const f32;
-    args.out_x = big[3] as *mut u8;
-    args.out_scales = big[4] as *mut i32;
-    args.out_topk_ids = big[5] as *mut i32;
-    args.out_topk_weights = big[6] as *mut f32;
     assert_eq!(
-        unsafe { fdmoe_pre_dispatch_fp8(&args) },
+        run(FdmoeMemory::Device, t_max + 1, dev, std::ptr::null_mut()),
         FdmoeStatus::CapacityExceeded
     );
     driver::copy_to_host(ox.ptr, &mut gx).unwrap();
