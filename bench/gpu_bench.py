@@ -17,7 +17,15 @@ renormalized), and
                     Triton (vLLM algorithm) kernel with moe_anchors.main's candidate configs,
                     the best kept; each checked against the same reference;
   floor             max(bytes / copy bandwidth, flops / bf16 matmul rate) as moe_anchors
-                    computes it, from moe_anchors.ceilings() measured once at the start.
+                    computes it, from moe_anchors.ceilings() measured once at the start;
+  <format> ms       with --formats fp8_block,mxfp4,nvfp4 (T <= --format-max-tokens): a
+                    routing="given" layer of pre-quantized random experts of that format
+                    (E4M3 codes of normal values with 1/sqrt(K) block scales; random E2M1 nibbles
+                    with scales giving the same weight RMS), loaded from host memory through
+                    load_quantized_weights, timed the same way on the same x and routing, and
+                    checked against ref_moe's arithmetic on the weights dequantized by torch.
+                    Its ratio is to the bf16 floor of the cell (the issue's targets are stated
+                    against it).
 
 JSON lines go to stdout as cells finish (and to $OUT/gpu_bench.jsonl when OUT is set); a
 markdown table ends the run. Run from the repository root on the device machine, after
@@ -62,6 +70,9 @@ def parse_args():
     ap.add_argument("--quick", action="store_true", help="only the first four token counts")
     ap.add_argument("--no-anchors", action="store_true", help="time fdmoe only")
     ap.add_argument("--no-routing", action="store_true", help="skip the fdmoe+routing column")
+    ap.add_argument("--formats", default="", help="comma-separated quantized formats to time too")
+    ap.add_argument("--format-max-tokens", type=int, default=4096,
+                    help="largest T the quantized layers run (their workspace is sized by it)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args()
 
@@ -110,17 +121,77 @@ def log(msg: str) -> None:
 def reference(torch, x, w13, w2, topk_w, topk_ids):
     """moe_anchors.ref_moe (its torch_loop in float32), expert by expert: the same arithmetic in
     the same order, without ref_moe's float32 copy of every weight at once (45 GB for
-    DeepSeek-V3, which would not fit beside the bf16 weights)."""
+    DeepSeek-V3, which would not fit beside the bf16 weights). w13 / w2 may also be functions
+    of the expert returning its float32 matrices (quantized layers)."""
     M, H = x.shape
-    I = w2.shape[2]
+    get13 = w13 if callable(w13) else (lambda e: w13[e].float())
+    get2 = w2 if callable(w2) else (lambda e: w2[e].float())
     xf = x.float()
     out = torch.zeros((M, H), device=x.device, dtype=torch.float32)
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.where(topk_ids == e)
-        h = xf[tok] @ w13[e].float().t()
+        h = xf[tok] @ get13(e).t()
+        I = h.shape[1] // 2
         a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
-        out.index_add_(0, tok, (a @ w2[e].float().t()).float() * topk_w[tok, slot, None])
+        out.index_add_(0, tok, (a @ get2(e).t()).float() * topk_w[tok, slot, None])
     return out.to(torch.bfloat16).float()
+
+
+# E2M1 code -> value (sign in bit 3).
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+_E2M1_RMS = math.sqrt(sum(v * v for v in _E2M1) / 8)
+
+
+class QuantizedExperts:
+    """Random pre-quantized experts of one format in the layouts load_quantized_weights takes
+    (host numpy), made on the GPU, plus a torch dequantizer of one expert for the reference."""
+
+    def __init__(self, torch, fmt, E, H, I):
+        self.torch, self.fmt = torch, fmt
+        self.parts = {}
+        for name, (n, k) in (("w13", (2 * I, H)), ("w2", (H, I))):
+            if fmt == "fp8_block":
+                # Expert by expert: float32 normals of all of DeepSeek-V3's experts would not fit.
+                data = torch.empty(E, n, k, device="cuda", dtype=torch.uint8)
+                for e in range(E):
+                    data[e] = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn).view(torch.uint8)
+                scale = torch.full((E, n // 128, k // 128), 1.0 / math.sqrt(k), device="cuda")
+                glob = None
+            else:
+                data = torch.randint(0, 256, (E, n, k // 2), device="cuda", dtype=torch.uint8)
+                target = 1.0 / (_E2M1_RMS * math.sqrt(k))  # the weight RMS of a bf16 layer
+                if fmt == "mxfp4":
+                    byte = 127 + round(math.log2(target))
+                    scale = torch.full((E, n, k // 32), byte, device="cuda", dtype=torch.uint8)
+                    glob = None
+                else:
+                    scale = torch.full((E, n, k // 16), 0x38, device="cuda", dtype=torch.uint8)  # 1.0
+                    glob = torch.full((E,), target, device="cuda")
+            self.parts[name] = tuple(None if t is None else t.cpu().numpy() for t in (data, scale, glob))
+            del data, scale
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+    def load_into(self, layer):
+        (d13, s13, g13), (d2, s2, g2) = self.parts["w13"], self.parts["w2"]
+        layer.load_quantized_weights(d13, d2, s13, s2, g13, g2)
+
+    def expert(self, name, e):
+        """Expert e's matrix `name` as float32 on the GPU (exact dequantization)."""
+        torch = self.torch
+        data, scale, glob = self.parts[name]
+        d = torch.from_numpy(data[e]).cuda()
+        s = torch.from_numpy(scale[e]).cuda()
+        if self.fmt == "fp8_block":
+            w = d.view(torch.float8_e4m3fn).float()
+            return w * s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: w.shape[0], : w.shape[1]]
+        lut = torch.tensor(_E2M1 + [-v for v in _E2M1], device="cuda")
+        codes = torch.stack([d & 0xF, d >> 4], -1).reshape(d.shape[0], -1).long()
+        w = lut[codes]
+        if self.fmt == "mxfp4":
+            return w * torch.exp2(s.float() - 127).repeat_interleave(32, 1)
+        bs = s.view(torch.float8_e4m3fn).float().repeat_interleave(16, 1)
+        return w * bs * float(glob[e])
 
 
 def graph_replay_is_bitwise(torch, fn) -> bool:
@@ -194,6 +265,17 @@ def bench_shape(name, tokens, args, A, fdmoe, torch, bw, fl):
     if not args.no_routing:
         routed = attempt(setup, "fdmoe_routing",
                          lambda: make_routed(name, E, k, H, I, max_tokens, w13, w2, fdmoe, torch))
+    quantized = {}
+    fmt_max = min(max_tokens, args.format_max_tokens)
+    for fmt in [f for f in args.formats.split(",") if f]:
+        def make_quantized(fmt=fmt):
+            experts = QuantizedExperts(torch, fmt, E, H, I)
+            layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
+                                   weight_dtype=fmt, max_tokens=fmt_max, device="cuda")
+            experts.load_into(layer)
+            return experts, layer
+
+        quantized[fmt] = attempt(setup, fmt, make_quantized)
     log(f"{name}: weights and layers ready in {time.time() - t0:.1f} s")
 
     rows = []
@@ -245,6 +327,28 @@ def bench_shape(name, tokens, args, A, fdmoe, torch, bw, fl):
         if routed is not None:
             attempt(res, "fdmoe_routing", time_routed)
 
+        # Quantized layers on the same x and routing, checked on their own weights.
+        for fmt, made in quantized.items():
+            if made is None or M > fmt_max:
+                continue
+            experts, qlayer = made
+
+            def time_quantized(fmt=fmt, experts=experts, qlayer=qlayer):
+                def run():
+                    return qlayer.forward(x, topk_ids=ti, topk_weights=topk_w)
+
+                qref = reference(torch, x, lambda e: experts.expert("w13", e),
+                                 lambda e: experts.expert("w2", e), topk_w, topk_ids)
+                res[f"{fmt}_err"] = ((run().float() - qref).norm() / qref.norm()).item()
+                res[f"{fmt}_check"] = "ok" if res[f"{fmt}_err"] < CHECK_TOLERANCE else "FAILED"
+                del qref
+                res[f"{fmt}_graph_bitwise"] = graph_replay_is_bitwise(torch, run)
+                torch.cuda.empty_cache()
+                res[f"{fmt}_ms"] = A.bench_graph(run)
+                res[f"{fmt}_over_bf16_floor"] = res[f"{fmt}_ms"] / floor_ms
+
+            attempt(res, fmt, time_quantized)
+
         # The anchors, on the same inputs (moe_anchors.main's procedure).
         if not args.no_anchors:
             if M <= TORCH_LOOP_MAX_TOKENS:
@@ -291,7 +395,7 @@ def bench_shape(name, tokens, args, A, fdmoe, torch, bw, fl):
         rows.append(res)
         torch.cuda.empty_cache()
 
-    for layer in (given, routed):
+    for layer in [given, routed] + [m[1] for m in quantized.values() if m is not None]:
         if layer is not None:
             layer.close()
     torch.cuda.synchronize()
@@ -323,6 +427,25 @@ def table(rows) -> str:
             f"{f(r.get('triton_vllm_ms'))} | {best} | {ratio(r.get('fdmoe_over_floor'))} | "
             f"{ratio(r.get('fdmoe_over_best'))} |"
         )
+    formats = [f for f in ("fp8_block", "mxfp4", "nvfp4") if any(f"{f}_ms" in r for r in rows)]
+    if formats:
+        lines += [
+            "",
+            "| shape | T | bf16 floor ms | fdmoe bf16 ms | best anchor ms | "
+            + " | ".join(f"{f} ms | {f}/bf16 floor" for f in formats) + " |",
+            "|---|---|---|---|---|" + "---|---|" * len(formats),
+        ]
+        for r in rows:
+            if not any(f"{f}_ms" in r for f in formats):
+                continue
+            cells = []
+            for f_ in formats:
+                flag = "" if r.get(f"{f_}_check", "ok") == "ok" else " (CHECK FAILED)"
+                cells.append(f"{f(r.get(f'{f_}_ms'))}{flag} | {ratio(r.get(f'{f_}_over_bf16_floor'))}")
+            lines.append(
+                f"| {r['shape']} | {r['tokens']} | {f(r['floor_ms'])} | {f(r.get('fdmoe_ms'))} | "
+                f"{f(r.get('best_anchor_ms'))} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -381,9 +504,11 @@ def main() -> int:
         log(f"{name} done, {time.time() - start:.0f} s so far")
     print()
     print(table(rows), flush=True)
+    checked = ("fdmoe", "fp8_block", "mxfp4", "nvfp4")
     failed = [f"{r['shape']}/{r['tokens']}" for r in rows
               if r.get("fdmoe_check") != "ok" or r.get("fdmoe_routing_check", "ok") != "ok"
-              or any(key.startswith("fdmoe") and key.endswith("_error") for key in r)]
+              or any(r.get(f"{c}_check", "ok") != "ok" for c in checked)
+              or any(key.startswith(checked) and key.endswith("_error") for key in r)]
     log(f"total {time.time() - start:.0f} s" + (f"; fdmoe CHECK FAILED or ERROR in {failed}" if failed else ""))
     if _jsonl is not None:
         _jsonl.close()

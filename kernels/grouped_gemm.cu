@@ -18,158 +18,11 @@
 // Two main loops share the tile setup and the epilogues: an sm_80 one (mma.sync m16n8k16 from
 // ldmatrix fragments) for every architecture, and on sm_90a (FDMOE_SM90A) a Hopper one where
 // each warpgroup issues wgmma m64n128k16 straight from 128-byte-swizzled shared tiles.
-#include "common/activation.cuh"
+#include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #ifdef FDMOE_SM90A
 #include "common/wgmma.cuh"
 #endif
-
-#define MODE_GATHER 1
-#define MODE_GATED 2
-#define MODE_SCALE 4
-#define MODE_DENSE 8
-#define MODE_OUT_F32 16
-#define MODE_RESIDUAL 32
-
-// Field order and sizes match GemmParams in src/backend/cuda/kernels.rs (8-byte fields only).
-struct GemmParams {
-    const u16* a;
-    i64 lda;
-    const u16* b;
-    i64 ldb;
-    i64 b_group_stride;
-    void* c;
-    i64 ldc;
-    const float* residual;  // [rows, N] f32 (DENSE | RESIDUAL)
-    i64 ld_residual;
-    i64 k;
-    i64 n;                  // output columns (GATED: I, the activation columns)
-    i64 up_offset;          // GATED: first up row of B (= I)
-    const int* tile_expert; // grouped: tile -> expert
-    const int* tile_row;    // grouped: tile -> first sorted row
-    const int* num_tiles;
-    const int* expert_offsets;  // [E + 1]: bounds a tile's rows to its expert
-    const int* sorted_slots;    // sorted row -> slot t * top_k + j
-    i64 top_k;
-    const float* slot_weights;  // [T * k] router weights (SCALE)
-    const int* num_tokens_dev;  // DENSE: true T
-    i64 num_tokens;
-    const u64* args_block;      // graph replay: a and/or c come from slots a_arg / c_arg
-    i64 a_arg;                  // -1: use a
-    i64 c_arg;                  // -1: use c
-};
-
-// Resolves the operands that graph replay passes through the argument block.
-__device__ __forceinline__ GemmParams resolve_args(GemmParams p) {
-    if (p.args_block) {
-        if (p.a_arg >= 0) p.a = (const u16*)p.args_block[p.a_arg];
-        if (p.c_arg >= 0) p.c = (void*)p.args_block[p.c_arg];
-    }
-    return p;
-}
-
-// The rows and columns one block covers, and each tile row's / column's source offset.
-struct TileRange {
-    int expert, row0, rows, col_base;
-};
-
-// Returns false when the block has no work (past the real T or the real tile count).
-template <int BM, int BN, int THREADS, int MODE>
-__device__ __forceinline__ bool setup_tile(const GemmParams& p, i64* a_row_offset, i64* b_row_offset, TileRange& tr) {
-    tr.expert = 0;
-    if (MODE & MODE_DENSE) {
-        const int T = token_count(p.num_tokens_dev, (int)p.num_tokens);
-        tr.row0 = blockIdx.x * BM;
-        if (tr.row0 >= T) return false;
-        tr.rows = min(BM, T - tr.row0);
-    } else {
-        if ((int)blockIdx.x >= *p.num_tiles) return false;
-        tr.expert = p.tile_expert[blockIdx.x];
-        tr.row0 = p.tile_row[blockIdx.x];
-        tr.rows = min(BM, p.expert_offsets[tr.expert + 1] - tr.row0);
-    }
-    const int N = (int)p.n;
-    // Accumulator column c of this tile -> output column / B row.
-    //   GATED: columns come in 16s: 8 gate then the matching 8 up columns.
-    tr.col_base = (MODE & MODE_GATED) ? blockIdx.y * (BN / 2) : blockIdx.y * BN;
-    for (int r = threadIdx.x; r < BM; r += THREADS) {
-        i64 off = -1;
-        if (r < tr.rows) {
-            const int row = tr.row0 + r;
-            off = (MODE & MODE_GATHER) ? (i64)(p.sorted_slots[row] / (int)p.top_k) * p.lda : (i64)row * p.lda;
-        }
-        a_row_offset[r] = off;
-    }
-    for (int c = threadIdx.x; c < BN; c += THREADS) {
-        int out_col, b_row;
-        if (MODE & MODE_GATED) {
-            out_col = tr.col_base + (c / 16) * 8 + (c % 8);
-            b_row = out_col + ((c % 16) >= 8 ? (int)p.up_offset : 0);
-        } else {
-            out_col = tr.col_base + c;
-            b_row = out_col;
-        }
-        b_row_offset[c] = out_col < N ? (i64)b_row * p.ldb : -1;
-    }
-    __syncthreads();
-    return true;
-}
-
-// Writes one warp's accumulator fragment: NT blocks of 8 columns starting at tile column
-// `col0`, rows `r0` and `r0 + 8` of the tile (the m16n8 / wgmma accumulator layout).
-template <int NT, int MODE, int ACT>
-__device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRange& tr, float (*acc)[4], int r0, int col0) {
-    const int lane = threadIdx.x % 32;
-    const int N = (int)p.n;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int r = r0 + h * 8;
-        if (r >= tr.rows) continue;
-        const int row = tr.row0 + r;
-        float scale = 1.0f;
-        if (MODE & MODE_SCALE) scale = p.slot_weights[p.sorted_slots[row]];
-        if (MODE & MODE_GATED) {
-            u16* out = (u16*)p.c + (i64)row * p.ldc;
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                const int col = tr.col_base + ((col0 + j * 8) / 16) * 8 + (lane % 4) * 2;
-                const float a0 = gated_activation<ACT>(acc[j][h * 2], acc[j + 1][h * 2]);
-                const float a1 = gated_activation<ACT>(acc[j][h * 2 + 1], acc[j + 1][h * 2 + 1]);
-                if (col + 1 < N && ((p.ldc | col) & 1) == 0) {
-                    *(u32*)(out + col) = pack_elem2(a0, a1);
-                } else {
-                    if (col < N) out[col] = float_to_elem(a0);
-                    if (col + 1 < N) out[col + 1] = float_to_elem(a1);
-                }
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                const int col = tr.col_base + col0 + j * 8 + (lane % 4) * 2;
-                float v0 = acc[j][h * 2] * scale;
-                float v1 = acc[j][h * 2 + 1] * scale;
-                if (MODE & MODE_RESIDUAL) {
-                    const float* res = p.residual + (i64)row * p.ld_residual;
-                    if (col < N) v0 += res[col];
-                    if (col + 1 < N) v1 += res[col + 1];
-                }
-                if (MODE & MODE_OUT_F32) {
-                    float* out = (float*)p.c + (i64)row * p.ldc;
-                    if (col < N) out[col] = v0;
-                    if (col + 1 < N) out[col + 1] = v1;
-                } else {
-                    u16* out = (u16*)p.c + (i64)row * p.ldc;
-                    if (col + 1 < N && ((p.ldc | col) & 1) == 0) {
-                        *(u32*)(out + col) = pack_elem2(v0, v1);
-                    } else {
-                        if (col < N) out[col] = float_to_elem(v0);
-                        if (col + 1 < N) out[col + 1] = float_to_elem(v1);
-                    }
-                }
-            }
-        }
-    }
-}
 
 template <int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int MODE, int ACT>
 __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
@@ -185,10 +38,10 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* As = (u16*)smem_raw;                  // [STAGES][BM][LDS]
     u16* Bs = As + STAGES * BM * LDS;          // [STAGES][BN][LDS]
-    i64* a_row_offset = (i64*)(Bs + STAGES * BN * LDS);  // [BM] element offset of each A row, -1 = none
-    i64* b_row_offset = a_row_offset + BM;               // [BN]
+    i64* a_rows = (i64*)(Bs + STAGES * BN * LDS);  // [BM] source row of A, -1 = none
+    i64* b_rows = a_rows + BM;                     // [BN] row of B, -1 = none
     TileRange tr;
-    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_row_offset, b_row_offset, tr)) return;
+    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
     auto load_stage = [&](int stage, int k0) {
@@ -198,27 +51,22 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
         u16* bs = Bs + stage * BN * LDS;
         for (int i = threadIdx.x; i < A_CHUNKS; i += THREADS) {
             const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 off = a_row_offset[r];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
+            const i64 row = a_rows[r];
+            const bool valid = row >= 0 && k0 + kc < K;
+            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + row * p.lda + k0 + kc) : (const void*)p.a, valid);
         }
         for (int i = threadIdx.x; i < B_CHUNKS; i += THREADS) {
             const int c = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 off = b_row_offset[c];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(bs + c * LDS + kc, valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
+            const i64 row = b_rows[c];
+            const bool valid = row >= 0 && k0 + kc < K;
+            cp_async_16(bs + c * LDS + kc, valid ? (const void*)(b_base + row * p.ldb + k0 + kc) : (const void*)b_base, valid);
         }
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+    zero_accumulators<MT, NT>(acc);
 
     const int k_tiles = (K + BK - 1) / BK;
 #pragma unroll
@@ -238,23 +86,8 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
         for (int kk = 0; kk < BK; kk += 16) {
             u32 af[MT][4];
             u32 bf[NT][2];
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                const int r = wm * WTM + i * 16 + (lane % 16);
-                ldmatrix_x4(af[i], as + r * LDS + kk + (lane / 16) * 8);
-            }
-#pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                // x4: n-block j (k 0-7, 8-15) then n-block j+1.
-                const int c = wn * WTN + j * 8 + (lane % 8) + (lane / 16) * 8;
-                const int kc = kk + ((lane / 8) % 2) * 8;
-                u32 r4[4];
-                ldmatrix_x4(r4, bs + c * LDS + kc);
-                bf[j][0] = r4[0];
-                bf[j][1] = r4[1];
-                bf[j + 1][0] = r4[2];
-                bf[j + 1][1] = r4[3];
-            }
+            load_a_fragments<MT>(af, as, LDS * 2, wm * WTM, kk * 2);
+            load_b_fragments<NT>(bf, bs, LDS * 2, wn * WTN, kk * 2);
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -284,10 +117,10 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     unsigned char* base = (unsigned char*)(((size_t)smem_raw + 1023) & ~(size_t)1023);
     unsigned char* As = base;                        // [STAGES][BM rows x 128 B], swizzled
     unsigned char* Bs = base + STAGES * A_STAGE;     // [STAGES][BN rows x 128 B], swizzled
-    i64* a_row_offset = (i64*)(Bs + STAGES * B_STAGE);
-    i64* b_row_offset = a_row_offset + BM;
+    i64* a_rows = (i64*)(Bs + STAGES * B_STAGE);
+    i64* b_rows = a_rows + BM;
     TileRange tr;
-    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_row_offset, b_row_offset, tr)) return;
+    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
 
@@ -296,15 +129,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
         unsigned char* bs = Bs + stage * B_STAGE;
         for (int i = threadIdx.x; i < BM * 8; i += THREADS) {
             const int r = i / 8, c = i % 8, kc = c * 8;
-            const i64 off = a_row_offset[r];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(as + swizzle_128b(r, c), valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
+            const i64 row = a_rows[r];
+            const bool valid = row >= 0 && k0 + kc < K;
+            cp_async_16(as + swizzle_128b(r, c), valid ? (const void*)(p.a + row * p.lda + k0 + kc) : (const void*)p.a, valid);
         }
         for (int i = threadIdx.x; i < BN * 8; i += THREADS) {
             const int r = i / 8, c = i % 8, kc = c * 8;
-            const i64 off = b_row_offset[r];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(bs + swizzle_128b(r, c), valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
+            const i64 row = b_rows[r];
+            const bool valid = row >= 0 && k0 + kc < K;
+            cp_async_16(bs + swizzle_128b(r, c), valid ? (const void*)(b_base + row * p.ldb + k0 + kc) : (const void*)b_base, valid);
         }
     };
 

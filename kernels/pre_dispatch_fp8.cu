@@ -8,7 +8,7 @@
 //
 // One warp per 32-channel group (lane = channel), so the amax is one warp reduction and every
 // load and store is coalesced. Grid: (T_max); block 128.
-#include "common/types.cuh"
+#include "common/fp8.cuh"
 
 __device__ __forceinline__ float load_x(const void* x, i64 i, int dtype) {
     if (dtype == 0) return ((const float*)x)[i];
@@ -17,23 +17,6 @@ __device__ __forceinline__ float load_x(const void* x, i64 i, int dtype) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
     return f;
-}
-
-// E4M3 (OCP e4m3fn) round to nearest even, saturating to ±448, NaN -> 0x7F.
-__device__ __forceinline__ u32 encode_e4m3(float x) {
-    const u32 bits = __float_as_uint(x);
-    const u32 sign = (bits >> 24) & 0x80u;
-    const u32 magnitude = bits & 0x7FFFFFFFu;
-    if (magnitude > 0x7F800000u) return 0x7Fu;
-    if (magnitude >= 0x43E00000u) return sign | 0x7Eu;  // >= 448
-    if (magnitude < 0x3C800000u) {                       // < 2^-6: subnormal codes
-        const float steps = rintf(__uint_as_float(magnitude) * 512.0f);
-        return sign | (u32)steps;
-    }
-    const u32 rounded = magnitude + 0x7FFFFu + ((magnitude >> 20) & 1u);
-    const u32 exponent = (rounded >> 23) - 120u;
-    const u32 mantissa = (rounded >> 20) & 0x7u;
-    return sign | (exponent << 3) | mantissa;
 }
 
 __device__ __forceinline__ int ceil_log2_normal(float v) {

@@ -10,6 +10,13 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
 }
 
+// 4-byte async copy (scales); `valid == false` writes zeros.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+    u32 dst = (u32)__cvta_generic_to_shared(smem);
+    int src_bytes = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>
@@ -29,6 +36,44 @@ __device__ __forceinline__ void ldmatrix_x2(u32* r, const void* smem) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
 }
 
+// A fragments of a warp's MT m16 row tiles (rows row0 + 16i ..) at byte column `kb` of a shared
+// tile with rows `lds` bytes apart: 16 rows x 32 bytes each (k16 of 16-bit, k32 of 8-bit types).
+template <int MT>
+__device__ __forceinline__ void load_a_fragments(u32 (*af)[4], const void* tile, int lds, int row0, int kb) {
+    const int lane = threadIdx.x % 32;
+    const unsigned char* t = (const unsigned char*)tile;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) ldmatrix_x4(af[i], t + (row0 + i * 16 + lane % 16) * lds + kb + (lane / 16) * 16);
+}
+
+// B fragments of NT n8 column blocks (columns col0 + 8j ..) of a K-contiguous shared tile, two
+// blocks per ldmatrix.x4: 8 columns x 32 bytes each.
+template <int NT>
+__device__ __forceinline__ void load_b_fragments(u32 (*bf)[2], const void* tile, int lds, int col0, int kb) {
+    const int lane = threadIdx.x % 32;
+    const unsigned char* t = (const unsigned char*)tile;
+#pragma unroll
+    for (int j = 0; j < NT; j += 2) {
+        const int c = col0 + j * 8 + (lane % 8) + (lane / 16) * 8;
+        u32 r4[4];
+        ldmatrix_x4(r4, t + c * lds + kb + ((lane / 8) % 2) * 16);
+        bf[j][0] = r4[0];
+        bf[j][1] = r4[1];
+        bf[j + 1][0] = r4[2];
+        bf[j + 1][1] = r4[3];
+    }
+}
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero_accumulators(float (*acc)[NT][4]) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+}
+
 // d += a (16x16, row-major) * b (16x8, column-major)
 __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
 #ifdef FDMOE_F16
@@ -44,4 +89,23 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
+}
+
+#if __CUDA_ARCH__ >= 890
+// d += a (16x32 E4M3, row-major) * b (32x8 E4M3, column-major). The fragments hold the same
+// bytes per thread as m16n8k16's 16-bit ones, so the same ldmatrix addressing loads them.
+__device__ __forceinline__ void mma_16832_e4m3(float* d, const u32* a, const u32* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// a * b per bf16 lane, exact when the product is representable (subnormals included).
+__device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
 }

@@ -68,14 +68,15 @@ impl Materializer<'_> {
         match self.src.ownership {
             FdmoeOwnership::Borrow => ptr as *const f32,
             FdmoeOwnership::Own => {
-                // Dense weights are rounded to the configured precision; next to quantized
-                // experts, the dense matrices keep the precision they are given in.
-                let round = self
-                    .cfg
-                    .weight_dtype
-                    .is_dense()
-                    .then_some(self.cfg.weight_dtype);
-                self.copy(ptr, count, self.src.dtype, round)
+                // Dense weights are rounded to the configured precision: weight_dtype, or next
+                // to quantized experts the activation dtype (the precision a GPU backend holds
+                // the layer's dense matrices in).
+                let round = if self.cfg.weight_dtype.is_dense() {
+                    self.cfg.weight_dtype
+                } else {
+                    self.cfg.act_dtype
+                };
+                self.copy(ptr, count, self.src.dtype, Some(round))
             }
         }
     }
@@ -107,6 +108,16 @@ impl Materializer<'_> {
 
 impl CpuWeights {
     pub fn load(cfg: &MoeConfig, src: &WeightSource) -> Result<Self> {
+        Self::load_parts(cfg, src, true)
+    }
+
+    /// Everything but the routed experts (`experts` left empty): what a backend that stores
+    /// quantized experts in its own form needs from this loader.
+    pub fn load_without_experts(cfg: &MoeConfig, src: &WeightSource) -> Result<Self> {
+        Self::load_parts(cfg, src, false)
+    }
+
+    fn load_parts(cfg: &MoeConfig, src: &WeightSource, with_experts: bool) -> Result<Self> {
         if src.memory == FdmoeMemory::Device {
             return Err(Error::unsupported(
                 "device weight pointers (weights.memory = device)",
@@ -145,6 +156,7 @@ impl CpuWeights {
             owned: Vec::new(),
         };
         let experts = match &src.experts {
+            _ if !with_experts => Vec::new(),
             _ if cfg.weight_dtype.is_quantized() => {
                 let (w13, w2) = dequantized_experts(cfg, src)?;
                 let (w13_ptr, w2_ptr) = (w13.as_ptr(), w2.as_ptr());

@@ -33,20 +33,30 @@ pub const GATE_LOGITS: KernelFile = kernel_file!("gate_logits.cu");
 pub const ROUTE_TOPK: KernelFile = kernel_file!("route_topk.cu");
 pub const SORT_BY_EXPERT: KernelFile = kernel_file!("sort_by_expert.cu");
 pub const GROUPED_GEMM: KernelFile = kernel_file!("grouped_gemm.cu");
+pub const GROUPED_GEMM_QUANT: KernelFile = kernel_file!("grouped_gemm_quant.cu");
 pub const COMBINE: KernelFile = kernel_file!("combine.cu");
 pub const PRE_DISPATCH_FP8: KernelFile = kernel_file!("pre_dispatch_fp8.cu");
 
 /// Every kernel file, for the compile-everything test.
-pub const ALL_FILES: [KernelFile; 6] = [
+pub const ALL_FILES: [KernelFile; 7] = [
     GATE_LOGITS,
     ROUTE_TOPK,
     SORT_BY_EXPERT,
     GROUPED_GEMM,
+    GROUPED_GEMM_QUANT,
     COMBINE,
     PRE_DISPATCH_FP8,
 ];
 
-const HEADERS: [(&str, &str); 4] = [
+const HEADERS: [(&str, &str); 6] = [
+    (
+        "common/gemm_tile.cuh",
+        include_str!("../../../kernels/common/gemm_tile.cuh"),
+    ),
+    (
+        "common/fp8.cuh",
+        include_str!("../../../kernels/common/fp8.cuh"),
+    ),
     (
         "common/types.cuh",
         include_str!("../../../kernels/common/types.cuh"),

@@ -163,6 +163,30 @@ impl DeviceBuffer {
         }
         Ok(buf)
     }
+
+    /// Copies `data` in at byte `offset` (synchronous; load time only).
+    pub fn write_at<T: Copy>(&self, offset: usize, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        assert!(
+            offset + bytes <= self.bytes,
+            "write_at: {bytes} bytes at {offset} past a buffer of {}",
+            self.bytes
+        );
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the range is inside the buffer (asserted); data is a valid host slice.
+        check(
+            unsafe {
+                sys::cuMemcpyHtoD_v2(
+                    self.ptr + offset as DevicePtr,
+                    data.as_ptr() as *const c_void,
+                    bytes,
+                )
+            },
+            "cuMemcpyHtoD",
+        )
+    }
 }
 
 impl Drop for DeviceBuffer {

@@ -2,10 +2,11 @@
 //! launch helpers. Argument structs mirror the `struct`s in `kernels/*.cu` field for field.
 
 use super::compile::{
-    compile, Element, COMBINE, GATE_LOGITS, GROUPED_GEMM, ROUTE_TOPK, SORT_BY_EXPERT,
+    compile, Element, COMBINE, GATE_LOGITS, GROUPED_GEMM, GROUPED_GEMM_QUANT, ROUTE_TOPK,
+    SORT_BY_EXPERT,
 };
 use super::driver::{arg, DevicePtr, Function, Module, Stream};
-use crate::config::FdmoeActivation;
+use crate::config::{FdmoeActivation, FdmoeDtype};
 use crate::error::Result;
 
 /// Mirrors `GemmParams` in kernels/grouped_gemm.cu.
@@ -38,6 +39,12 @@ pub struct GemmParams {
     pub args_block: DevicePtr,
     pub a_arg: i64,
     pub c_arg: i64,
+    /// Quantized GEMMs (a, b and strides in bytes there): FP8_BLOCK activation scales, the
+    /// weights' scales and their per-expert stride, NVFP4 global scales.
+    pub a_scale: DevicePtr,
+    pub b_scale: DevicePtr,
+    pub b_scale_group_stride: i64,
+    pub b_global: DevicePtr,
 }
 
 impl Default for GemmParams {
@@ -67,6 +74,10 @@ impl Default for GemmParams {
             args_block: 0,
             a_arg: -1,
             c_arg: -1,
+            a_scale: 0,
+            b_scale: 0,
+            b_scale_group_stride: 0,
+            b_global: 0,
         }
     }
 }
@@ -209,12 +220,16 @@ const GEMM_KINDS: [GemmKind; 6] = [
     GemmKind::DenseGated,
 ];
 
-fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
-    let act = match act {
+fn act_name(act: FdmoeActivation) -> &'static str {
+    match act {
         FdmoeActivation::Swiglu => "swiglu",
         FdmoeActivation::GeluTanhAndMul => "gelu_tanh",
         FdmoeActivation::Swigluoai => "swigluoai",
-    };
+    }
+}
+
+fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
+    let act = act_name(act);
     let kind = match kind {
         GemmKind::UpGated => format!("up_{act}"),
         GemmKind::DownScaled => "down_scaled".to_string(),
@@ -224,6 +239,74 @@ fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
         GemmKind::DenseGated => format!("dense_{act}"),
     };
     format!("gemm_{}_{kind}", tile.suffix())
+}
+
+/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu): 16 x 64 for
+/// decode, 64 x 128 otherwise; 4 warps each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantTile {
+    Small,
+    Mid,
+}
+
+impl QuantTile {
+    pub fn for_rows(rows: usize) -> QuantTile {
+        if rows <= 24 {
+            QuantTile::Small
+        } else {
+            QuantTile::Mid
+        }
+    }
+    pub fn block_m(self) -> usize {
+        match self {
+            QuantTile::Small => 16,
+            QuantTile::Mid => 64,
+        }
+    }
+    pub fn block_n(self) -> usize {
+        match self {
+            QuantTile::Small => 64,
+            QuantTile::Mid => 128,
+        }
+    }
+    fn stages(self) -> usize {
+        match self {
+            QuantTile::Small => 6,
+            QuantTile::Mid => 4,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            QuantTile::Small => "s",
+            QuantTile::Mid => "m",
+        }
+    }
+    /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
+    pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
+        let (bm, bn, stages) = (self.block_m(), self.block_n(), self.stages());
+        let rows = (bm + bn) * 8;
+        match format {
+            FdmoeDtype::Fp8Block => stages * (bm + bn) * (128 + 16) + stages * (bm + bn) * 4 + rows,
+            _ => {
+                let scale_block = if format == FdmoeDtype::Mxfp4 { 16 } else { 32 };
+                let blocks = stages * (bn / 8) * 2;
+                stages * bm * (128 + 8) * 2 + blocks * 256 + blocks * scale_block + rows
+            }
+        }
+    }
+}
+
+fn qgemm_name(format: FdmoeDtype, tile: QuantTile, kind: GemmKind, act: FdmoeActivation) -> String {
+    let fmt = match format {
+        FdmoeDtype::Fp8Block => "fp8_block",
+        FdmoeDtype::Mxfp4 => "mxfp4",
+        _ => "nvfp4",
+    };
+    let kind = match kind {
+        GemmKind::UpGated => format!("up_{}", act_name(act)),
+        _ => "down_scaled".to_string(),
+    };
+    format!("qgemm_{fmt}_{}_{kind}", tile.suffix())
 }
 
 pub const ROUTE_THREADS: u32 = 256;
@@ -242,6 +325,10 @@ pub struct Kernels {
     sort: Function,
     combine: Function,
     gemms: Vec<((Tile, GemmKind), Function)>,
+    /// Quantized experts: the expert GEMMs of the format, and the FP8 activation quantizer.
+    qgemms: Vec<((QuantTile, GemmKind), Function)>,
+    quantize_fp8: Option<Function>,
+    weight_format: FdmoeDtype,
 }
 
 impl Kernels {
@@ -250,6 +337,7 @@ impl Kernels {
         element: Element,
         activation: FdmoeActivation,
         num_experts: usize,
+        weight_format: FdmoeDtype,
     ) -> Result<Self> {
         let load = |file| -> Result<Module> {
             Module::load(&compile(file, arch, element)?.image, file.name)
@@ -272,17 +360,46 @@ impl Kernels {
                 ));
             }
         }
+        let gate_t4 = gate.function("gate_logits_t4", 0)?;
+        let gate_t16 = gate.function("gate_logits_t16", 0)?;
+        let route_fn = route.function("route_topk", 0)?;
+        let given = route.function("given_topk", 0)?;
+        let set_args = route.function("set_forward_args", 0)?;
+        let sort_fn = sort.function("sort_by_expert", sort_smem_bytes(num_experts))?;
+        let combine_fn = combine.function("combine_slots", 0)?;
+        let mut modules = vec![gate, route, sort, gemm, combine];
+        let mut qgemms = Vec::new();
+        let mut quantize_fp8 = None;
+        if weight_format.is_quantized() {
+            let quant = load(GROUPED_GEMM_QUANT)?;
+            for tile in [QuantTile::Small, QuantTile::Mid] {
+                for kind in [GemmKind::UpGated, GemmKind::DownScaled] {
+                    let name = qgemm_name(weight_format, tile, kind, activation);
+                    qgemms.push((
+                        (tile, kind),
+                        quant.function(&name, tile.smem_bytes(weight_format))?,
+                    ));
+                }
+            }
+            if weight_format == FdmoeDtype::Fp8Block {
+                quantize_fp8 = Some(quant.function("quantize_fp8_rows", 0)?);
+            }
+            modules.push(quant);
+        }
         Ok(Kernels {
-            gate_t4: gate.function("gate_logits_t4", 0)?,
-            gate_t16: gate.function("gate_logits_t16", 0)?,
-            route: route.function("route_topk", 0)?,
-            given: route.function("given_topk", 0)?,
-            set_args: route.function("set_forward_args", 0)?,
-            sort: sort.function("sort_by_expert", sort_smem_bytes(num_experts))?,
-            combine: combine.function("combine_slots", 0)?,
+            weight_format,
+            qgemms,
+            quantize_fp8,
+            gate_t4,
+            gate_t16,
+            route: route_fn,
+            given,
+            set_args,
+            sort: sort_fn,
+            combine: combine_fn,
             gemms,
             hopper,
-            _modules: vec![gate, route, sort, gemm, combine],
+            _modules: modules,
         })
     }
 
@@ -322,6 +439,98 @@ impl Kernels {
             tile.smem_bytes(),
             stream,
             &mut [arg(&mut params)],
+        )
+    }
+
+    /// Launches a quantized expert GEMM (`UpGated` or `DownScaled`) over `tiles_m` row tiles.
+    ///
+    /// # Safety
+    /// Every pointer in `p` covers the extents the kernel reads and writes.
+    pub unsafe fn qgemm(
+        &self,
+        tile: QuantTile,
+        kind: GemmKind,
+        p: &GemmParams,
+        tiles_m: usize,
+        stream: Stream,
+    ) -> Result<()> {
+        let f = &self
+            .qgemms
+            .iter()
+            .find(|((t, k), _)| *t == tile && *k == kind)
+            .expect("loaded with a quantized format")
+            .1;
+        let cols_per_tile = match kind {
+            GemmKind::UpGated => tile.block_n() / 2,
+            _ => tile.block_n(),
+        };
+        let tiles_n = (p.n as usize).div_ceil(cols_per_tile);
+        let mut params = *p;
+        let smem = tile.smem_bytes(self.weight_format);
+        f.launch(
+            (tiles_m as u32, tiles_n as u32, 1),
+            128,
+            smem,
+            stream,
+            &mut [arg(&mut params)],
+        )
+    }
+
+    /// FP8_BLOCK activations: rows `T * rows_per_token` of `input` ([rows, cols] elements, or
+    /// f32 with `input_f32`) to E4M3 `out` and f32 `scales` [rows, cols / 128].
+    ///
+    /// # Safety
+    /// Pointers cover `max_rows` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn quantize_fp8_rows(
+        &self,
+        input: DevicePtr,
+        input_f32: bool,
+        out: DevicePtr,
+        scales: DevicePtr,
+        cols: usize,
+        num_tokens_dev: DevicePtr,
+        num_tokens: usize,
+        rows_per_token: usize,
+        args_block: DevicePtr,
+        in_arg: i64,
+        stream: Stream,
+    ) -> Result<()> {
+        let kernel = self
+            .quantize_fp8
+            .as_ref()
+            .expect("loaded with FP8_BLOCK weights");
+        let grid = (
+            (num_tokens * rows_per_token) as u32,
+            (cols / 128).div_ceil(4) as u32,
+            1,
+        );
+        let (mut i, mut o, mut s, mut nd, mut ab) =
+            (input, out, scales, num_tokens_dev, args_block);
+        let mut f = input_f32 as i32;
+        let (mut c, mut t, mut r, mut ia) = (
+            cols as i32,
+            num_tokens as i32,
+            rows_per_token as i32,
+            in_arg as i32,
+        );
+        kernel.launch(
+            grid,
+            128,
+            0,
+            stream,
+            &mut [
+                arg(&mut i),
+                arg(&mut f),
+                arg(&mut o),
+                arg(&mut s),
+                arg(&mut c),
+                arg(&mut nd),
+                arg(&mut t),
+                arg(&mut r),
+                arg(&mut ab),
+                arg(&mut ia),
+            ],
         )
     }
 

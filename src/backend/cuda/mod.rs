@@ -10,6 +10,7 @@ pub mod driver;
 pub mod graph;
 pub mod kernels;
 pub mod pre_dispatch;
+pub mod quant_weights;
 pub mod weights;
 
 use std::ffi::c_void;
@@ -22,9 +23,10 @@ use self::driver::{
 };
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    GemmKind, GemmParams, Kernels, RouteParams, SortBuffers, Tile, ARG_OUT, ARG_X,
+    GemmKind, GemmParams, Kernels, QuantTile, RouteParams, SortBuffers, Tile, ARG_OUT, ARG_X,
 };
-use self::weights::{require_device, weight_bytes, CudaWeights};
+use self::quant_weights::QuantizedPart;
+use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
 use super::{Backend, MemoryRequirements};
 use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig};
 use crate::error::{Error, Result};
@@ -33,29 +35,34 @@ use crate::weights::WeightSource;
 
 /// Checks the parts of a config the kernels cannot take; each answer names the feature.
 pub fn check_config(cfg: &MoeConfig) -> Result<()> {
-    if !cfg.weight_dtype.is_dense() {
-        return Err(Error::unsupported(
-            format!(
-                "weight format {} (quantized experts run on the cpu backend in this version)",
-                cfg.weight_dtype
-            ),
-            "cuda",
-        ));
-    }
-    if !matches!(cfg.act_dtype, FdmoeDtype::Bf16 | FdmoeDtype::F16) {
-        return Err(Error::unsupported(
-            format!("activations of {} (use bfloat16 or float16)", cfg.act_dtype),
-            "cuda",
-        ));
-    }
-    if cfg.weight_dtype != cfg.act_dtype {
-        return Err(Error::unsupported(
-            format!(
-                "weight format {} with activations of {} (they must match)",
-                cfg.weight_dtype, cfg.act_dtype
-            ),
-            "cuda",
-        ));
+    match (cfg.weight_dtype, cfg.act_dtype) {
+        (_, FdmoeDtype::Bf16 | FdmoeDtype::F16) if cfg.weight_dtype == cfg.act_dtype => {}
+        (FdmoeDtype::Fp8Block, FdmoeDtype::Bf16 | FdmoeDtype::F16) => {}
+        (FdmoeDtype::Mxfp4 | FdmoeDtype::Nvfp4, FdmoeDtype::Bf16) => {}
+        (FdmoeDtype::Mxfp4 | FdmoeDtype::Nvfp4, act) => {
+            return Err(Error::unsupported(
+                format!(
+                    "{} experts with activations of {act} (FP4 weights are decoded to bfloat16; use bfloat16 activations)",
+                    cfg.weight_dtype
+                ),
+                "cuda",
+            ))
+        }
+        (_, FdmoeDtype::Bf16 | FdmoeDtype::F16) => {
+            return Err(Error::unsupported(
+                format!(
+                    "weight format {} with activations of {} (they must match)",
+                    cfg.weight_dtype, cfg.act_dtype
+                ),
+                "cuda",
+            ))
+        }
+        (_, act) => {
+            return Err(Error::unsupported(
+                format!("activations of {act} (use bfloat16 or float16)"),
+                "cuda",
+            ))
+        }
     }
     for (name, v) in [
         ("hidden_size", Some(cfg.hidden_size)),
@@ -114,11 +121,16 @@ struct Workspace {
     y: DeviceBuffer,
     shared_act: DeviceBuffer,
     shared_out: DeviceBuffer,
+    /// FP8_BLOCK: the expert GEMMs' inputs as E4M3 with f32 scales per 128 channels.
+    inputs_fp8: DeviceBuffer,
+    inputs_fp8_scales: DeviceBuffer,
+    act_fp8: DeviceBuffer,
+    act_fp8_scales: DeviceBuffer,
 }
 
 impl Workspace {
     /// (bytes, purpose) of every buffer, in field order.
-    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 15] {
+    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 19] {
         let (t, e, k, h, i, l) = (
             cfg.max_tokens,
             cfg.num_experts,
@@ -132,6 +144,7 @@ impl Workspace {
         let latent = cfg.latent_size.is_some() as usize;
         let s = cfg.shared_intermediate_size.unwrap_or(0);
         let max_tiles = slots.div_ceil(Tile::Small.block_m()) + e.min(slots) + 1;
+        let fp8 = (cfg.weight_dtype == FdmoeDtype::Fp8Block) as usize;
         [
             (e * t * 4, "router logits"),
             (slots * 4, "top-k ids"),
@@ -142,12 +155,21 @@ impl Workspace {
             (max_tiles * 4, "tile experts"),
             (max_tiles * 4, "tile rows"),
             (4, "tile count"),
-            (latent * t * l * el, "fc1 output"),
+            // FP8_BLOCK keeps fc1's output and the expert activations in f32 until they are
+            // quantized (one rounding, as in the CPU reference).
+            (latent * t * l * el.max(4 * fp8), "fc1 output"),
             (latent * t * l * el, "combined latent output"),
-            (slots * i * el, "expert activations"),
+            (slots * i * el.max(4 * fp8), "expert activations"),
             (slots * l * el, "expert outputs"),
             (t * s * el, "shared-expert activations"),
             (if s > 0 { t * h * 4 } else { 0 }, "shared-expert output"),
+            (fp8 * t * l, "FP8 expert inputs"),
+            (fp8 * t * l.div_ceil(128) * 4, "FP8 expert input scales"),
+            (fp8 * slots * i, "FP8 expert activations"),
+            (
+                fp8 * slots * i.div_ceil(128) * 4,
+                "FP8 expert activation scales",
+            ),
         ]
     }
 
@@ -155,7 +177,7 @@ impl Workspace {
         let mut bufs = Self::sizes(cfg)
             .into_iter()
             .map(|(b, what)| DeviceBuffer::alloc(b, what));
-        let mut next = || bufs.next().expect("15 buffers");
+        let mut next = || bufs.next().expect("19 buffers");
         Ok(Workspace {
             logits: next()?,
             topk_ids: next()?,
@@ -172,6 +194,10 @@ impl Workspace {
             y: next()?,
             shared_act: next()?,
             shared_out: next()?,
+            inputs_fp8: next()?,
+            inputs_fp8_scales: next()?,
+            act_fp8: next()?,
+            act_fp8_scales: next()?,
         })
     }
 }
@@ -221,6 +247,14 @@ impl CudaBackend {
                 "cuda",
             ));
         }
+        if cfg.weight_dtype == FdmoeDtype::Fp8Block && (major, minor) < (8, 9) {
+            return Err(Error::unsupported(
+                format!(
+                    "fp8_block experts on compute capability {major}.{minor} (FP8 tensor cores need 8.9 or newer)"
+                ),
+                "cuda",
+            ));
+        }
         let arch = if (major, minor) == (9, 0) {
             "sm_90a".to_string()
         } else {
@@ -231,7 +265,13 @@ impl CudaBackend {
         } else {
             Element::Bf16
         };
-        let kernels = Kernels::load(&arch, element, cfg.activation, cfg.num_experts)?;
+        let kernels = Kernels::load(
+            &arch,
+            element,
+            cfg.activation,
+            cfg.num_experts,
+            cfg.weight_dtype,
+        )?;
         let ws = Workspace::new(cfg)?;
         drop(_current);
         Ok(CudaBackend {
@@ -394,12 +434,17 @@ impl CudaBackend {
             }
         };
         let tiles_dense = t.div_ceil(dense_tile.block_m());
+        let fp8 = cfg.weight_dtype == FdmoeDtype::Fp8Block;
         let inputs = match &w.fc1 {
             Some(fc1) => {
                 let p = dense(x, h, fc1.ptr(), h, l, ws.latent_in.ptr);
                 k.gemm(
                     dense_tile,
-                    GemmKind::Dense,
+                    if fp8 {
+                        GemmKind::DenseF32
+                    } else {
+                        GemmKind::Dense
+                    },
                     &via_block(p),
                     tiles_dense,
                     stream,
@@ -411,7 +456,15 @@ impl CudaBackend {
 
         // 3. Sort slots by expert; tiles of the grouped GEMMs.
         let slots = t * top_k;
-        let tile = Tile::for_rows(slots.div_ceil(e.min(slots)), k.hopper);
+        let rows_per_expert = slots.div_ceil(e.min(slots));
+        let (tile, qtile) = (
+            Tile::for_rows(rows_per_expert, k.hopper),
+            QuantTile::for_rows(rows_per_expert),
+        );
+        let block_m = match w.experts {
+            DeviceExperts::Dense { .. } => tile.block_m(),
+            DeviceExperts::Quantized(_) => qtile.block_m(),
+        };
         let sort = SortBuffers {
             expert_offsets: ws.expert_offsets.ptr,
             sorted_slots: ws.sorted_slots.ptr,
@@ -427,10 +480,10 @@ impl CudaBackend {
             t,
             top_k,
             e,
-            tile.block_m(),
+            block_m,
             stream,
         )?;
-        let max_tiles = slots.div_ceil(tile.block_m()) + e.min(slots);
+        let max_tiles = slots.div_ceil(block_m) + e.min(slots);
         let grouped = GemmParams {
             tile_expert: ws.tile_expert.ptr,
             tile_row: ws.tile_row.ptr,
@@ -443,14 +496,12 @@ impl CudaBackend {
             num_tokens: t as i64,
             ..Default::default()
         };
-
-        // 4. GEMM 1: act = act(gate, up) of gathered rows · W13[e]ᵀ.
-        let p = GemmParams {
+        // GEMM 1 computes act = act(gate, up) of gathered rows · W13[e]ᵀ; GEMM 2
+        // y = w_slot · act · W2[e]ᵀ, in sorted order.
+        let gemm1 = GemmParams {
             a: inputs,
             lda: l as i64,
-            b: w.w13.ptr(),
             ldb: l as i64,
-            b_group_stride: (2 * i * l) as i64,
             c: ws.act.ptr,
             ldc: i as i64,
             k: l as i64,
@@ -458,22 +509,87 @@ impl CudaBackend {
             up_offset: i as i64,
             ..grouped
         };
-        k.gemm(tile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
-
-        // 5. GEMM 2: y = w_slot · act · W2[e]ᵀ, in sorted order.
-        let p = GemmParams {
+        let gemm2 = GemmParams {
             a: ws.act.ptr,
             lda: i as i64,
-            b: w.w2.ptr(),
             ldb: i as i64,
-            b_group_stride: (l * i) as i64,
             c: ws.y.ptr,
             ldc: l as i64,
             k: i as i64,
             n: l as i64,
             ..grouped
         };
-        k.gemm(tile, GemmKind::DownScaled, &via_block(p), max_tiles, stream)?;
+        match &w.experts {
+            DeviceExperts::Dense { w13, w2 } => {
+                let p = GemmParams {
+                    b: w13.ptr(),
+                    b_group_stride: (2 * i * l) as i64,
+                    ..gemm1
+                };
+                k.gemm(tile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
+                let p = GemmParams {
+                    b: w2.ptr(),
+                    b_group_stride: (l * i) as i64,
+                    ..gemm2
+                };
+                k.gemm(tile, GemmKind::DownScaled, &via_block(p), max_tiles, stream)?;
+            }
+            DeviceExperts::Quantized(q) => {
+                let weights = |p: GemmParams, part: &QuantizedPart| GemmParams {
+                    b: part.data.ptr,
+                    b_group_stride: part.data_stride as i64,
+                    b_scale: part.scales.ptr,
+                    b_scale_group_stride: part.scale_stride as i64,
+                    b_global: part.global_ptr(),
+                    ..p
+                };
+                let mut p = weights(gemm1, &q.w13);
+                if fp8 {
+                    let in_arg = if inputs == x { ARG_X } else { -1 };
+                    k.quantize_fp8_rows(
+                        inputs,
+                        inputs != x,
+                        ws.inputs_fp8.ptr,
+                        ws.inputs_fp8_scales.ptr,
+                        l,
+                        num_tokens_dev,
+                        t,
+                        1,
+                        args_block,
+                        in_arg,
+                        stream,
+                    )?;
+                    p.a = ws.inputs_fp8.ptr;
+                    p.a_scale = ws.inputs_fp8_scales.ptr;
+                }
+                k.qgemm(qtile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
+                let mut p = weights(gemm2, &q.w2);
+                if fp8 {
+                    k.quantize_fp8_rows(
+                        ws.act.ptr,
+                        true,
+                        ws.act_fp8.ptr,
+                        ws.act_fp8_scales.ptr,
+                        i,
+                        num_tokens_dev,
+                        t,
+                        top_k,
+                        0,
+                        -1,
+                        stream,
+                    )?;
+                    p.a = ws.act_fp8.ptr;
+                    p.a_scale = ws.act_fp8_scales.ptr;
+                }
+                k.qgemm(
+                    qtile,
+                    GemmKind::DownScaled,
+                    &via_block(p),
+                    max_tiles,
+                    stream,
+                )?;
+            }
+        }
 
         // 6. Shared experts over the full hidden x, kept in f32 until the final rounding.
         let shared_out = match (&w.shared_w13, &w.shared_w2, cfg.shared_intermediate_size) {

@@ -13,6 +13,7 @@ use std::ffi::c_void;
 use half::{bf16, f16};
 
 use super::driver::{pointer_kind, DeviceBuffer, DevicePtr, PointerKind};
+use super::quant_weights::{self, QuantizedExperts};
 use crate::backend::cpu::linear::Linear;
 use crate::backend::cpu::weights::CpuWeights;
 use crate::config::{FdmoeDtype, FdmoeLayout, FdmoeMemory, FdmoeOwnership, MoeConfig};
@@ -34,9 +35,14 @@ impl DeviceMatrix {
     }
 }
 
+/// The routed experts: dense W13 [E, 2I, L] and W2 [E, L, I], or repacked quantized ones.
+pub enum DeviceExperts {
+    Dense { w13: DeviceMatrix, w2: DeviceMatrix },
+    Quantized(QuantizedExperts),
+}
+
 pub struct CudaWeights {
-    pub w13: DeviceMatrix,
-    pub w2: DeviceMatrix,
+    pub experts: DeviceExperts,
     pub gate_t: Option<DeviceBuffer>,
     pub correction_bias: Option<DeviceBuffer>,
     pub fc1: Option<DeviceMatrix>,
@@ -103,13 +109,25 @@ impl CudaWeights {
     }
 
     fn upload_from_host(cfg: &MoeConfig, src: &WeightSource) -> Result<Self> {
-        // The CPU loader reads any layout and dtype into f32 rounded to weight_dtype.
+        // The CPU loader reads any layout and dtype into f32 (rounded to weight_dtype when it
+        // is dense); quantized experts are repacked from their own reader instead.
         let mut f32_cfg = cfg.clone();
         f32_cfg.backend = crate::config::FdmoeBackendKind::Cpu;
-        let host = CpuWeights::load(&f32_cfg, src)?;
-        let el = cfg.weight_dtype;
-        let w13: Vec<Linear> = host.experts.iter().flat_map(|x| [x.gate, x.up]).collect();
-        let w2: Vec<Linear> = host.experts.iter().map(|x| x.down).collect();
+        let el = cfg.act_dtype;
+        let (host, experts) = if cfg.weight_dtype.is_quantized() {
+            let host = CpuWeights::load_without_experts(&f32_cfg, src)?;
+            let experts = DeviceExperts::Quantized(QuantizedExperts::load(cfg, src)?);
+            (host, experts)
+        } else {
+            let host = CpuWeights::load(&f32_cfg, src)?;
+            let w13: Vec<Linear> = host.experts.iter().flat_map(|x| [x.gate, x.up]).collect();
+            let w2: Vec<Linear> = host.experts.iter().map(|x| x.down).collect();
+            let experts = DeviceExperts::Dense {
+                w13: upload(&w13, el, "w13")?,
+                w2: upload(&w2, el, "w2")?,
+            };
+            (host, experts)
+        };
         let gate_t = match host.gate {
             Some(g) => {
                 // [H, E]: transposed view of the [E, H] gate.
@@ -132,8 +150,7 @@ impl CudaWeights {
             None => None,
         };
         Ok(CudaWeights {
-            w13: upload(&w13, el, "w13")?,
-            w2: upload(&w2, el, "w2")?,
+            experts,
             gate_t,
             correction_bias,
             fc1: host.fc1.map(|l| upload(&[l], el, "fc1")).transpose()?,
@@ -150,6 +167,15 @@ impl CudaWeights {
     }
 
     fn borrow(cfg: &MoeConfig, src: &WeightSource) -> Result<Self> {
+        if cfg.weight_dtype.is_quantized() {
+            return Err(Error::unsupported(
+                format!(
+                    "borrowing {} experts (they are repacked for the kernels at load; use ownership own with host memory)",
+                    cfg.weight_dtype
+                ),
+                "cuda",
+            ));
+        }
         if src.layout != FdmoeLayout::Torch || src.gate_up_interleaved {
             return Err(Error::unsupported(
                 format!(
@@ -175,8 +201,10 @@ impl CudaWeights {
         // The small pieces are copied: the gate must be f32 [H, E] for the gate kernel.
         let (gate_t, correction_bias) = copy_small_pieces(cfg, src, ord)?;
         Ok(CudaWeights {
-            w13: borrow(*w13, "weights.w13")?,
-            w2: borrow(*w2, "weights.w2")?,
+            experts: DeviceExperts::Dense {
+                w13: borrow(*w13, "weights.w13")?,
+                w2: borrow(*w2, "weights.w2")?,
+            },
             gate_t,
             correction_bias,
             fc1: src.fc1.map(|p| borrow(p, "weights.fc1")).transpose()?,
@@ -243,8 +271,13 @@ pub fn weight_bytes(cfg: &MoeConfig) -> usize {
         cfg.intermediate_size,
         cfg.expert_hidden(),
     );
-    let el = cfg.weight_dtype.dense_size().unwrap_or(2);
-    let mut n = e * 3 * i * l * el + h * e * 4 + e * 4;
+    let el = cfg.act_dtype.dense_size().unwrap_or(2);
+    let experts = if cfg.weight_dtype.is_quantized() {
+        quant_weights::device_bytes(cfg)
+    } else {
+        e * 3 * i * l * el
+    };
+    let mut n = experts + h * e * 4 + e * 4;
     if let Some(latent) = cfg.latent_size {
         n += 2 * latent * h * el;
     }

@@ -1,0 +1,381 @@
+// Grouped expert GEMMs on quantized weights (SPEC §5), the same tiles, row gathering, tile
+// table and fused epilogues as grouped_gemm.cu (common/gemm_tile.cuh), with B read in its
+// quantized form and never dequantized into global memory:
+//
+//   - FP8_BLOCK (W8A8): A is E4M3 with one f32 scale per row per 128 channels (produced by
+//     quantize_fp8_rows), B is E4M3 [N, K] with one f32 scale per 64 rows x 128 columns (the
+//     checkpoint's 128x128 blocks, expanded at load so de-interleaved gate/up rows keep theirs).
+//     One pipeline stage is one 128-deep scale group: the tensor cores (m16n8k32 E4M3, f32
+//     accumulate) sum the stage into a partial accumulator, which is then promoted into the
+//     main one as partial * scale_a(row) * scale_b(column) — DeepGEMM's scheme, exact up to
+//     f32 rounding against the CPU reference (which dequantizes both sides).
+//   - MXFP4 / NVFP4 (W4A16): A is bf16, B is E2M1 repacked at load (src/backend/cuda/
+//     quant_weights.rs) so each lane's 8 bytes of a 8-row x 64-column block are the nibbles of
+//     its m16n8k16 B fragments, in the order the decode below emits them. Decoding is bit moves:
+//     a nibble's sign and 3 magnitude bits land in a bf16's sign and low exponent/top mantissa
+//     bits (value x 2^-126, subnormal for 0.5), one bf16x2 multiply by 2^126 and one by the
+//     group scale (UE8M0 2^(e-127), or the E4M3 scale of NVFP4) give the exact weight, since
+//     E2M1 x scale needs at most 6 significant bits. NVFP4's per-matrix global scale multiplies
+//     the accumulator before the epilogue.
+//
+// Why it is fast: decode is memory-bound, and these read 1 (FP8) or ~0.53 (FP4) bytes per weight
+// through the same deep cp.async pipelines as the bf16 decode tile; FP4 decode costs ~2 ALU
+// operations per weight, below the HBM rate, and FP8 needs no decode at all.
+#include "common/gemm_tile.cuh"
+#include "common/mma.cuh"
+#include "common/fp8.cuh"
+
+#define FMT_MXFP4 1
+#define FMT_NVFP4 2
+
+// ---------------------------------------------------------------------------------------------
+// FP8_BLOCK: A and B are E4M3 bytes, K a multiple of 128 (validated at create).
+#if __CUDA_ARCH__ >= 890
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int MODE, int ACT>
+__device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
+    constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    constexpr int BK = 128;       // bytes = elements = one scale group
+    constexpr int LDS = BK + 16;  // padded shared row (bytes): conflict-free ldmatrix
+    constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;
+    constexpr int MT = WTM / 16, NT = WTN / 8;
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile must be a multiple of 16x16");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    unsigned char* As = smem_raw;                       // [STAGES][BM][LDS]
+    unsigned char* Bs = As + STAGES * BM * LDS;         // [STAGES][BN][LDS]
+    float* Sa = (float*)(Bs + STAGES * BN * LDS);       // [STAGES][BM]
+    float* Sb = Sa + STAGES * BM;                       // [STAGES][BN]
+    i64* a_rows = (i64*)(Sb + STAGES * BN);             // [BM]
+    i64* b_rows = a_rows + BM;                          // [BN]
+    TileRange tr;
+    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    const int K = (int)p.k;
+    const int groups = K / BK;
+    const unsigned char* a = (const unsigned char*)p.a;
+    const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
+    const float* b_scale = (const float*)((const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride);
+
+    auto load_stage = [&](int stage, int g) {
+        unsigned char* as = As + stage * BM * LDS;
+        unsigned char* bs = Bs + stage * BN * LDS;
+        const int k0 = g * BK;
+        for (int i = threadIdx.x; i < BM * (BK / 16); i += THREADS) {
+            const int r = i / (BK / 16), kc = (i % (BK / 16)) * 16;
+            const i64 row = a_rows[r];
+            cp_async_16(as + r * LDS + kc, row >= 0 ? (const void*)(a + row * p.lda + k0 + kc) : (const void*)a, row >= 0);
+        }
+        for (int i = threadIdx.x; i < BN * (BK / 16); i += THREADS) {
+            const int c = i / (BK / 16), kc = (i % (BK / 16)) * 16;
+            const i64 row = b_rows[c];
+            cp_async_16(bs + c * LDS + kc, row >= 0 ? (const void*)(b + row * p.ldb + k0 + kc) : (const void*)b, row >= 0);
+        }
+        for (int r = threadIdx.x; r < BM; r += THREADS) {
+            const i64 row = a_rows[r];
+            cp_async_4(Sa + stage * BM + r, row >= 0 ? (const void*)(p.a_scale + row * groups + g) : (const void*)p.a_scale, row >= 0);
+        }
+        for (int c = threadIdx.x; c < BN; c += THREADS) {
+            const i64 row = b_rows[c];
+            cp_async_4(Sb + stage * BN + c, row >= 0 ? (const void*)(b_scale + (row / 64) * groups + g) : (const void*)b_scale, row >= 0);
+        }
+    };
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    float acc[MT][NT][4];
+    zero_accumulators<MT, NT>(acc);
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < groups) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int g = 0; g < groups; ++g) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = g + STAGES - 1;
+        if (next < groups) load_stage(next % STAGES, next);
+        cp_async_commit();
+        const int stage = g % STAGES;
+        const unsigned char* as = As + stage * BM * LDS;
+        const unsigned char* bs = Bs + stage * BN * LDS;
+        float part[MT][NT][4];
+        zero_accumulators<MT, NT>(part);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 32) {
+            u32 af[MT][4];
+            u32 bf[NT][2];
+            load_a_fragments<MT>(af, as, LDS, wm * WTM, kk);
+            load_b_fragments<NT>(bf, bs, LDS, wn * WTN, kk);
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mma_16832_e4m3(part[i][j], af[i], bf[j]);
+        }
+        // Scale promotion: this group's sums times the row's and the column's scales.
+        const float* sa = Sa + stage * BM;
+        const float* sb = Sb + stage * BN;
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            const int r = wm * WTM + i * 16 + lane / 4;
+            const float sa0 = sa[r], sa1 = sa[r + 8];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int c = wn * WTN + j * 8 + (lane % 4) * 2;
+                const float sb0 = sb[c], sb1 = sb[c + 1];
+                acc[i][j][0] += part[i][j][0] * (sa0 * sb0);
+                acc[i][j][1] += part[i][j][1] * (sa0 * sb1);
+                acc[i][j][2] += part[i][j][2] * (sa1 * sb0);
+                acc[i][j][3] += part[i][j][3] * (sa1 * sb1);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const int lane_row = lane / 4;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) store_fragment<NT, MODE, ACT>(p, tr, acc[i], wm * WTM + i * 16 + lane_row, wn * WTN);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// MXFP4 / NVFP4: A bf16 [rows, K], B repacked per expert as [N/8][KB][256] bytes with KB =
+// ceil(K/64) blocks of 64 columns (zero-padded), scales [N/8][KB][8 rows][SCALES] bytes with
+// SCALES = 2 (UE8M0 per 32) or 4 (E4M3 per 16).
+
+// The 4 bf16x2 B-fragment registers one packed word holds (see the file comment), times
+// 2^126; `q` is consumed from its top nibble of each half down.
+__device__ __forceinline__ void unpack_e2m1_word(u32 q, u32* out) {
+    const u32 bias = 0x7E807E80u;  // bf16x2 2^126
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const u32 v = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
+        out[e] = mul_bf16x2(v, bias);
+        q <<= 4;
+    }
+}
+
+// bf16x2 of an UE8M0 scale 2^(e-127) in both lanes (e = 0 is the subnormal 2^-127).
+__device__ __forceinline__ u32 ue8m0_to_bf16x2(u32 e) {
+    const u32 bits = e == 0 ? 0x0040u : (e << 7);
+    return bits | (bits << 16);
+}
+
+__device__ __forceinline__ u32 e4m3_to_bf16x2(u32 code) {
+    const u32 bits = __float_as_uint(decode_e4m3(code)) >> 16;  // exact: at most 4 significant bits
+    return bits | (bits << 16);
+}
+
+template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int FMT, int MODE, int ACT>
+__device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
+    constexpr int THREADS = WARPS_M * WARPS_N * 32;
+    constexpr int BK = 128;        // elements per stage: two packed 64-column blocks
+    constexpr int KBS = BK / 64;   // packed blocks per stage
+    constexpr int LDS = BK + 8;    // padded A row (elements)
+    constexpr int WTM = BM / WARPS_M, WTN = BN / WARPS_N;
+    constexpr int MT = WTM / 16, NT = WTN / 8;
+    constexpr int NB = BN / 8;
+    constexpr int SCALES = FMT == FMT_MXFP4 ? 2 : 4;  // per row of a packed block
+    constexpr int SBLOCK = 8 * SCALES;                 // scale bytes per packed block
+    static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile must be a multiple of 16x16");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* As = (u16*)smem_raw;                                            // [STAGES][BM][LDS]
+    unsigned char* Bq = (unsigned char*)(As + STAGES * BM * LDS);        // [STAGES][NB][KBS][256]
+    unsigned char* Sq = Bq + STAGES * NB * KBS * 256;                    // [STAGES][NB][KBS][SBLOCK]
+    i64* a_rows = (i64*)(Sq + STAGES * NB * KBS * SBLOCK);
+    i64* b_rows = a_rows + BM;
+    TileRange tr;
+    if (!setup_tile<BM, BN, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    const int K = (int)p.k;
+    const int kblocks = (K + 63) / 64;
+    const int k_tiles = (kblocks + KBS - 1) / KBS;
+    const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
+    const unsigned char* bs_global = (const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride;
+
+    auto load_stage = [&](int stage, int kt) {
+        u16* as = As + stage * BM * LDS;
+        const int k0 = kt * BK;
+        for (int i = threadIdx.x; i < BM * (BK / 8); i += THREADS) {
+            const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
+            const i64 row = a_rows[r];
+            const bool valid = row >= 0 && k0 + kc < K;
+            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + row * p.lda + k0 + kc) : (const void*)p.a, valid);
+        }
+        // Each 8-column block of the tile is one packed row block (its columns are 8
+        // consecutive rows of B: GATED tiles alternate 8 gate and 8 up rows).
+        unsigned char* bq = Bq + stage * NB * KBS * 256;
+        for (int i = threadIdx.x; i < NB * KBS * 16; i += THREADS) {
+            const int nb = i / (KBS * 16), kb = (i / 16) % KBS, chunk = i % 16;
+            const i64 row = b_rows[nb * 8];
+            const int kblock = kt * KBS + kb;
+            const bool valid = row >= 0 && kblock < kblocks;
+            const i64 src = ((row / 8) * kblocks + kblock) * 256 + chunk * 16;
+            cp_async_16(bq + (nb * KBS + kb) * 256 + chunk * 16, valid ? (const void*)(b + src) : (const void*)b, valid);
+        }
+        unsigned char* sq = Sq + stage * NB * KBS * SBLOCK;
+        for (int i = threadIdx.x; i < NB * KBS * (SBLOCK / 16); i += THREADS) {
+            const int nb = i / (KBS * (SBLOCK / 16)), kb = (i / (SBLOCK / 16)) % KBS, chunk = i % (SBLOCK / 16);
+            const i64 row = b_rows[nb * 8];
+            const int kblock = kt * KBS + kb;
+            const bool valid = row >= 0 && kblock < kblocks;
+            const i64 src = ((row / 8) * kblocks + kblock) * SBLOCK + chunk * 16;
+            cp_async_16(sq + (nb * KBS + kb) * SBLOCK + chunk * 16, valid ? (const void*)(bs_global + src) : (const void*)bs_global, valid);
+        }
+    };
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    float acc[MT][NT][4];
+    zero_accumulators<MT, NT>(acc);
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles) load_stage(s, s);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles) load_stage(next % STAGES, next);
+        cp_async_commit();
+        const int stage = kt % STAGES;
+        const u16* as = As + stage * BM * LDS;
+        const unsigned char* bq = Bq + stage * NB * KBS * 256;
+        const unsigned char* sq = Sq + stage * NB * KBS * SBLOCK;
+#pragma unroll
+        for (int kb = 0; kb < KBS; ++kb) {
+            // This lane's 8 packed bytes and its row's scales for each n-block of the warp.
+            uint2 packed[NT];
+            u32 scales[NT];
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int nb = (wn * WTN) / 8 + j;
+                packed[j] = *(const uint2*)(bq + (nb * KBS + kb) * 256 + lane * 8);
+                const unsigned char* s = sq + (nb * KBS + kb) * SBLOCK + (lane / 4) * SCALES;
+                scales[j] = FMT == FMT_MXFP4 ? (u32)s[0] | ((u32)s[1] << 8) : *(const u32*)s;
+            }
+#pragma unroll
+            for (int w = 0; w < 2; ++w) {
+                // Word w holds the B fragments of k16 steps 2w and 2w + 1.
+                u32 bf[NT][4];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    unpack_e2m1_word(w == 0 ? packed[j].x : packed[j].y, bf[j]);
+                    u32 s_lo, s_hi;
+                    if (FMT == FMT_MXFP4) {
+                        s_lo = s_hi = ue8m0_to_bf16x2((scales[j] >> (8 * w)) & 0xFFu);
+                    } else {
+                        s_lo = e4m3_to_bf16x2((scales[j] >> (16 * w)) & 0xFFu);
+                        s_hi = e4m3_to_bf16x2((scales[j] >> (16 * w + 8)) & 0xFFu);
+                    }
+                    bf[j][0] = mul_bf16x2(bf[j][0], s_lo);
+                    bf[j][1] = mul_bf16x2(bf[j][1], s_lo);
+                    bf[j][2] = mul_bf16x2(bf[j][2], s_hi);
+                    bf[j][3] = mul_bf16x2(bf[j][3], s_hi);
+                }
+#pragma unroll
+                for (int step = 0; step < 2; ++step) {
+                    const int kk = kb * 64 + (2 * w + step) * 16;
+                    u32 af[MT][4];
+                    load_a_fragments<MT>(af, as, LDS * 2, wm * WTM, kk * 2);
+#pragma unroll
+                    for (int i = 0; i < MT; ++i)
+#pragma unroll
+                        for (int j = 0; j < NT; ++j) mma_16816(acc[i][j], af[i], &bf[j][2 * step]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    if (FMT == FMT_NVFP4) {
+        const float global = p.b_global[tr.expert];
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[i][j][q] *= global;
+    }
+    const int lane_row = lane / 4;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) store_fragment<NT, MODE, ACT>(p, tr, acc[i], wm * WTM + i * 16 + lane_row, wn * WTN);
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8_BLOCK activations: each row of a [rows, K] matrix (the element type, or f32 when
+// `in_f32`: GEMM 1's activations and fc1's output stay f32 until here, so they are rounded once,
+// to E4M3, as in the CPU reference) becomes E4M3 with one f32 scale per 128 channels, exactly as
+// src/quant/fp8_act.rs: amax over the finite values (at least 1e-4), codes =
+// RNE-saturate(x * (448 / amax)), scale = amax / 448. One warp per group (4 channels a lane), so
+// the amax is one warp reduction. rows = T * rows_per_token (T from the device when graphs
+// replay). Grid: (max rows, ceil(K / 128 / 4)); block 128.
+extern "C" __global__ void __launch_bounds__(128)
+    quantize_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out, float* __restrict__ scales,
+                      int cols, const int* num_tokens_dev, int num_tokens, int rows_per_token, const u64* args_block,
+                      int in_arg) {
+    const int row = blockIdx.x;
+    if (row >= token_count(num_tokens_dev, num_tokens) * rows_per_token) return;
+    if (args_block && in_arg >= 0) in = (const void*)args_block[in_arg];
+    const int groups = cols / 128;
+    const int g = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (g >= groups) return;
+    const i64 base = (i64)row * cols + g * 128 + lane * 4;
+    float v[4];
+    if (in_f32) {
+        const float4 raw = *(const float4*)((const float*)in + base);
+        v[0] = raw.x, v[1] = raw.y, v[2] = raw.z, v[3] = raw.w;
+    } else {
+        const uint2 raw = *(const uint2*)((const u16*)in + base);
+        v[0] = elem_to_float(raw.x & 0xFFFFu), v[1] = elem_to_float(raw.x >> 16);
+        v[2] = elem_to_float(raw.y & 0xFFFFu), v[3] = elem_to_float(raw.y >> 16);
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        if (isfinite(v[q])) amax = fmaxf(amax, fabsf(v[q]));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    amax = fmaxf(amax, 1.0e-4f);
+    const float multiplier = 448.0f / amax;
+    u32 codes = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) codes |= encode_e4m3(v[q] * multiplier) << (8 * q);
+    *(u32*)(out + base) = codes;
+    if (lane == 0) scales[(i64)row * groups + g] = amax / 448.0f;
+}
+
+// Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (decode),
+// m = 64 x 128. Shared memory sizes are computed in src/backend/cuda/kernels.rs.
+#define FDMOE_QTILE_s 16, 64, 1, 4
+#define FDMOE_QTILE_m 64, 128, 2, 2
+#define FDMOE_QSTAGES_fp8_s 6
+#define FDMOE_QSTAGES_fp8_m 4
+#define FDMOE_QSTAGES_fp4_s 6
+#define FDMOE_QSTAGES_fp4_m 4
+
+// FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).
+#define FDMOE_QGEMM_FP8(tile, name, mode, act)                                                      \
+    extern "C" __global__ void __launch_bounds__(128) qgemm_fp8_block_##tile##_##name(GemmParams p) { \
+        constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
+        grouped_gemm_fp8<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp8_##tile, m, act>(resolve_args(p));      \
+    }
+#define FDMOE_QGEMM_FP4(fmt, fmt_name, tile, name, mode, act)                                           \
+    extern "C" __global__ void __launch_bounds__(128) qgemm_##fmt_name##_##tile##_##name(GemmParams p) {  \
+        grouped_gemm_fp4<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp4_##tile, fmt, mode, act>(resolve_args(p)); \
+    }
+
+#define FDMOE_QGEMM_KINDS(GEN, ...)                                                       \
+    GEN(__VA_ARGS__, up_swiglu, MODE_GATHER | MODE_GATED, FDMOE_ACT_SWIGLU)               \
+    GEN(__VA_ARGS__, up_gelu_tanh, MODE_GATHER | MODE_GATED, FDMOE_ACT_GELU_TANH)         \
+    GEN(__VA_ARGS__, up_swigluoai, MODE_GATHER | MODE_GATED, FDMOE_ACT_SWIGLUOAI)         \
+    GEN(__VA_ARGS__, down_scaled, MODE_SCALE, 0)
+
+#if __CUDA_ARCH__ >= 890
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, s)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
+#endif
+#ifndef FDMOE_F16
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, s)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, m)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_NVFP4, nvfp4, s)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_NVFP4, nvfp4, m)
+#endif

@@ -1,0 +1,403 @@
+//! Quantized experts on the device, repacked at load into what `kernels/grouped_gemm_quant.cu`
+//! reads. Each expert's W13 `[2I, L]` and W2 `[L, I]` (the canonical orientation of
+//! `crate::quant::experts`, W13 de-interleaved here to gate rows then up rows):
+//!
+//! - FP8_BLOCK: data `[N, K]` E4M3 unchanged; scales expanded from one per 128×128 block to one
+//!   per 64 rows × 128 columns (`[N/64, K/128]` f32), so de-interleaving gate/up rows keeps each
+//!   row's scale without a per-row table (an interleaved 128-row block holds 64 gate and 64 up
+//!   rows).
+//! - MXFP4 / NVFP4: data as `[N/8][KB][256]` bytes, KB = ceil(K/64) blocks of 64 columns
+//!   (zero-padded), where lane `L` of a warp owns bytes `8L..8L+8` of a block: the nibbles of its
+//!   m16n8k16 B fragments for the block's four k16 steps, in the order the kernel's decode emits
+//!   them ([`fp4_fragment_k`]). Scales as `[N/8][KB][8 rows][G]` bytes, G = 2 UE8M0 (per 32) or
+//!   4 E4M3 (per 16) per row and block; NVFP4's global scales as `[E]` f32 per matrix.
+//!
+//! Everything is built one expert at a time and copied into one device buffer per part, so a
+//! load holds at most one expert's repacked copy on the host.
+
+use rayon::prelude::*;
+
+use super::driver::{DeviceBuffer, DevicePtr};
+use crate::config::{FdmoeDtype, MoeConfig};
+use crate::error::Result;
+use crate::quant::experts::{for_each_quantized_expert, ExpertMatrix, QuantizedMatrix};
+use crate::weights::WeightSource;
+
+/// Rows of one FP8_BLOCK scale after the expansion.
+pub const FP8_SCALE_ROWS: usize = 64;
+/// Columns of one packed FP4 block.
+pub const FP4_BLOCK_COLS: usize = 64;
+
+/// One repacked matrix kind (all experts' W13, or all experts' W2) on the device.
+pub struct QuantizedPart {
+    pub data: DeviceBuffer,
+    pub scales: DeviceBuffer,
+    /// NVFP4: `[E]` f32.
+    pub global: Option<DeviceBuffer>,
+    /// Bytes of one expert's data / scales.
+    pub data_stride: usize,
+    pub scale_stride: usize,
+}
+
+/// Both expert matrices in a quantized format.
+pub struct QuantizedExperts {
+    pub format: FdmoeDtype,
+    pub w13: QuantizedPart,
+    pub w2: QuantizedPart,
+}
+
+/// Bytes of one expert's repacked (data, scales) for a `[rows, cols]` matrix.
+pub fn packed_sizes(format: FdmoeDtype, rows: usize, cols: usize) -> (usize, usize) {
+    match format {
+        FdmoeDtype::Fp8Block => (
+            rows * cols,
+            rows.div_ceil(FP8_SCALE_ROWS) * cols.div_ceil(128) * 4,
+        ),
+        _ => {
+            let blocks = rows.div_ceil(8) * cols.div_ceil(FP4_BLOCK_COLS);
+            (blocks * 256, blocks * 8 * fp4_scales_per_block_row(format))
+        }
+    }
+}
+
+fn fp4_scales_per_block_row(format: FdmoeDtype) -> usize {
+    if format == FdmoeDtype::Mxfp4 {
+        2
+    } else {
+        4
+    }
+}
+
+/// Device bytes of the quantized experts of `cfg`.
+pub fn device_bytes(cfg: &MoeConfig) -> usize {
+    let e = cfg.num_experts;
+    let mut n = 0;
+    for which in [ExpertMatrix::W13, ExpertMatrix::W2] {
+        let (rows, cols) = which.shape(cfg);
+        let (d, s) = packed_sizes(cfg.weight_dtype, rows, cols);
+        n += e * (d + s);
+        if cfg.weight_dtype == FdmoeDtype::Nvfp4 {
+            n += e * 4;
+        }
+    }
+    n
+}
+
+/// For lane `lane` (`g = lane / 4`, `t = lane % 4`), packed word `w` (0 or 1) and nibble pair
+/// `e` (0..4) of that word: the column (within the 64-column block) of the pair's low element;
+/// the high element is the next column. Pair `e` is B-fragment register `e % 2` (b0 or b1) of
+/// k16 step `2w + e / 2`, whose low element is `k = 16 step + 2t + 8 (e % 2)` (PTX m16n8k16
+/// layout). The decode takes pair `e` from nibbles `3 - e` (low) and `7 - e` (high).
+pub fn fp4_fragment_k(lane: usize, w: usize, e: usize) -> usize {
+    let step = 2 * w + e / 2;
+    16 * step + 2 * (lane % 4) + 8 * (e % 2)
+}
+
+/// Nibble `k` of a row in the canonical packing (two per byte, low nibble first).
+fn nibble(row: &[u8], k: usize) -> u8 {
+    row.get(k / 2).map_or(0, |b| (b >> (4 * (k % 2))) & 0xF)
+}
+
+/// Repacks one `[rows, cols]` E2M1 matrix (`data` `[rows, cols/2]`, `scales` `[rows, cols/group]`
+/// bytes) into the kernel's blocks; `row_of(n)` is the source row of packed row `n`.
+fn pack_fp4(
+    format: FdmoeDtype,
+    rows: usize,
+    cols: usize,
+    data: &[u8],
+    scales: &[u8],
+    row_of: impl Fn(usize) -> usize + Sync,
+) -> (Vec<u8>, Vec<u8>) {
+    let group = if format == FdmoeDtype::Mxfp4 { 32 } else { 16 };
+    let per_row = fp4_scales_per_block_row(format);
+    let kb = cols.div_ceil(FP4_BLOCK_COLS);
+    let (data_bytes, scale_bytes) = packed_sizes(format, rows, cols);
+    let mut out = vec![0u8; data_bytes];
+    let mut out_scales = vec![0u8; scale_bytes];
+    // One task per 8-row block (large experts repack on every core).
+    let row_blocks = out
+        .par_chunks_mut(kb * 256)
+        .zip(out_scales.par_chunks_mut(kb * 8 * per_row));
+    row_blocks.enumerate().for_each(|(nb, (out, out_scales))| {
+        for b in 0..kb {
+            let block = b;
+            for g in 0..8 {
+                let src = row_of(nb * 8 + g);
+                let row = &data[src * cols / 2..(src + 1) * cols / 2];
+                for t in 0..4 {
+                    let lane = g * 4 + t;
+                    for w in 0..2 {
+                        let mut word = 0u32;
+                        for e in 0..4 {
+                            let k = b * FP4_BLOCK_COLS + fp4_fragment_k(lane, w, e);
+                            let (lo, hi) = if k < cols {
+                                (nibble(row, k), nibble(row, k + 1))
+                            } else {
+                                (0, 0)
+                            };
+                            word |= (lo as u32) << (4 * (3 - e));
+                            word |= (hi as u32) << (4 * (7 - e));
+                        }
+                        let at = block * 256 + lane * 8 + w * 4;
+                        out[at..at + 4].copy_from_slice(&word.to_le_bytes());
+                    }
+                }
+                let row_scales = &scales[src * (cols / group)..(src + 1) * (cols / group)];
+                for s in 0..per_row {
+                    // Scale s of a block covers columns [s * 64 / per_row, ...).
+                    let k = b * FP4_BLOCK_COLS + s * (FP4_BLOCK_COLS / per_row);
+                    out_scales[(block * 8 + g) * per_row + s] =
+                        if k < cols { row_scales[k / group] } else { 0 };
+                }
+            }
+        }
+    });
+    (out, out_scales)
+}
+
+/// FP8_BLOCK scales `[ceil(rows/128), ceil(cols/128)]` expanded to 64-row groups of the
+/// (de-interleaved) rows.
+fn pack_fp8_scales(
+    rows: usize,
+    cols: usize,
+    scales: &[f32],
+    row_of: impl Fn(usize) -> usize,
+) -> Vec<f32> {
+    let sc = cols.div_ceil(128);
+    let groups = rows.div_ceil(FP8_SCALE_ROWS);
+    let mut out = vec![0.0f32; groups * sc];
+    for g in 0..groups {
+        let src_block = row_of(g * FP8_SCALE_ROWS) / 128;
+        out[g * sc..(g + 1) * sc].copy_from_slice(&scales[src_block * sc..(src_block + 1) * sc]);
+    }
+    out
+}
+
+/// The repacked bytes of one expert matrix: (data, scales, NVFP4 global scale).
+pub fn repack(
+    matrix: &QuantizedMatrix,
+    interleaved_gate_up: bool,
+) -> (Vec<u8>, Vec<u8>, Option<f32>) {
+    let (rows, cols) = (matrix.rows(), matrix.cols());
+    let half = rows / 2;
+    // Packed row n -> source row: gate rows then up rows out of alternating ones.
+    let row_of = |n: usize| {
+        if interleaved_gate_up {
+            if n < half {
+                2 * n
+            } else {
+                2 * (n - half) + 1
+            }
+        } else {
+            n
+        }
+    };
+    match matrix {
+        QuantizedMatrix::Fp8Block(m) => {
+            let data = if interleaved_gate_up {
+                (0..rows)
+                    .flat_map(|n| &m.data()[row_of(n) * cols..(row_of(n) + 1) * cols])
+                    .copied()
+                    .collect()
+            } else {
+                m.data().to_vec()
+            };
+            let scales = pack_fp8_scales(rows, cols, m.scales(), row_of);
+            let bytes = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+            (data, bytes, None)
+        }
+        QuantizedMatrix::Mxfp4(m) => {
+            let (d, s) = pack_fp4(FdmoeDtype::Mxfp4, rows, cols, m.data(), m.scales(), row_of);
+            (d, s, None)
+        }
+        QuantizedMatrix::Nvfp4(m) => {
+            let (d, s) = pack_fp4(
+                FdmoeDtype::Nvfp4,
+                rows,
+                cols,
+                m.data(),
+                m.block_scales(),
+                row_of,
+            );
+            (d, s, Some(m.global_scale()))
+        }
+    }
+}
+
+impl QuantizedPart {
+    fn alloc(cfg: &MoeConfig, which: ExpertMatrix) -> Result<Self> {
+        let (rows, cols) = which.shape(cfg);
+        let (data_stride, scale_stride) = packed_sizes(cfg.weight_dtype, rows, cols);
+        let e = cfg.num_experts;
+        let name = which.name();
+        Ok(QuantizedPart {
+            data: DeviceBuffer::alloc(e * data_stride, name)?,
+            scales: DeviceBuffer::alloc(e * scale_stride, name)?,
+            global: None,
+            data_stride,
+            scale_stride,
+        })
+    }
+
+    pub fn global_ptr(&self) -> DevicePtr {
+        self.global.as_ref().map_or(0, |g| g.ptr)
+    }
+}
+
+impl QuantizedExperts {
+    /// Quantizes (or reads pre-quantized) host experts of `src`, repacks and uploads them.
+    pub fn load(cfg: &MoeConfig, src: &WeightSource) -> Result<Self> {
+        let mut w13 = QuantizedPart::alloc(cfg, ExpertMatrix::W13)?;
+        let mut w2 = QuantizedPart::alloc(cfg, ExpertMatrix::W2)?;
+        let mut globals = (Vec::new(), Vec::new());
+        for_each_quantized_expert(cfg, src, |e, which, matrix| {
+            let interleaved = which == ExpertMatrix::W13 && src.gate_up_interleaved;
+            let (data, scales, global) = repack(&matrix, interleaved);
+            let (part, g) = match which {
+                ExpertMatrix::W13 => (&w13, &mut globals.0),
+                ExpertMatrix::W2 => (&w2, &mut globals.1),
+            };
+            part.data.write_at(e * part.data_stride, &data)?;
+            part.scales.write_at(e * part.scale_stride, &scales)?;
+            g.extend(global);
+            Ok(())
+        })?;
+        if cfg.weight_dtype == FdmoeDtype::Nvfp4 {
+            w13.global = Some(DeviceBuffer::from_host(&globals.0, "w13 global scales")?);
+            w2.global = Some(DeviceBuffer::from_host(&globals.1, "w2 global scales")?);
+        }
+        Ok(QuantizedExperts {
+            format: cfg.weight_dtype,
+            w13,
+            w2,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::experts::QuantizedMatrix;
+    use crate::quant::testing::sample_matrix;
+
+    /// Reads a packed FP4 matrix back the way the kernel does (lane, word, nibble pair) and
+    /// returns the (source row, column) -> (nibble, scale byte) it sees.
+    fn unpack_fp4(
+        format: FdmoeDtype,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+        scales: &[u8],
+    ) -> Vec<(u8, u8)> {
+        let per_row = fp4_scales_per_block_row(format);
+        let kb = cols.div_ceil(64);
+        let mut out = vec![(0xFFu8, 0u8); rows * cols];
+        for nb in 0..rows / 8 {
+            for b in 0..kb {
+                let block = nb * kb + b;
+                for lane in 0..32 {
+                    let n = nb * 8 + lane / 4;
+                    for w in 0..2 {
+                        let at = block * 256 + lane * 8 + w * 4;
+                        let word = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+                        for e in 0..4 {
+                            let k = b * 64 + fp4_fragment_k(lane, w, e);
+                            // The kernel: scale index by word (MXFP4) or by k16 step (NVFP4).
+                            let s = if per_row == 2 { w } else { 2 * w + e / 2 };
+                            let scale = scales[(block * 8 + lane / 4) * per_row + s];
+                            let lo = ((word >> (4 * (3 - e))) & 0xF) as u8;
+                            let hi = ((word >> (4 * (7 - e))) & 0xF) as u8;
+                            if k < cols {
+                                out[n * cols + k] = (lo, scale);
+                                out[n * cols + k + 1] = (hi, scale);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_fp4_column_lands_in_exactly_one_fragment_slot() {
+        for lane in [0usize, 5, 31] {
+            let mut seen = [false; 64];
+            for w in 0..2 {
+                for e in 0..4 {
+                    let k = fp4_fragment_k(lane, w, e);
+                    assert!(!seen[k] && !seen[k + 1]);
+                    seen[k] = true;
+                    seen[k + 1] = true;
+                }
+            }
+            // 16 columns per lane; the 4 lanes of a row cover all 64.
+            assert_eq!(seen.iter().filter(|s| **s).count(), 16);
+        }
+    }
+
+    #[test]
+    fn fp4_repack_round_trips_with_interleave_and_padding() {
+        for format in [FdmoeDtype::Mxfp4, FdmoeDtype::Nvfp4] {
+            // cols 96: one full and one half-padded 64-column block.
+            let (rows, cols) = (32, 96);
+            let w = sample_matrix(rows, cols, 7);
+            let m = QuantizedMatrix::quantize(format, &w, rows, cols).unwrap();
+            let (data, scales) = match &m {
+                QuantizedMatrix::Mxfp4(x) => (x.data().to_vec(), x.scales().to_vec()),
+                QuantizedMatrix::Nvfp4(x) => (x.data().to_vec(), x.block_scales().to_vec()),
+                _ => unreachable!(),
+            };
+            let group = if format == FdmoeDtype::Mxfp4 { 32 } else { 16 };
+            for interleaved in [false, true] {
+                let (pd, ps, _) = repack(&m, interleaved);
+                let seen = unpack_fp4(format, rows, cols, &pd, &ps);
+                for n in 0..rows {
+                    let src = match (interleaved, n < rows / 2) {
+                        (false, _) => n,
+                        (true, true) => 2 * n,
+                        (true, false) => 2 * (n - rows / 2) + 1,
+                    };
+                    for k in 0..cols {
+                        let want = (
+                            nibble(&data[src * cols / 2..], k),
+                            scales[src * (cols / group) + k / group],
+                        );
+                        assert_eq!(seen[n * cols + k], want, "{format} row {n} col {k}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_scales_follow_deinterleaved_rows() {
+        let (rows, cols) = (256, 256);
+        let w = sample_matrix(rows, cols, 3);
+        let m = QuantizedMatrix::quantize(FdmoeDtype::Fp8Block, &w, rows, cols).unwrap();
+        let QuantizedMatrix::Fp8Block(f) = &m else {
+            unreachable!()
+        };
+        for interleaved in [false, true] {
+            let (data, scales, _) = repack(&m, interleaved);
+            let scales: Vec<f32> = scales
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            for n in 0..rows {
+                let src = match (interleaved, n < rows / 2) {
+                    (false, _) => n,
+                    (true, true) => 2 * n,
+                    (true, false) => 2 * (n - rows / 2) + 1,
+                };
+                assert_eq!(
+                    data[n * cols..(n + 1) * cols],
+                    f.data()[src * cols..(src + 1) * cols]
+                );
+                for kb in 0..2 {
+                    assert_eq!(scales[(n / 64) * 2 + kb], f.scale_at(src, kb * 128));
+                }
+            }
+        }
+    }
+}
