@@ -118,21 +118,33 @@ def log(msg: str) -> None:
 # The benchmark.
 
 
-def reference(torch, x, w13, w2, topk_w, topk_ids):
+def fake_quantize_fp8(torch, a):
+    """SPEC §5's FP8_BLOCK activations: E4M3 per row per 128 channels (amax >= 1e-4), back to
+    float32."""
+    rows, cols = a.shape
+    g = a.reshape(rows, cols // 128, 128)
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    q = (g * (448.0 / amax)).to(torch.float8_e4m3fn).float()
+    return (q * (amax / 448.0)).reshape(rows, cols)
+
+
+def reference(torch, x, w13, w2, topk_w, topk_ids, fp8_activations=False):
     """moe_anchors.ref_moe (its torch_loop in float32), expert by expert: the same arithmetic in
     the same order, without ref_moe's float32 copy of every weight at once (45 GB for
     DeepSeek-V3, which would not fit beside the bf16 weights). w13 / w2 may also be functions
-    of the expert returning its float32 matrices (quantized layers)."""
+    of the expert returning its float32 matrices (quantized layers); `fp8_activations`
+    quantizes both GEMMs' inputs as FP8_BLOCK layers do."""
+    fq = (lambda a: fake_quantize_fp8(torch, a)) if fp8_activations else (lambda a: a)
     M, H = x.shape
     get13 = w13 if callable(w13) else (lambda e: w13[e].float())
     get2 = w2 if callable(w2) else (lambda e: w2[e].float())
-    xf = x.float()
+    xf = fq(x.float())
     out = torch.zeros((M, H), device=x.device, dtype=torch.float32)
     for e in torch.unique(topk_ids).tolist():
         tok, slot = torch.where(topk_ids == e)
         h = xf[tok] @ get13(e).t()
         I = h.shape[1] // 2
-        a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        a = fq(torch.nn.functional.silu(h[:, :I]) * h[:, I:])
         out.index_add_(0, tok, (a @ get2(e).t()).float() * topk_w[tok, slot, None])
     return out.to(torch.bfloat16).float()
 
@@ -338,7 +350,8 @@ def bench_shape(name, tokens, args, A, fdmoe, torch, bw, fl):
                     return qlayer.forward(x, topk_ids=ti, topk_weights=topk_w)
 
                 qref = reference(torch, x, lambda e: experts.expert("w13", e),
-                                 lambda e: experts.expert("w2", e), topk_w, topk_ids)
+                                 lambda e: experts.expert("w2", e), topk_w, topk_ids,
+                                 fp8_activations=fmt == "fp8_block")
                 res[f"{fmt}_err"] = ((run().float() - qref).norm() / qref.norm()).item()
                 res[f"{fmt}_check"] = "ok" if res[f"{fmt}_err"] < CHECK_TOLERANCE else "FAILED"
                 del qref

@@ -13,10 +13,10 @@
 //     quant_weights.rs) so each lane's 8 bytes of a 8-row x 64-column block are the nibbles of
 //     its m16n8k16 B fragments, in the order the decode below emits them. Decoding is bit moves:
 //     a nibble's sign and 3 magnitude bits land in a bf16's sign and low exponent/top mantissa
-//     bits (value x 2^-126, subnormal for 0.5), one bf16x2 multiply by 2^126 and one by the
-//     group scale (UE8M0 2^(e-127), or the E4M3 scale of NVFP4) give the exact weight, since
-//     E2M1 x scale needs at most 6 significant bits. NVFP4's per-matrix global scale multiplies
-//     the accumulator before the epilogue.
+//     bits (value x 2^-126, subnormal for 0.5), and one bf16x2 multiply by the group scale with
+//     the 2^126 folded in (UE8M0 2^(e-1); NVFP4's E4M3 scale x 2^118, the last 2^8 going with
+//     the per-matrix global scale onto the accumulator) gives the exact weight, since E2M1 x
+//     scale needs at most 6 significant bits.
 //
 // Why it is fast: decode is memory-bound, and these read 1 (FP8) or ~0.53 (FP4) bytes per weight
 // through the same deep cp.async pipelines as the bf16 decode tile; FP4 decode costs ~2 ALU
@@ -141,27 +141,40 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
 // ceil(K/64) blocks of 64 columns (zero-padded), scales [N/8][KB][8 rows][SCALES] bytes with
 // SCALES = 2 (UE8M0 per 32) or 4 (E4M3 per 16).
 
-// The 4 bf16x2 B-fragment registers one packed word holds (see the file comment), times
-// 2^126; `q` is consumed from its top nibble of each half down.
+// The 4 bf16x2 B-fragment registers one packed word holds (see the file comment), each the
+// exact weight times 2^-126; `q` is consumed from its top nibble of each half down.
 __device__ __forceinline__ void unpack_e2m1_word(u32 q, u32* out) {
-    const u32 bias = 0x7E807E80u;  // bf16x2 2^126
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        const u32 v = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
-        out[e] = mul_bf16x2(v, bias);
+        out[e] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
         q <<= 4;
     }
 }
 
-// bf16x2 of an UE8M0 scale 2^(e-127) in both lanes (e = 0 is the subnormal 2^-127).
-__device__ __forceinline__ u32 ue8m0_to_bf16x2(u32 e) {
-    const u32 bits = e == 0 ? 0x0040u : (e << 7);
-    return bits | (bits << 16);
+// Scale multipliers for one packed word: the unpacked values times `first` (then times
+// `second` when `two`) are the exact weights. The 2^126 that the unpacking leaves out is folded
+// into the scale where the product stays a bf16 (MXFP4 exponents up to 128; NVFP4 always, with
+// 2^118 here and 2^8 in the epilogue), so one multiply per register suffices.
+struct Fp4Scale {
+    u32 first, second;
+    bool two;
+};
+
+__device__ __forceinline__ u32 bf16x2_from_bits(u32 bits) { return bits | (bits << 16); }
+
+// UE8M0 exponent byte e: 2^(e - 127) * 2^126 = 2^(e - 1).
+__device__ __forceinline__ Fp4Scale mxfp4_scale(u32 e) {
+    if (e <= 128) return {bf16x2_from_bits((e + 126) << 7), 0, false};
+    return {0x7E807E80u /* 2^126 */, bf16x2_from_bits(e << 7), true};
 }
 
-__device__ __forceinline__ u32 e4m3_to_bf16x2(u32 code) {
-    const u32 bits = __float_as_uint(decode_e4m3(code)) >> 16;  // exact: at most 4 significant bits
-    return bits | (bits << 16);
+// E4M3 scale code times 2^118 (exact, at most 4 significant bits, below 2^127).
+__device__ __forceinline__ Fp4Scale nvfp4_scale(u32 code) {
+    // The code's exponent/mantissa bits as an f32 with the value * 2^-120 (subnormal for the
+    // E4M3 subnormals), brought up by 2^119 twice.
+    float v = __uint_as_float((code & 0x7Fu) << 20) * 0x1p119f * 0x1p119f;
+    const u32 bits = (__float_as_uint(v) >> 16) | ((code & 0x80u) << 8);
+    return {bf16x2_from_bits(bits), 0, false};
 }
 
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int FMT, int MODE, int ACT>
@@ -261,17 +274,22 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     unpack_e2m1_word(w == 0 ? packed[j].x : packed[j].y, bf[j]);
-                    u32 s_lo, s_hi;
                     if (FMT == FMT_MXFP4) {
-                        s_lo = s_hi = ue8m0_to_bf16x2((scales[j] >> (8 * w)) & 0xFFu);
+                        const Fp4Scale sc = mxfp4_scale((scales[j] >> (8 * w)) & 0xFFu);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            bf[j][e] = mul_bf16x2(bf[j][e], sc.first);
+                            if (sc.two) bf[j][e] = mul_bf16x2(bf[j][e], sc.second);
+                        }
                     } else {
-                        s_lo = e4m3_to_bf16x2((scales[j] >> (16 * w)) & 0xFFu);
-                        s_hi = e4m3_to_bf16x2((scales[j] >> (16 * w + 8)) & 0xFFu);
+                        // Steps 2w and 2w + 1 have a scale each.
+                        const Fp4Scale lo = nvfp4_scale((scales[j] >> (16 * w)) & 0xFFu);
+                        const Fp4Scale hi = nvfp4_scale((scales[j] >> (16 * w + 8)) & 0xFFu);
+                        bf[j][0] = mul_bf16x2(bf[j][0], lo.first);
+                        bf[j][1] = mul_bf16x2(bf[j][1], lo.first);
+                        bf[j][2] = mul_bf16x2(bf[j][2], hi.first);
+                        bf[j][3] = mul_bf16x2(bf[j][3], hi.first);
                     }
-                    bf[j][0] = mul_bf16x2(bf[j][0], s_lo);
-                    bf[j][1] = mul_bf16x2(bf[j][1], s_lo);
-                    bf[j][2] = mul_bf16x2(bf[j][2], s_hi);
-                    bf[j][3] = mul_bf16x2(bf[j][3], s_hi);
                 }
 #pragma unroll
                 for (int step = 0; step < 2; ++step) {
@@ -288,7 +306,7 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     }
     cp_async_wait<0>();
     if (FMT == FMT_NVFP4) {
-        const float global = p.b_global[tr.expert];
+        const float global = p.b_global[tr.expert] * 256.0f;  // and the 2^8 left out of the scales
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -347,9 +365,11 @@ extern "C" __global__ void __launch_bounds__(128)
 // m = 64 x 128. Shared memory sizes are computed in src/backend/cuda/kernels.rs.
 #define FDMOE_QTILE_s 16, 64, 1, 4
 #define FDMOE_QTILE_m 64, 128, 2, 2
-#define FDMOE_QSTAGES_fp8_s 6
+// Decode keeps few stages so that more blocks share an SM: its blocks are short (one expert's
+// few rows against 64 columns) and their start-up latency, not bytes in flight, limits it.
+#define FDMOE_QSTAGES_fp8_s 3
 #define FDMOE_QSTAGES_fp8_m 4
-#define FDMOE_QSTAGES_fp4_s 6
+#define FDMOE_QSTAGES_fp4_s 4
 #define FDMOE_QSTAGES_fp4_m 4
 
 // FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).

@@ -102,7 +102,13 @@ pub fn features(kind: FdmoeBackendKind) -> u64 {
         }
         #[cfg(feature = "cuda")]
         FdmoeBackendKind::Cuda => {
-            common | FDMOE_FEATURE_CUDA_GRAPHS | FDMOE_FEATURE_FP8_PRE_DISPATCH
+            // FP8_BLOCK experts also need an sm_89+ device (UNSUPPORTED at create otherwise).
+            common
+                | FDMOE_FEATURE_WEIGHT_FP8_BLOCK
+                | FDMOE_FEATURE_WEIGHT_MXFP4
+                | FDMOE_FEATURE_WEIGHT_NVFP4
+                | FDMOE_FEATURE_CUDA_GRAPHS
+                | FDMOE_FEATURE_FP8_PRE_DISPATCH
         }
         #[cfg(not(feature = "cuda"))]
         FdmoeBackendKind::Cuda => {

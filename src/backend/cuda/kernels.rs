@@ -269,10 +269,11 @@ impl QuantTile {
             QuantTile::Mid => 128,
         }
     }
-    fn stages(self) -> usize {
-        match self {
-            QuantTile::Small => 6,
-            QuantTile::Mid => 4,
+    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
+    fn stages(self, format: FdmoeDtype) -> usize {
+        match (self, format) {
+            (QuantTile::Small, FdmoeDtype::Fp8Block) => 3,
+            _ => 4,
         }
     }
     fn suffix(self) -> &'static str {
@@ -283,7 +284,7 @@ impl QuantTile {
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
     pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
-        let (bm, bn, stages) = (self.block_m(), self.block_n(), self.stages());
+        let (bm, bn, stages) = (self.block_m(), self.block_n(), self.stages(format));
         let rows = (bm + bn) * 8;
         match format {
             FdmoeDtype::Fp8Block => stages * (bm + bn) * (128 + 16) + stages * (bm + bn) * 4 + rows,

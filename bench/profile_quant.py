@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""One quantized (or bf16) routing="given" layer of a SPEC §8 shape, run `--iters` times at one
+token count: the target for `ncu` / `nsys` when a kernel's speed needs explaining.
+
+    ncu --kernel-name regex:qgemm --launch-count 2 --section SpeedOfLight \\
+        python3 bench/profile_quant.py --format fp8_block --shape qwen3-30b-a3b --tokens 16
+
+Run from the repository root on the device machine (scripts/build_gpu_bundle.sh first)."""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench  # noqa: E402  (environment setup and the random quantized experts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--format", default="fp8_block", help="fp8_block, mxfp4, nvfp4 or bfloat16")
+    ap.add_argument("--shape", default="qwen3-30b-a3b")
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--library", default="./.device/libfdmoe.so")
+    args = ap.parse_args()
+    gpu_bench.setup_environment(args)
+    sys.path.insert(0, str(gpu_bench.find_anchors("./.device/anchors")))
+    import torch
+    import fdmoe
+    import moe_anchors as A
+
+    E, k, H, I = A.SHAPES[args.shape]
+    layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
+                           weight_dtype=args.format, max_tokens=args.tokens, device="cuda")
+    if args.format == "bfloat16":
+        w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / math.sqrt(H)
+        w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / math.sqrt(I)
+        layer.load_weights(w13, w2, borrow=True)
+    else:
+        gpu_bench.QuantizedExperts(torch, args.format, E, H, I).load_into(layer)
+    x = torch.randn(args.tokens, H, device="cuda", dtype=torch.bfloat16)
+    topk_w, topk_ids = torch.topk(torch.softmax(torch.randn(args.tokens, E, device="cuda"), -1), k, -1)
+    topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float().contiguous()
+    ids = topk_ids.to(torch.int32)
+    for _ in range(args.iters):
+        layer.forward(x, topk_ids=ids, topk_weights=topk_w)
+    torch.cuda.synchronize()
+    layer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
