@@ -4,7 +4,7 @@ For each SPEC shape (routing by the layer's own gate, as a serving engine runs i
 T in 1, 8, 64, 512, 8192, on the lent GPU:
   eager ms        GPU time of one fdmoe_forward with FDMOE_FORWARD_FORCE_EAGER (CUDA events)
   replay ms       GPU time of one fdmoe_forward replaying the library's graph for T's bucket
-                  (set T, copy x in, graph, copy out)
+                  (its argument-block writer node updated, one graph launch)
   torch graph ms  the same eager kernels captured in a torch.cuda.CUDAGraph by the caller
   replay overhead replay ms - torch graph ms: what the library's own graph path adds
   host us         CPU time of one fdmoe_forward call (ctypes call on a prebuilt argument struct,

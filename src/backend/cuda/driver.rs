@@ -387,12 +387,26 @@ impl Drop for OwnedStream {
     }
 }
 
-/// An instantiated graph.
-pub struct GraphExec(sys::CUgraphExec);
+/// An instantiated graph, with the graph it was instantiated from (kept: its nodes name what
+/// a replay updates).
+pub struct GraphExec {
+    exec: sys::CUgraphExec,
+    graph: sys::CUgraph,
+}
 
 // SAFETY: an executable graph may be launched from any thread (we serialise launches).
 unsafe impl Send for GraphExec {}
 unsafe impl Sync for GraphExec {}
+
+/// A kernel node of a graph and the launch it was captured with.
+pub struct KernelNode {
+    node: sys::CUgraphNode,
+    params: sys::CUDA_KERNEL_NODE_PARAMS,
+}
+
+// SAFETY: node handles and the function handle in the parameters are context-wide.
+unsafe impl Send for KernelNode {}
+unsafe impl Sync for KernelNode {}
 
 impl GraphExec {
     /// Captures what `body` enqueues on `stream` (thread-local capture mode) and instantiates
@@ -421,19 +435,68 @@ impl GraphExec {
                 unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) },
                 "cuGraphInstantiate",
             )?;
-            Ok(GraphExec(exec))
+            Ok(exec)
         });
-        if !graph.is_null() {
-            unsafe { sys::cuGraphDestroy(graph) };
+        match result {
+            Ok(exec) => Ok(GraphExec { exec, graph }),
+            Err(e) => {
+                if !graph.is_null() {
+                    unsafe { sys::cuGraphDestroy(graph) };
+                }
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// The graph's only root, which must be a kernel (the first launch of the capture).
+    pub fn root_kernel(&self) -> Result<KernelNode> {
+        let mut nodes = [std::ptr::null_mut(); 2];
+        let mut count = nodes.len();
+        // SAFETY: out-parameters sized by `count`.
+        check(
+            unsafe { sys::cuGraphGetRootNodes(self.graph, nodes.as_mut_ptr(), &mut count) },
+            "cuGraphGetRootNodes",
+        )?;
+        if count != 1 {
+            return Err(Error::internal(format!(
+                "a captured forward has {count} root nodes, expected 1"
+            )));
+        }
+        let mut params: sys::CUDA_KERNEL_NODE_PARAMS = unsafe { std::mem::zeroed() };
+        // SAFETY: the node is a kernel node of a live graph (an error otherwise).
+        check(
+            unsafe { sys::cuGraphKernelNodeGetParams_v2(nodes[0], &mut params) },
+            "cuGraphKernelNodeGetParams",
+        )?;
+        Ok(KernelNode {
+            node: nodes[0],
+            params,
+        })
+    }
+
+    /// Sets the arguments of `node` (same kernel and launch shape) for the next launches.
+    ///
+    /// # Safety
+    /// `args` point at values matching the kernel's signature; `node` is of this graph.
+    pub unsafe fn set_kernel_args(
+        &self,
+        node: &KernelNode,
+        args: &mut [*mut c_void],
+    ) -> Result<()> {
+        let mut params = node.params;
+        params.kernelParams = args.as_mut_ptr();
+        params.extra = std::ptr::null_mut();
+        check(
+            unsafe { sys::cuGraphExecKernelNodeSetParams_v2(self.exec, node.node, &params) },
+            "cuGraphExecKernelNodeSetParams",
+        )
     }
 
     /// # Safety
     /// `stream` is a live stream of the graph's context.
     pub unsafe fn launch(&self, stream: Stream) -> Result<()> {
         check(
-            unsafe { sys::cuGraphLaunch(self.0, stream) },
+            unsafe { sys::cuGraphLaunch(self.exec, stream) },
             "cuGraphLaunch",
         )
     }
@@ -441,6 +504,9 @@ impl GraphExec {
 
 impl Drop for GraphExec {
     fn drop(&mut self) {
-        unsafe { sys::cuGraphExecDestroy(self.0) };
+        unsafe {
+            sys::cuGraphExecDestroy(self.exec);
+            sys::cuGraphDestroy(self.graph);
+        }
     }
 }

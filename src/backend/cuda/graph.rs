@@ -1,13 +1,15 @@
 //! Library-owned CUDA graphs (SPEC §6): one graph per token bucket. A forward with T tokens
-//! replays the smallest bucket >= T: one small kernel writes the true T and the call's pointers
-//! into an argument block in device memory (kernel parameters travel by value, so nothing races
-//! the next call), then the graph runs, its kernels reading x, out, logits, given routing and
-//! the routing record through the block: no input or output is copied. Kernels read T from
-//! device memory, so padding rows cost no routing and write nothing, and replay runs the same
-//! kernels with the same numerics as eager: bitwise equal.
+//! replays the smallest bucket >= T. Each graph starts with a one-thread kernel that writes the
+//! true T and the call's pointers into an argument block in device memory; a replay sets that
+//! node's arguments (cuGraphExecKernelNodeSetParams: kernel arguments travel by value, so
+//! nothing races a replay still running) and launches the graph, one launch in all. The other
+//! kernels read x, out, logits, given routing and the routing record through the block: no
+//! input or output is copied. Kernels read T from device memory, so padding rows cost no
+//! routing and write nothing, and replay runs the same kernels with the same numerics as
+//! eager: bitwise equal.
 
-use super::driver::{DeviceBuffer, DevicePtr, GraphExec, Stream};
-use super::kernels::{Kernels, ARG_SLOTS};
+use super::driver::{DeviceBuffer, DevicePtr, GraphExec, KernelNode, Stream};
+use super::kernels::{ForwardArgValues, Kernels, ARG_SLOTS};
 use crate::config::MoeConfig;
 use crate::error::{ensure, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
@@ -81,50 +83,90 @@ impl GraphBuffers {
             force_eager: false,
         }
     }
+
+    /// The argument-block writer's arguments for `args`.
+    pub fn values(&self, args: &ForwardArgs) -> ForwardArgValues {
+        ForwardArgValues {
+            args_block: self.args_block.ptr,
+            num_tokens_dev: self.num_tokens.ptr,
+            pointers: [
+                args.x as DevicePtr,
+                args.out as DevicePtr,
+                args.router_logits as DevicePtr,
+                args.topk_ids as DevicePtr,
+                args.topk_weights as DevicePtr,
+                args.topk_ids_out as DevicePtr,
+                args.topk_weights_out as DevicePtr,
+            ],
+            num_tokens: args.num_tokens as i32,
+        }
+    }
+}
+
+/// One bucket's graph and its argument-block writer node.
+pub struct BucketGraph {
+    pub bucket: usize,
+    pub exec: GraphExec,
+    pub writer: KernelNode,
 }
 
 /// The captured graphs of one backend and the routing source they were captured for.
 pub struct Graphs {
     pub source: RoutingSource,
-    pub graphs: Vec<(usize, GraphExec)>,
+    pub graphs: Vec<BucketGraph>,
     pub buffers: GraphBuffers,
 }
 
 impl Graphs {
-    /// The graph to replay for `t` tokens, if any.
-    pub fn pick(&self, t: usize) -> Option<&(usize, GraphExec)> {
-        self.graphs.iter().find(|(b, _)| *b >= t)
+    /// Captures `enqueue` (the forward of `bucket` tokens reading the argument block) behind
+    /// the argument-block writer, on `stream`.
+    ///
+    /// # Safety
+    /// `stream` is a live, non-legacy stream; `enqueue` only enqueues on it.
+    pub unsafe fn capture_bucket(
+        buffers: &GraphBuffers,
+        kernels: &Kernels,
+        bucket: usize,
+        stream: Stream,
+        enqueue: impl FnOnce() -> Result<()>,
+    ) -> Result<BucketGraph> {
+        let mut values = buffers.values(&GraphBuffers::capture_args(bucket));
+        let exec = unsafe {
+            GraphExec::capture(stream, || {
+                kernels.set_forward_args(&mut values, stream)?;
+                enqueue()
+            })?
+        };
+        let writer = exec.root_kernel()?;
+        Ok(BucketGraph {
+            bucket,
+            exec,
+            writer,
+        })
     }
 
-    /// Replays `graph` for the call's tokens on `stream`: one small launch writes T and the
-    /// call's pointers, then the graph runs; nothing is copied.
+    /// The graph to replay for `t` tokens, if any.
+    pub fn pick(&self, t: usize) -> Option<&BucketGraph> {
+        self.graphs.iter().find(|g| g.bucket >= t)
+    }
+
+    /// Replays `graph` for the call's tokens on `stream`: its writer node gets T and the call's
+    /// pointers, then the graph runs; nothing is copied.
     ///
     /// # Safety
     /// The pointers of `args` cover their extents in device memory; `stream` is live.
     pub unsafe fn replay(
         &self,
-        kernels: &Kernels,
-        graph: &GraphExec,
+        graph: &BucketGraph,
         args: &ForwardArgs,
         stream: Stream,
     ) -> Result<()> {
-        let b = &self.buffers;
-        let pointers = [
-            args.x as DevicePtr,
-            args.out as DevicePtr,
-            args.router_logits as DevicePtr,
-            args.topk_ids as DevicePtr,
-            args.topk_weights as DevicePtr,
-            args.topk_ids_out as DevicePtr,
-            args.topk_weights_out as DevicePtr,
-        ];
-        kernels.set_forward_args(
-            b.args_block.ptr,
-            b.num_tokens.ptr,
-            pointers,
-            args.num_tokens,
-            stream,
-        )?;
-        graph.launch(stream)
+        let mut values = self.buffers.values(args);
+        unsafe {
+            graph
+                .exec
+                .set_kernel_args(&graph.writer, &mut values.params())?;
+            graph.exec.launch(stream)
+        }
     }
 }

@@ -741,38 +741,43 @@ impl Kernels {
     /// Graph replay prologue: writes the call's pointers and T into the argument block.
     ///
     /// # Safety
-    /// `args_block` holds ARG_SLOTS u64s and `num_tokens_dev` one int, in device memory.
-    #[allow(clippy::too_many_arguments)]
+    /// `values.args_block` holds ARG_SLOTS u64s and `values.num_tokens_dev` one int, in
+    /// device memory.
     pub unsafe fn set_forward_args(
         &self,
-        args_block: DevicePtr,
-        num_tokens_dev: DevicePtr,
-        pointers: [DevicePtr; ARG_SLOTS],
-        num_tokens: usize,
+        values: &mut ForwardArgValues,
         stream: Stream,
     ) -> Result<()> {
-        let (mut ab, mut nd) = (args_block, num_tokens_dev);
-        let mut p = pointers;
-        let mut t = num_tokens as i32;
-        let [p0, p1, p2, p3, p4, p5, p6] = &mut p;
-        self.set_args.launch(
-            (1, 1, 1),
-            1,
-            0,
-            stream,
-            &mut [
-                arg(&mut ab),
-                arg(&mut nd),
-                arg(p0),
-                arg(p1),
-                arg(p2),
-                arg(p3),
-                arg(p4),
-                arg(p5),
-                arg(p6),
-                arg(&mut t),
-            ],
-        )
+        self.set_args
+            .launch((1, 1, 1), 1, 0, stream, &mut values.params())
+    }
+}
+
+/// The arguments of `set_forward_args` (kernels/route_topk.cu), in its order: launched on
+/// capture, and written into the graph's node of it at each replay.
+pub struct ForwardArgValues {
+    pub args_block: DevicePtr,
+    pub num_tokens_dev: DevicePtr,
+    pub pointers: [DevicePtr; ARG_SLOTS],
+    pub num_tokens: i32,
+}
+
+impl ForwardArgValues {
+    /// Pointers to each argument (valid while `self` is neither moved nor dropped).
+    pub fn params(&mut self) -> [*mut std::ffi::c_void; 3 + ARG_SLOTS] {
+        let [p0, p1, p2, p3, p4, p5, p6] = &mut self.pointers;
+        [
+            arg(&mut self.args_block),
+            arg(&mut self.num_tokens_dev),
+            arg(p0),
+            arg(p1),
+            arg(p2),
+            arg(p3),
+            arg(p4),
+            arg(p5),
+            arg(p6),
+            arg(&mut self.num_tokens),
+        ]
     }
 }
 

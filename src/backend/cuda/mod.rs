@@ -18,9 +18,7 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdevice_attribute;
 
 use self::compile::Element;
-use self::driver::{
-    is_capturing, Context, DeviceBuffer, DevicePtr, GraphExec, OwnedStream, Stream,
-};
+use self::driver::{is_capturing, Context, DeviceBuffer, DevicePtr, OwnedStream, Stream};
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
     GemmKind, GemmParams, Kernels, QuantTile, RouteParams, SortBuffers, Tile, ARG_OUT, ARG_X,
@@ -697,8 +695,8 @@ impl Backend for CudaBackend {
         if let Some(graphs) = &self.graphs {
             // Inside the caller's own capture our kernels are captured directly instead.
             if !args.force_eager && graphs.source == source && !is_capturing(stream)? {
-                if let Some((_, exec)) = graphs.pick(args.num_tokens) {
-                    return graphs.replay(&self.kernels, exec, args, stream);
+                if let Some(graph) = graphs.pick(args.num_tokens) {
+                    return graphs.replay(graph, args, stream);
                 }
             }
         }
@@ -737,8 +735,8 @@ impl Backend for CudaBackend {
         for &bucket in &buckets {
             let args = GraphBuffers::capture_args(bucket);
             // SAFETY: the capture stream is live; the static buffers outlive the graphs.
-            let exec = unsafe {
-                GraphExec::capture(capture_stream, || {
+            let graph = unsafe {
+                Graphs::capture_bucket(&buffers, &self.kernels, bucket, capture_stream, || {
                     self.enqueue(
                         &args,
                         source,
@@ -749,7 +747,7 @@ impl Backend for CudaBackend {
                     )
                 })?
             };
-            graphs.push((bucket, exec));
+            graphs.push(graph);
         }
         if let Some(s) = &own {
             s.synchronize()?;
