@@ -367,9 +367,9 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_QTILE_m 64, 128, 2, 2
 // Decode keeps few stages so that more blocks share an SM: its blocks are short (one expert's
 // few rows against 64 columns) and their start-up latency, not bytes in flight, limits it.
-#define FDMOE_QSTAGES_fp8_s 3
+#define FDMOE_QSTAGES_fp8_s 2
 #define FDMOE_QSTAGES_fp8_m 4
-#define FDMOE_QSTAGES_fp4_s 4
+#define FDMOE_QSTAGES_fp4_s 3
 #define FDMOE_QSTAGES_fp4_m 4
 
 // FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).

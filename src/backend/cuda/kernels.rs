@@ -272,7 +272,8 @@ impl QuantTile {
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            (QuantTile::Small, FdmoeDtype::Fp8Block) => 3,
+            (QuantTile::Small, FdmoeDtype::Fp8Block) => 2,
+            (QuantTile::Small, _) => 3,
             _ => 4,
         }
     }
