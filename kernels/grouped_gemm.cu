@@ -38,10 +38,11 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* As = (u16*)smem_raw;                  // [STAGES][BM][LDS]
     u16* Bs = As + STAGES * BM * LDS;          // [STAGES][BN][LDS]
-    i64* a_rows = (i64*)(Bs + STAGES * BN * LDS);  // [BM] source row of A, -1 = none
-    i64* b_rows = a_rows + BM;                     // [BN] row of B, -1 = none
+    i64* a_rows = (i64*)(Bs + STAGES * BN * LDS);  // [BM] A row, then its element offset; -1 = none
+    i64* b_rows = a_rows + BM;                     // [BN] B row, then its element offset
     TileRange tr;
     if (!setup_tile<BM, BN, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    rows_to_offsets<BM, BN, THREADS>(p, a_rows, b_rows);
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
     auto load_stage = [&](int stage, int k0) {
@@ -51,15 +52,15 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
         u16* bs = Bs + stage * BN * LDS;
         for (int i = threadIdx.x; i < A_CHUNKS; i += THREADS) {
             const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 row = a_rows[r];
-            const bool valid = row >= 0 && k0 + kc < K;
-            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + row * p.lda + k0 + kc) : (const void*)p.a, valid);
+            const i64 off = a_rows[r];
+            const bool valid = off >= 0 && k0 + kc < K;
+            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
         }
         for (int i = threadIdx.x; i < B_CHUNKS; i += THREADS) {
             const int c = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 row = b_rows[c];
-            const bool valid = row >= 0 && k0 + kc < K;
-            cp_async_16(bs + c * LDS + kc, valid ? (const void*)(b_base + row * p.ldb + k0 + kc) : (const void*)b_base, valid);
+            const i64 off = b_rows[c];
+            const bool valid = off >= 0 && k0 + kc < K;
+            cp_async_16(bs + c * LDS + kc, valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
         }
     };
 
@@ -121,6 +122,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     i64* b_rows = a_rows + BM;
     TileRange tr;
     if (!setup_tile<BM, BN, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    rows_to_offsets<BM, BN, THREADS>(p, a_rows, b_rows);
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
 
@@ -129,15 +131,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
         unsigned char* bs = Bs + stage * B_STAGE;
         for (int i = threadIdx.x; i < BM * 8; i += THREADS) {
             const int r = i / 8, c = i % 8, kc = c * 8;
-            const i64 row = a_rows[r];
-            const bool valid = row >= 0 && k0 + kc < K;
-            cp_async_16(as + swizzle_128b(r, c), valid ? (const void*)(p.a + row * p.lda + k0 + kc) : (const void*)p.a, valid);
+            const i64 off = a_rows[r];
+            const bool valid = off >= 0 && k0 + kc < K;
+            cp_async_16(as + swizzle_128b(r, c), valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
         }
         for (int i = threadIdx.x; i < BN * 8; i += THREADS) {
             const int r = i / 8, c = i % 8, kc = c * 8;
-            const i64 row = b_rows[r];
-            const bool valid = row >= 0 && k0 + kc < K;
-            cp_async_16(bs + swizzle_128b(r, c), valid ? (const void*)(b_base + row * p.ldb + k0 + kc) : (const void*)b_base, valid);
+            const i64 off = b_rows[r];
+            const bool valid = off >= 0 && k0 + kc < K;
+            cp_async_16(bs + swizzle_128b(r, c), valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
         }
     };
 

@@ -103,6 +103,17 @@ __device__ __forceinline__ bool setup_tile(const GemmParams& p, i64* a_rows, i64
     return true;
 }
 
+// Turns setup_tile's row indices into element offsets (row * ld), so the 16-bit bodies'
+// copy loops add an offset instead of multiplying per 16-byte chunk.
+template <int BM, int BN, int THREADS>
+__device__ __forceinline__ void rows_to_offsets(const GemmParams& p, i64* a_rows, i64* b_rows) {
+    for (int r = threadIdx.x; r < BM; r += THREADS)
+        if (a_rows[r] >= 0) a_rows[r] *= p.lda;
+    for (int c = threadIdx.x; c < BN; c += THREADS)
+        if (b_rows[c] >= 0) b_rows[c] *= p.ldb;
+    __syncthreads();
+}
+
 // Writes one warp's accumulator fragment: NT blocks of 8 columns starting at tile column
 // `col0`, rows `r0` and `r0 + 8` of the tile (the m16n8 / wgmma accumulator layout).
 template <int NT, int MODE, int ACT>
