@@ -7,10 +7,11 @@
 // sums the w-th 64-wide chunk of every round, and the 8 warp partials are added in warp order
 // at the end. The order of every sum is therefore fixed by H alone: a token's logits are
 // bitwise the same whatever batch, bucket or grid it is computed in, and no atomics are used.
-// A warp's 64 gate values of a round are loaded into registers together, and the next round's
-// while this one is summed: at decode the grid is a handful of blocks, so the gate read is
-// bound by load latency, not bandwidth, and 64 loads in flight per warp instead of a few cut
-// it by an order of magnitude (the FMA order is unchanged).
+// For decode (TOKENS = 4) a warp's 64 gate values of a round are loaded into registers
+// together, and the next round's while this one is summed: the grid is then a handful of
+// blocks, so the gate read is bound by load latency, not bandwidth, and 64 loads in flight per
+// warp instead of a few cut it by an order of magnitude. Prefill (TOKENS = 16) is bound by the
+// FMAs and keeps the registers for occupancy. The FMA order is the same either way.
 //
 // Grid: (ceil(T / TOKENS), ceil(E / 32)); block 256 (8 warps).
 #include "common/types.cuh"
@@ -42,8 +43,9 @@ __device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restr
 #pragma unroll
         for (int kk = 0; kk < GATE_CHUNK; ++kk) w[kk] = (e < num_experts && kk < kn) ? g[(i64)kk * num_experts] : 0.0f;
     };
-    float w_cur[GATE_CHUNK], w_next[GATE_CHUNK];
-    load_chunk(w_cur, 0);
+    constexpr bool PREFETCH = TOKENS <= 4;
+    float w_cur[PREFETCH ? GATE_CHUNK : 1], w_next[PREFETCH ? GATE_CHUNK : 1];
+    if (PREFETCH) load_chunk(w_cur, 0);
     for (int k0 = 0; k0 < hidden; k0 += GATE_ROUND) {
         __syncthreads();
         for (int i = threadIdx.x; i < TOKENS * GATE_ROUND; i += 256) {
@@ -52,19 +54,30 @@ __device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restr
             xs[t][kk] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
         }
         __syncthreads();
-        if (k0 + GATE_ROUND < hidden) load_chunk(w_next, k0 + GATE_ROUND);
-        const int kn = min(GATE_CHUNK, hidden - (k0 + warp * GATE_CHUNK));
-        if (e < num_experts) {
+        const int kb = k0 + warp * GATE_CHUNK;
+        const int kn = min(GATE_CHUNK, hidden - kb);
+        if (PREFETCH) {
+            if (k0 + GATE_ROUND < hidden) load_chunk(w_next, k0 + GATE_ROUND);
+            if (e < num_experts) {
 #pragma unroll
-            for (int kk = 0; kk < GATE_CHUNK; ++kk) {
-                if (kk < kn) {
+                for (int kk = 0; kk < GATE_CHUNK; ++kk) {
+                    if (kk < kn) {
 #pragma unroll
-                    for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w_cur[kk], acc[t]);
+                        for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w_cur[kk], acc[t]);
+                    }
                 }
             }
-        }
 #pragma unroll
-        for (int kk = 0; kk < GATE_CHUNK; ++kk) w_cur[kk] = w_next[kk];
+            for (int kk = 0; kk < GATE_CHUNK; ++kk) w_cur[kk] = w_next[kk];
+        } else if (e < num_experts && kn > 0) {
+            const float* g = gate_t + (i64)kb * num_experts + e;
+#pragma unroll 8
+            for (int kk = 0; kk < kn; ++kk) {
+                const float w = g[(i64)kk * num_experts];
+#pragma unroll
+                for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w, acc[t]);
+            }
+        }
     }
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) partial[warp][t][lane] = acc[t];

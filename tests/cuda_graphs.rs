@@ -249,6 +249,45 @@ fn replay_is_bitwise_equal_to_eager() {
 }
 
 #[test]
+fn routing_of_a_token_does_not_depend_on_the_batch() {
+    // The gate kernel has a decode and a prefill variant (T <= 64 / above); both sum in the same
+    // order, so token 0 routes bitwise the same alone and in a batch of 300.
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let stream = OwnedStream::new().unwrap();
+    let c = cfg(512);
+    let mut l = layer(&c, 21, true);
+    let inp = inputs(&c, 300, 4);
+    let (one, many) = (Outputs::new(&c, 1), Outputs::new(&c, 300));
+    for (t, out) in [(1usize, &one), (300, &many)] {
+        unsafe {
+            l.moe
+                .forward(&args(
+                    t,
+                    &inp,
+                    out,
+                    Source::Gate,
+                    stream.0 as *mut c_void,
+                    true,
+                ))
+                .unwrap();
+        }
+    }
+    stream.synchronize().unwrap();
+    let (a, b) = (one.host(&c, 1), many.host(&c, 300));
+    assert_eq!(
+        a.1[..],
+        b.1[..c.top_k],
+        "token 0's experts differ between T = 1 and T = 300"
+    );
+    assert_eq!(
+        a.2[..],
+        b.2[..c.top_k],
+        "token 0's weights differ between T = 1 and T = 300"
+    );
+}
+
+#[test]
 fn quantized_replay_is_bitwise_equal_to_eager() {
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
