@@ -74,8 +74,9 @@ pub struct FdmoeConfig {
 ///   passes router logits. correction_bias: [E] f32, GROUPED_TOPK only.
 ///
 /// Quantized experts (config.weight_dtype FP8_BLOCK, MXFP4 or NVFP4; SPEC §5) apply to the
-/// routed experts w13/w2 only: the gate, fc1/fc2 and the shared experts stay dense at the
-/// precision they are given in. Two ways in:
+/// routed experts w13/w2 only: fc1/fc2 and the shared experts stay dense, rounded to
+/// config.act_dtype (what the cuda backend computes them in), and the gate keeps the precision it
+/// is given in (the cuda backend holds it in f32). Two ways in:
 /// - quantize-on-load: dense experts (dtype F32, BF16 or F16, any layout) are quantized by the
 ///   library with the format's codec (round to nearest even, saturating), each expert's w13
 ///   [2I, L] (rows in the order given) and w2 [L, I] as one matrix in TORCH orientation, exactly
@@ -97,7 +98,11 @@ pub struct FdmoeConfig {
 /// config.weight_dtype needs K to be a multiple of 128 (FP8_BLOCK), 32 (MXFP4) or 16 (NVFP4) for
 /// both matrices (L and I), checked at create. The cpu backend dequantizes the experts into its
 /// own f32 copy at load (so ownership must be OWN) and, for FP8_BLOCK, quantizes the inputs of
-/// both expert GEMMs per token per 128 channels to E4M3 on the fly (SPEC §5).
+/// both expert GEMMs per token per 128 channels to E4M3 on the fly (SPEC §5). The cuda backend
+/// repacks the experts for its kernels at load (host memory, OWN) and never dequantizes them
+/// into device memory: FP8_BLOCK runs on FP8 tensor cores (compute capability 8.9 or newer;
+/// act_dtype BF16 or F16), MXFP4 and NVFP4 are decoded to BF16 in registers (act_dtype BF16);
+/// other combinations are UNSUPPORTED at create.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct FdmoeWeights {
