@@ -53,6 +53,10 @@ struct Case {
     given_logits: bool,
     given_ids: bool,
     tokens: Vec<usize>,
+    /// Expert rows scaled by 2^j, j cycling through -span ..= span (0: none): quantized
+    /// formats then see very large and very small scales (MXFP4 exponents above 128, NVFP4
+    /// subnormal block scales).
+    row_scale_span: i32,
 }
 
 fn base(e: usize, k: usize, h: usize, i: usize, dtype: FdmoeDtype) -> MoeConfig {
@@ -237,11 +241,23 @@ struct Pair {
     gpu: Moe,
 }
 
+/// Multiplies row r of each [rows, cols] matrix in `m` by 2^((r % (2 span + 1)) - span).
+fn scale_rows(m: &mut [f32], cols: usize, span: i32) {
+    for (r, row) in m.chunks_mut(cols).enumerate() {
+        let j = (r as i32 % (2 * span + 1)) - span;
+        row.iter_mut().for_each(|v| *v *= 2f32.powi(j));
+    }
+}
+
 fn load_pair(case: &Case, tokens: &[usize], seed: u64) -> Pair {
     let cfg = &case.cfg;
     let max_t = tokens.iter().copied().max().unwrap_or(1);
     let mut rng = Rng(seed * 2654435761 + 1);
     let mut w = make_weights(cfg, &mut rng);
+    if case.row_scale_span > 0 {
+        scale_rows(&mut w.w13, cfg.expert_hidden(), case.row_scale_span);
+        scale_rows(&mut w.w2, cfg.intermediate_size, case.row_scale_span);
+    }
     let mut paddle = Vec::new();
     let src = source(case, &mut w, &mut paddle);
     let mut cpu_cfg = cfg.clone();
@@ -380,6 +396,7 @@ fn cases() -> Vec<Case> {
         given_logits: false,
         given_ids: false,
         tokens: vec![1, 7, 64, 300],
+        row_scale_span: 0,
     };
     let b = |d| base(16, 4, 256, 128, d);
     v.push(mk("softmax bf16", b(FdmoeDtype::Bf16)));
@@ -612,6 +629,17 @@ fn cases() -> Vec<Case> {
             },
         )
     });
+    for (fmt, name) in [
+        (FdmoeDtype::Fp8Block, "fp8_block wide range"),
+        (FdmoeDtype::Mxfp4, "mxfp4 wide range"),
+        (FdmoeDtype::Nvfp4, "nvfp4 wide range"),
+    ] {
+        v.push(Case {
+            tokens: vec![1, 40],
+            row_scale_span: 14,
+            ..mk(name, q(fmt, FdmoeDtype::Bf16))
+        });
+    }
     v.push(Case {
         tokens: vec![4096],
         ..mk(
