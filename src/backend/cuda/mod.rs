@@ -760,3 +760,65 @@ impl Backend for CudaBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::FdmoeStatus;
+
+    fn cfg(weight: FdmoeDtype, act: FdmoeDtype) -> MoeConfig {
+        MoeConfig {
+            backend: FdmoeBackendKind::Cuda,
+            num_experts: 8,
+            top_k: 2,
+            hidden_size: 256,
+            intermediate_size: 128,
+            act_dtype: act,
+            weight_dtype: weight,
+            max_tokens: 64,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn formats_and_activation_dtypes_the_kernels_take() {
+        use FdmoeDtype::*;
+        for (weight, act) in [
+            (Bf16, Bf16),
+            (F16, F16),
+            (Fp8Block, Bf16),
+            (Fp8Block, F16),
+            (Mxfp4, Bf16),
+            (Nvfp4, Bf16),
+        ] {
+            assert!(check_config(&cfg(weight, act)).is_ok(), "{weight} / {act}");
+        }
+        for (weight, act, says) in [
+            (Mxfp4, F16, "use bfloat16 activations"),
+            (Nvfp4, F16, "use bfloat16 activations"),
+            (Fp8Block, F32, "use bfloat16 or float16"),
+            (Bf16, F16, "they must match"),
+            (F32, F32, "use bfloat16 or float16"),
+        ] {
+            let e = check_config(&cfg(weight, act)).unwrap_err();
+            assert_eq!(e.status, FdmoeStatus::Unsupported, "{weight} / {act}");
+            assert!(e.message.contains(says), "{weight} / {act}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn memory_query_counts_quantized_experts_and_fp8_buffers() {
+        let bf16 = memory_requirements(&cfg(FdmoeDtype::Bf16, FdmoeDtype::Bf16)).unwrap();
+        let fp8 = memory_requirements(&cfg(FdmoeDtype::Fp8Block, FdmoeDtype::Bf16)).unwrap();
+        let mx = memory_requirements(&cfg(FdmoeDtype::Mxfp4, FdmoeDtype::Bf16)).unwrap();
+        let dense_rest = 256 * 8 * 4 + 8 * 4; // gate [H, E] and bias, f32
+        let experts = |r: &MemoryRequirements| r.device_weight_bytes - dense_rest;
+        // 3 * I * H weights per expert: 2 bytes, 1 byte + f32 per 64 x 128, 0.5 byte + 1/32.
+        assert_eq!(experts(&bf16), 8 * 3 * 128 * 256 * 2);
+        assert_eq!(experts(&fp8), 8 * (3 * 128 * 256 + (4 * 2 + 4) * 4));
+        assert_eq!(experts(&mx), 8 * (3 * 128 * 256 / 2 + 3 * 128 * 256 / 32));
+        // FP8 adds its quantized inputs/activations and keeps the activations in f32.
+        assert!(fp8.device_workspace_bytes > bf16.device_workspace_bytes);
+        assert_eq!(mx.device_workspace_bytes, bf16.device_workspace_bytes);
+    }
+}
