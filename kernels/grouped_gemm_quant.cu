@@ -21,7 +21,7 @@
 // Why it is fast: decode is memory-bound, and these read 1 (FP8) or ~0.53 (FP4) bytes per weight
 // with cp.async. A decode block is short (one expert's few rows against 64 columns), so its
 // start-up latency, not the bytes it has in flight, limits it: shallow pipelines (2-3 stages)
-// let 8-9 blocks share an SM (measured on the H100: 20-25% faster than 6 stages). FP8 needs no
+// let 8-9 blocks share an SM (measured on the H100: 12-27% faster than 6 stages). FP8 needs no
 // decode. FP4 decode costs ~2.5 integer operations per weight, which keeps it below the HBM
 // rate on the integer pipe (BENCHMARKS.md): the next thing to cut.
 #include "common/gemm_tile.cuh"
