@@ -6,7 +6,9 @@
 //! OWN from host memory goes through the CPU backend's loader, which already reads every
 //! layout (TORCH, PADDLE, PER_EXPERT, interleaved) and dtype into f32 views; those views are
 //! written out in TORCH order, rounded once to the element type, and uploaded. BORROW keeps the
-//! caller's device pointers where they already are what the kernels read.
+//! caller's device pointers where they already are what the kernels read. Quantized experts
+//! (FP8_BLOCK, MXFP4, NVFP4) are read by their own reader and repacked (`quant_weights`); the
+//! dense matrices beside them go through the loader as above, in the activation dtype.
 
 use std::ffi::c_void;
 
