@@ -1,7 +1,10 @@
 //! The CUDA backend against the CPU reference (SPEC §8) on fresh random inputs: every routing
 //! mode with and without bias, latent on every mode, shared experts, each layout and
 //! activation, bf16 and f16, T from 1 to 16384, an index-overflow case past 2^31 elements,
-//! determinism, poisoned outputs, and the error paths that need a device.
+//! determinism, poisoned outputs, and the error paths that need a device; and the quantized
+//! experts (FP8_BLOCK, MXFP4, NVFP4: both backends quantize the same weights on load) with
+//! routing modes, latent + shared, interleave, layouts, odd K and wide-range scales.
+//! FDMOE_GPU_CASES=a,b runs only the cases whose names contain a or b.
 //! Runs only where a GPU is present (FDMOE_REQUIRE_GPU=1 makes a missing GPU a failure).
 #![cfg(feature = "cuda")]
 
