@@ -272,16 +272,9 @@ fn bench_shape(shape: &Shape, o: &Options) {
         let (ids, weights) = routing(shape, t);
         let mut out = vec![f32::NAN; t * h];
         let args = ForwardArgs {
-            num_tokens: t,
-            x: x.as_ptr().cast(),
-            out: out.as_mut_ptr().cast(),
-            router_logits: std::ptr::null(),
             topk_ids: ids.as_ptr(),
             topk_weights: weights.as_ptr(),
-            topk_ids_out: std::ptr::null_mut(),
-            topk_weights_out: std::ptr::null_mut(),
-            stream: std::ptr::null_mut(),
-            force_eager: false,
+            ..ForwardArgs::new(t, x.as_ptr().cast(), out.as_mut_ptr().cast())
         };
         // SAFETY: every buffer above holds the [T, H] / [T, k] extent ForwardArgs documents.
         let times = time_runs(o, || unsafe { moe.forward(&args).expect("forward") });

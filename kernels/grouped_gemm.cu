@@ -45,7 +45,8 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     rows_to_offsets<BM, BN, THREADS>(p, a_rows, b_rows);
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
-    auto load_stage = [&](int stage, int k0) {
+    auto load_stage = [&](int stage, int kt) {
+        const int k0 = kt * BK;
         constexpr int A_CHUNKS = BM * BK / 8;
         constexpr int B_CHUNKS = BN * BK / 8;
         u16* as = As + stage * BM * LDS;
@@ -69,20 +70,9 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
-    const int k_tiles = (K + BK - 1) / BK;
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < k_tiles) load_stage(s, s * BK);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < k_tiles) load_stage(next % STAGES, next * BK);
-        cp_async_commit();
-        const u16* as = As + (kt % STAGES) * BM * LDS;
-        const u16* bs = Bs + (kt % STAGES) * BN * LDS;
+    cp_async_pipeline<STAGES>((K + BK - 1) / BK, load_stage, [&](int stage, int) {
+        const u16* as = As + stage * BM * LDS;
+        const u16* bs = Bs + stage * BN * LDS;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             u32 af[MT][4];
@@ -94,8 +84,7 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
 #pragma unroll
                 for (int j = 0; j < NT; ++j) mma_16816(acc[i][j], af[i], bf[j]);
         }
-    }
-    cp_async_wait<0>();
+    });
 
     // Epilogue: warp (wm, wn) holds rows wm*WTM + i*16 + lane/4 (+8), columns wn*WTN + j*8 + ....
     const int lane_row = lane / 4;

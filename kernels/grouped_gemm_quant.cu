@@ -87,18 +87,7 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < groups) load_stage(s, s);
-        cp_async_commit();
-    }
-    for (int g = 0; g < groups; ++g) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = g + STAGES - 1;
-        if (next < groups) load_stage(next % STAGES, next);
-        cp_async_commit();
-        const int stage = g % STAGES;
+    cp_async_pipeline<STAGES>(groups, load_stage, [&](int stage, int) {
         const unsigned char* as = As + stage * BM * LDS;
         const unsigned char* bs = Bs + stage * BN * LDS;
         float part[MT][NT][4];
@@ -131,8 +120,7 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
                 acc[i][j][3] += part[i][j][3] * (sa1 * sb1);
             }
         }
-    }
-    cp_async_wait<0>();
+    });
     const int lane_row = lane / 4;
 #pragma unroll
     for (int i = 0; i < MT; ++i) store_fragment<NT, MODE, ACT>(p, tr, acc[i], wm * WTM + i * 16 + lane_row, wn * WTN);
@@ -243,18 +231,7 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < k_tiles) load_stage(s, s);
-        cp_async_commit();
-    }
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads();
-        const int next = kt + STAGES - 1;
-        if (next < k_tiles) load_stage(next % STAGES, next);
-        cp_async_commit();
-        const int stage = kt % STAGES;
+    cp_async_pipeline<STAGES>(k_tiles, load_stage, [&](int stage, int) {
         const u16* as = As + stage * BM * LDS;
         const unsigned char* bq = Bq + stage * NB * KBS * 256;
         const unsigned char* sq = Sq + stage * NB * KBS * SBLOCK;
@@ -306,8 +283,7 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
                 }
             }
         }
-    }
-    cp_async_wait<0>();
+    });
     if (FMT == FMT_NVFP4) {
         const float global = p.b_global[tr.expert] * 256.0f;  // and the 2^8 left out of the scales
 #pragma unroll

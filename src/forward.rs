@@ -43,6 +43,24 @@ pub enum RoutingSource {
 }
 
 impl ForwardArgs {
+    /// A call on `num_tokens` rows of `x` into `out` with every optional pointer NULL (routing
+    /// by the gate, no record), the default stream and graphs allowed; set the rest with
+    /// struct update syntax.
+    pub fn new(num_tokens: usize, x: *const c_void, out: *mut c_void) -> Self {
+        ForwardArgs {
+            num_tokens,
+            x,
+            out,
+            router_logits: std::ptr::null(),
+            topk_ids: std::ptr::null(),
+            topk_weights: std::ptr::null(),
+            topk_ids_out: std::ptr::null_mut(),
+            topk_weights_out: std::ptr::null_mut(),
+            stream: std::ptr::null_mut(),
+            force_eager: false,
+        }
+    }
+
     /// Checks shared by every backend, before any work: capacity, pointers, routing source.
     /// Returns `None` for T = 0, a valid no-op.
     pub fn validate(&self, cfg: &MoeConfig, has_gate: bool) -> Result<Option<RoutingSource>> {

@@ -70,16 +70,9 @@ fn softmax_topk_f32_matches_naive_reference() {
     let mut ids = vec![-1i32; t * k];
     let mut wts = vec![f32::NAN; t * k];
     let args = ForwardArgs {
-        num_tokens: t,
-        x: x.as_ptr().cast(),
-        out: out.as_mut_ptr().cast(),
-        router_logits: std::ptr::null(),
-        topk_ids: std::ptr::null(),
-        topk_weights: std::ptr::null(),
         topk_ids_out: ids.as_mut_ptr(),
         topk_weights_out: wts.as_mut_ptr(),
-        stream: std::ptr::null_mut(),
-        force_eager: false,
+        ..ForwardArgs::new(t, x.as_ptr().cast(), out.as_mut_ptr().cast())
     };
     unsafe { moe.forward(&args).unwrap() };
     let (mut num, mut den) = (0.0f64, 0.0f64);

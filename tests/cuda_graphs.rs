@@ -531,18 +531,11 @@ fn offsets_past_two_to_the_31() {
     let mut cpu = cpu;
     for first in [0usize, t - 256] {
         let mut want = vec![0u16; 256 * c.hidden_size];
-        let a = ForwardArgs {
-            num_tokens: 256,
-            x: xs[first * c.hidden_size..].as_ptr().cast(),
-            out: want.as_mut_ptr().cast(),
-            router_logits: std::ptr::null(),
-            topk_ids: std::ptr::null(),
-            topk_weights: std::ptr::null(),
-            topk_ids_out: std::ptr::null_mut(),
-            topk_weights_out: std::ptr::null_mut(),
-            stream: std::ptr::null_mut(),
-            force_eager: false,
-        };
+        let a = ForwardArgs::new(
+            256,
+            xs[first * c.hidden_size..].as_ptr().cast(),
+            want.as_mut_ptr().cast(),
+        );
         unsafe { cpu.moe.forward(&a).unwrap() };
         let got = &out[first * c.hidden_size..(first + 256) * c.hidden_size];
         let (mut num, mut den) = (0f64, 0f64);
@@ -604,16 +597,9 @@ fn invalid_ids_and_non_finite_logits() {
     );
     let mut want = vec![0u16; t * c.hidden_size];
     let ca = ForwardArgs {
-        num_tokens: t,
-        x: xs.as_ptr().cast(),
-        out: want.as_mut_ptr().cast(),
-        router_logits: std::ptr::null(),
         topk_ids: cpu_ids.as_ptr(),
         topk_weights: cpu_w.as_ptr(),
-        topk_ids_out: std::ptr::null_mut(),
-        topk_weights_out: std::ptr::null_mut(),
-        stream: std::ptr::null_mut(),
-        force_eager: false,
+        ..ForwardArgs::new(t, xs.as_ptr().cast(), want.as_mut_ptr().cast())
     };
     unsafe { cpu.moe.forward(&ca).unwrap() };
     let (mut num, mut den) = (0f64, 0f64);

@@ -322,16 +322,9 @@ fn forward(moe: &mut Moe, x: &[f32], ids: &[i32], wts: &[f32]) -> Vec<f32> {
     let t = x.len() / h;
     let mut out = vec![f32::NAN; t * h];
     let args = ForwardArgs {
-        num_tokens: t,
-        x: x.as_ptr().cast(),
-        out: out.as_mut_ptr().cast(),
-        router_logits: std::ptr::null(),
         topk_ids: ids.as_ptr(),
         topk_weights: wts.as_ptr(),
-        topk_ids_out: std::ptr::null_mut(),
-        topk_weights_out: std::ptr::null_mut(),
-        stream: std::ptr::null_mut(),
-        force_eager: false,
+        ..ForwardArgs::new(t, x.as_ptr().cast(), out.as_mut_ptr().cast())
     };
     unsafe { moe.forward(&args).unwrap() };
     assert!(out.iter().all(|v| v.is_finite()), "every output written");

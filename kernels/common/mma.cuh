@@ -36,6 +36,28 @@ __device__ __forceinline__ void ldmatrix_x2(u32* r, const void* smem) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
 }
 
+// The multi-stage cp.async main loop of the mma.sync bodies: tile t's copies are issued
+// STAGES - 1 tiles ahead of its use; load(stage, t) fills buffer `stage` with tile t (one
+// commit group), compute(stage, t) consumes it. The barrier after each wait also orders the
+// refill of a buffer after every warp's reads of it.
+template <int STAGES, typename Load, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int tiles, Load&& load, Compute&& compute) {
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < tiles) load(s, s);
+        cp_async_commit();
+    }
+    for (int t = 0; t < tiles; ++t) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        const int next = t + STAGES - 1;
+        if (next < tiles) load(next % STAGES, next);
+        cp_async_commit();
+        compute(t % STAGES, t);
+    }
+    cp_async_wait<0>();
+}
+
 // A fragments of a warp's MT m16 row tiles (rows row0 + 16i ..) at byte column `kb` of a shared
 // tile with rows `lds` bytes apart: 16 rows x 32 bytes each (k16 of 16-bit, k32 of 8-bit types).
 template <int MT>

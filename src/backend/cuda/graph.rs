@@ -70,18 +70,7 @@ impl GraphBuffers {
     /// The forward arguments a graph is captured with: the caller's pointers are NULL, since
     /// the kernels read them from the argument block.
     pub fn capture_args(bucket: usize) -> ForwardArgs {
-        ForwardArgs {
-            num_tokens: bucket,
-            x: std::ptr::null(),
-            out: std::ptr::null_mut(),
-            router_logits: std::ptr::null(),
-            topk_ids: std::ptr::null(),
-            topk_weights: std::ptr::null(),
-            topk_ids_out: std::ptr::null_mut(),
-            topk_weights_out: std::ptr::null_mut(),
-            stream: std::ptr::null_mut(),
-            force_eager: false,
-        }
+        ForwardArgs::new(bucket, std::ptr::null(), std::ptr::null_mut())
     }
 
     /// The argument-block writer's arguments for `args`.
