@@ -190,6 +190,42 @@ fn args(
     }
 }
 
+/// Runs T tokens of fresh inputs eagerly and through the layer's graphs; asserts eager wrote
+/// every output and replay gave the same bits (output and routing record).
+fn replay_equals_eager(
+    l: &mut Layer,
+    c: &MoeConfig,
+    t: usize,
+    seed: u64,
+    source: Source,
+    stream: &OwnedStream,
+    what: &str,
+) {
+    let inp = inputs(c, t, seed);
+    let (eager, replay) = (Outputs::new(c, t), Outputs::new(c, t));
+    for (out, force_eager) in [(&eager, true), (&replay, false)] {
+        unsafe {
+            l.moe
+                .forward(&args(
+                    t,
+                    &inp,
+                    out,
+                    source,
+                    stream.0 as *mut c_void,
+                    force_eager,
+                ))
+                .unwrap();
+        }
+    }
+    stream.synchronize().unwrap();
+    let (a, b) = (eager.host(c, t), replay.host(c, t));
+    assert!(
+        a.0.iter().all(|&v| v != 0xFFFF),
+        "{what}eager left outputs unwritten at T={t}"
+    );
+    assert!(a == b, "{what}replay differs from eager at T={t}");
+}
+
 #[test]
 fn replay_is_bitwise_equal_to_eager() {
     let Some(ctx) = gpu() else { return };
@@ -204,46 +240,16 @@ fn replay_is_bitwise_equal_to_eager() {
         l.moe
             .capture_graphs(&[], stream.0 as *mut c_void)
             .expect("capture default buckets");
-        let mut checked = 0;
-        for t in [
+        let tokens = [
             1usize, 2, 3, 8, 17, 50, 64, 65, 100, 128, 700, 1024, 1500, 2048,
-        ] {
-            let inp = inputs(&c, t, t as u64 + 3);
-            let (eager, replay) = (Outputs::new(&c, t), Outputs::new(&c, t));
-            unsafe {
-                l.moe
-                    .forward(&args(
-                        t,
-                        &inp,
-                        &eager,
-                        source,
-                        stream.0 as *mut c_void,
-                        true,
-                    ))
-                    .unwrap();
-                l.moe
-                    .forward(&args(
-                        t,
-                        &inp,
-                        &replay,
-                        source,
-                        stream.0 as *mut c_void,
-                        false,
-                    ))
-                    .unwrap();
-            }
-            stream.synchronize().unwrap();
-            let (a, b) = (eager.host(&c, t), replay.host(&c, t));
-            assert!(
-                a.0.iter().all(|&v| v != 0xFFFF),
-                "eager left outputs unwritten at T={t}"
-            );
-            assert!(a == b, "replay differs from eager at T={t}");
-            checked += 1;
+        ];
+        for t in tokens {
+            replay_equals_eager(&mut l, &c, t, t as u64 + 3, source, &stream, "");
         }
         println!(
-            "graphs ({}): {checked} token counts bitwise equal",
-            ["gate", "logits", "given"][source as usize]
+            "graphs ({}): {} token counts bitwise equal",
+            ["gate", "logits", "given"][source as usize],
+            tokens.len()
         );
     }
 }
@@ -302,29 +308,8 @@ fn quantized_replay_is_bitwise_equal_to_eager() {
             .capture_graphs(&[], stream.0 as *mut c_void)
             .expect("capture default buckets");
         for t in [1usize, 3, 16, 40, 200, 512] {
-            let inp = inputs(&c, t, t as u64 + 9);
-            let (eager, replay) = (Outputs::new(&c, t), Outputs::new(&c, t));
-            for (out, force_eager) in [(&eager, true), (&replay, false)] {
-                unsafe {
-                    l.moe
-                        .forward(&args(
-                            t,
-                            &inp,
-                            out,
-                            Source::Gate,
-                            stream.0 as *mut c_void,
-                            force_eager,
-                        ))
-                        .unwrap();
-                }
-            }
-            stream.synchronize().unwrap();
-            let (a, b) = (eager.host(&c, t), replay.host(&c, t));
-            assert!(
-                a.0.iter().all(|&v| v != 0xFFFF),
-                "{format}: eager left outputs unwritten at T={t}"
-            );
-            assert!(a == b, "{format}: replay differs from eager at T={t}");
+            let what = format!("{format}: ");
+            replay_equals_eager(&mut l, &c, t, t as u64 + 9, Source::Gate, &stream, &what);
         }
         println!("graphs ({format}): 6 token counts bitwise equal");
     }
