@@ -427,21 +427,8 @@ impl Kernels {
         tiles_m: usize,
         stream: Stream,
     ) -> Result<()> {
-        let gated = matches!(kind, GemmKind::UpGated | GemmKind::DenseGated);
-        let cols_per_tile = if gated {
-            tile.block_n() / 2
-        } else {
-            tile.block_n()
-        };
-        let tiles_n = (p.n as usize).div_ceil(cols_per_tile);
-        let mut params = *p;
-        self.gemm_fn(tile, kind).launch(
-            (tiles_m as u32, tiles_n as u32, 1),
-            tile.threads(),
-            tile.smem_bytes(),
-            stream,
-            &mut [arg(&mut params)],
-        )
+        let shape = (tile.block_n(), tile.threads(), tile.smem_bytes());
+        launch_gemm(self.gemm_fn(tile, kind), kind, shape, p, tiles_m, stream)
     }
 
     /// Launches a quantized expert GEMM (`UpGated` or `DownScaled`) over `tiles_m` row tiles.
@@ -462,20 +449,8 @@ impl Kernels {
             .find(|((t, k), _)| *t == tile && *k == kind)
             .expect("loaded with a quantized format")
             .1;
-        let cols_per_tile = match kind {
-            GemmKind::UpGated => tile.block_n() / 2,
-            _ => tile.block_n(),
-        };
-        let tiles_n = (p.n as usize).div_ceil(cols_per_tile);
-        let mut params = *p;
-        let smem = tile.smem_bytes(self.weight_format);
-        f.launch(
-            (tiles_m as u32, tiles_n as u32, 1),
-            128,
-            smem,
-            stream,
-            &mut [arg(&mut params)],
-        )
+        let shape = (tile.block_n(), 128, tile.smem_bytes(self.weight_format));
+        launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 
     /// FP8_BLOCK activations: rows `T * rows_per_token` of `input` ([rows, cols] elements, or
@@ -752,6 +727,33 @@ impl Kernels {
         self.set_args
             .launch((1, 1, 1), 1, 0, stream, &mut values.params())
     }
+}
+
+/// Launches one GEMM entry point of `(block_n, threads, shared memory bytes)` over `tiles_m`
+/// row tiles and the tiles of `p.n` output columns (a gated tile covers half of its BN there:
+/// gate and up columns side by side).
+///
+/// # Safety
+/// `f` takes a `GemmParams`; every pointer in `p` covers the extents the kernel reads and writes.
+unsafe fn launch_gemm(
+    f: &Function,
+    kind: GemmKind,
+    (block_n, threads, smem): (usize, u32, usize),
+    p: &GemmParams,
+    tiles_m: usize,
+    stream: Stream,
+) -> Result<()> {
+    let gated = matches!(kind, GemmKind::UpGated | GemmKind::DenseGated);
+    let cols_per_tile = if gated { block_n / 2 } else { block_n };
+    let tiles_n = (p.n as usize).div_ceil(cols_per_tile);
+    let mut params = *p;
+    f.launch(
+        (tiles_m as u32, tiles_n as u32, 1),
+        threads,
+        smem,
+        stream,
+        &mut [arg(&mut params)],
+    )
 }
 
 /// The arguments of `set_forward_args` (kernels/route_topk.cu), in its order: launched on
