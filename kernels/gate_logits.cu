@@ -3,50 +3,55 @@
 // The gate runs on the full hidden x (before any latent projection) with the f32 gate weight
 // stored transposed, [H, E], so the 32 lanes of a warp (32 consecutive experts) read one
 // 128-byte line of it per k while the x values they multiply are shared-memory broadcasts;
-// each gate value loaded feeds TOKENS FMAs. H is cut in rounds of 8 * 64; warp w of the block
-// sums the w-th 64-wide chunk of every round, and the 8 warp partials are added in warp order
-// at the end. The order of every sum is therefore fixed by H alone: a token's logits are
-// bitwise the same whatever batch, bucket or grid it is computed in, and no atomics are used.
-// For decode (TOKENS = 4) a warp's 64 gate values of a round are loaded into registers
-// together, and the next round's while this one is summed: the grid is then a handful of
-// blocks, so the gate read is bound by load latency, not bandwidth, and 64 loads in flight per
-// warp instead of a few cut it by an order of magnitude. Prefill (TOKENS = 16) is bound by the
-// FMAs and keeps the registers for occupancy. The FMA order is the same either way.
+// each gate value loaded feeds TOKENS FMAs. H is cut in rounds of 8 * 64: warp w sums the
+// w-th 64-wide chunk of a round, the 8 warp sums are added in warp order into the round's
+// partial, and a logit is the sum of the round partials in round order. That order is fixed by
+// H alone, so a token's logits are bitwise the same whatever batch, bucket or grid computes
+// them, and no atomics are used.
 //
-// Grid: (ceil(T / TOKENS), ceil(E / 32)); block 256 (8 warps).
-#include "common/types.cuh"
+// Two variants keep that order. Prefill (gate_logits_t16) sums every round in one block: it
+// is bound by the FMAs. Decode (gate_logits_split, T <= 64) gives each round its own block
+// (grid z) and writes the round partials, [rounds][T][E], which route_topk adds in round
+// order: one token's gate is then read by E/32 x rounds blocks instead of E/32, each with its
+// 64 values a lane loaded at once, since a decode gate read is bound by load latency, not
+// bandwidth (Qwen3 T = 1: 16 blocks instead of 4).
+//
+// Grid: (ceil(T / TOKENS), ceil(E / 32), split ? rounds : 1); block 256 (8 warps).
+#include "common/routing.cuh"
+#include "common/sort.cuh"
 
 #define GATE_WARPS 8
 #define GATE_CHUNK 64
 #define GATE_ROUND (GATE_WARPS * GATE_CHUNK)
 
-template <int TOKENS>
-__device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restrict__ gate_t,
-                                 float* __restrict__ logits, const int* num_tokens_dev, int num_tokens,
-                                 int hidden, int num_experts, const u64* args_block) {
+// Returns false when the block has no tokens (past the true T) and did nothing.
+template <int TOKENS, bool SPLIT>
+__device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restrict__ gate_t,
+                                 float* __restrict__ logits, i64 slice_stride, const int* num_tokens_dev,
+                                 int num_tokens, int hidden, int num_experts, const u64* args_block) {
     x = forward_arg(args_block, ARG_X, x);
     __shared__ float xs[TOKENS][GATE_ROUND];
     __shared__ float partial[GATE_WARPS][TOKENS][32];
+    constexpr int OUTS = (TOKENS * 32 + 255) / 256;  // (token, expert) outputs per thread
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t0 = blockIdx.x * TOKENS;
-    if (t0 >= T) return;
+    if (t0 >= T) return false;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int e = blockIdx.y * 32 + lane;
-    float acc[TOKENS];
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
-    // This warp's chunk of the round starting at k0: gate rows kb .. kb + kn.
-    auto load_chunk = [&](float* w, int k0) {
+    const int rounds = (hidden + GATE_ROUND - 1) / GATE_ROUND;
+    const int r_begin = SPLIT ? blockIdx.z : 0, r_end = SPLIT ? blockIdx.z + 1 : rounds;
+    float total[OUTS];
+    for (int r = r_begin; r < r_end; ++r) {
+        const int k0 = r * GATE_ROUND;
         const int kb = k0 + warp * GATE_CHUNK;
-        const int kn = min(GATE_CHUNK, hidden - kb);
+        const int kn = max(0, min(GATE_CHUNK, hidden - kb));
         const float* g = gate_t + (i64)kb * num_experts + e;
+        float w[SPLIT ? GATE_CHUNK : 1];
+        if (SPLIT) {
+            // All 64 loads in flight before x is staged: this block's only round.
 #pragma unroll
-        for (int kk = 0; kk < GATE_CHUNK; ++kk) w[kk] = (e < num_experts && kk < kn) ? g[(i64)kk * num_experts] : 0.0f;
-    };
-    constexpr bool PREFETCH = TOKENS <= 4;
-    float w_cur[PREFETCH ? GATE_CHUNK : 1], w_next[PREFETCH ? GATE_CHUNK : 1];
-    if (PREFETCH) load_chunk(w_cur, 0);
-    for (int k0 = 0; k0 < hidden; k0 += GATE_ROUND) {
+            for (int kk = 0; kk < GATE_CHUNK; ++kk) w[kk] = (e < num_experts && kk < kn) ? g[(i64)kk * num_experts] : 0.0f;
+        }
         __syncthreads();
         for (int i = threadIdx.x; i < TOKENS * GATE_ROUND; i += 256) {
             const int t = i / GATE_ROUND, kk = i % GATE_ROUND;
@@ -54,53 +59,101 @@ __device__ void gate_logits_impl(const u16* __restrict__ x, const float* __restr
             xs[t][kk] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
         }
         __syncthreads();
-        const int kb = k0 + warp * GATE_CHUNK;
-        const int kn = min(GATE_CHUNK, hidden - kb);
-        if (PREFETCH) {
-            if (k0 + GATE_ROUND < hidden) load_chunk(w_next, k0 + GATE_ROUND);
-            if (e < num_experts) {
+        float acc[TOKENS];
 #pragma unroll
-                for (int kk = 0; kk < GATE_CHUNK; ++kk) {
-                    if (kk < kn) {
+        for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
+        if (SPLIT) {
 #pragma unroll
-                        for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w_cur[kk], acc[t]);
-                    }
-                }
-            }
+            for (int kk = 0; kk < GATE_CHUNK; ++kk)
+                if (kk < kn)
 #pragma unroll
-            for (int kk = 0; kk < GATE_CHUNK; ++kk) w_cur[kk] = w_next[kk];
-        } else if (e < num_experts && kn > 0) {
-            const float* g = gate_t + (i64)kb * num_experts + e;
+                    for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w[kk], acc[t]);
+        } else if (e < num_experts) {
 #pragma unroll 8
             for (int kk = 0; kk < kn; ++kk) {
-                const float w = g[(i64)kk * num_experts];
+                const float wk = g[(i64)kk * num_experts];
 #pragma unroll
-                for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w, acc[t]);
+                for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], wk, acc[t]);
             }
+        }
+#pragma unroll
+        for (int t = 0; t < TOKENS; ++t) partial[warp][t][lane] = acc[t];
+        __syncthreads();
+#pragma unroll
+        for (int o = 0; o < OUTS; ++o) {
+            const int i = threadIdx.x + o * 256;
+            if (i >= TOKENS * 32) break;
+            float s = 0.0f;
+#pragma unroll
+            for (int ww = 0; ww < GATE_WARPS; ++ww) s += partial[ww][i / 32][i % 32];
+            total[o] = r == r_begin ? s : total[o] + s;
         }
     }
 #pragma unroll
-    for (int t = 0; t < TOKENS; ++t) partial[warp][t][lane] = acc[t];
-    __syncthreads();
-    for (int i = threadIdx.x; i < TOKENS * 32; i += 256) {
-        const int t = i / 32, l = i % 32;
-        const int tok = t0 + t, ex = blockIdx.y * 32 + l;
-        if (tok >= T || ex >= num_experts) continue;
-        float s = 0.0f;
-#pragma unroll
-        for (int w = 0; w < GATE_WARPS; ++w) s += partial[w][t][l];
-        logits[(i64)tok * num_experts + ex] = s;
+    for (int o = 0; o < OUTS; ++o) {
+        const int i = threadIdx.x + o * 256;
+        if (i >= TOKENS * 32) break;
+        const int tok = t0 + i / 32, ex = blockIdx.y * 32 + i % 32;
+        if (tok < T && ex < num_experts) logits[r_begin * slice_stride + (i64)tok * num_experts + ex] = total[o];
     }
+    return true;
 }
 
-extern "C" __global__ void __launch_bounds__(256) gate_logits_t4(const u16* x, const float* gate_t, float* logits,
-                                                                 const int* num_tokens_dev, int num_tokens, int hidden,
-                                                                 int num_experts, const u64* args_block) {
-    gate_logits_impl<4>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts, args_block);
+// One round per block (grid z): logits holds [rounds][slice_stride] round partials.
+extern "C" __global__ void __launch_bounds__(256)
+    gate_logits_split(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
+                      int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    gate_logits_impl<4, true>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
+                              args_block);
 }
 
-extern "C" __global__ void __launch_bounds__(256) gate_logits_t16(const u16* x, const float* gate_t, float* logits,
-                                                                  const int* num_tokens_dev, int num_tokens, int hidden,
-                                                                  int num_experts, const u64* args_block) {
-    gate_logits_impl<16>(x, gate_t, logits, num_tokens_dev, num_tokens, hidden, num_experts, args_block);
+// Decode with the routing and the sort fused in: the last block of a 4-token group (a counter
+// per group) routes the group's tokens from the partials; the last group routed (a counter over
+// groups) sorts all slots, in place of the route_topk and sort_by_expert launches (their
+// start-up is most of their time at T <= 64). Counters (1 + groups ints, zero between
+// launches): [0] groups routed, [1 + g] blocks of group g done; each last block resets its own.
+// Memory order: every block's results are fenced before its counter increment, and the last
+// block fences before reading the others'. Needs E <= 256 (one sort thread per expert).
+// Dynamic smem: max(4 tokens of routing scratch, 8 * E sort counts).
+struct FusedRouting {
+    RouteParams route;
+    SortParams sort;
+    int* counters;
+};
+
+extern "C" __global__ void __launch_bounds__(256)
+    gate_route_sort(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
+                    int num_tokens, int hidden, int num_experts, const u64* args_block, FusedRouting f) {
+    if (!gate_logits_impl<4, true>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
+                                   args_block))
+        return;
+    extern __shared__ float smem[];
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&f.counters[1 + blockIdx.x], 1) == gridDim.y * gridDim.z - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    resolve_route_args(f.route);
+    route_tokens(f.route, blockIdx.x * 4, 4, smem);
+    __threadfence();
+    __syncthreads();
+    const int groups = (token_count(num_tokens_dev, num_tokens) + 3) / 4;
+    if (threadIdx.x == 0) {
+        f.counters[1 + blockIdx.x] = 0;
+        last = atomicAdd(&f.counters[0], 1) == groups - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    sort_slots<256>(f.sort, (int*)smem);
+    if (threadIdx.x == 0) f.counters[0] = 0;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gate_logits_t16(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
+                    int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    gate_logits_impl<16, false>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
+                                args_block);
 }

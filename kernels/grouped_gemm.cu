@@ -176,7 +176,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
 // Entry points: one per (tile config, mode, activation). Names: gemm_<tile>_<mode>[_<act>].
 // Tile configs: s = decode (16 rows), m = mid (64), l = prefill (128); w = prefill with wgmma
 // and v = 64-row wgmma (sm_90a builds only). Shared memory sizes are computed in src/backend/cuda/kernels.rs.
-#define FDMOE_TILE_s 16, 64, 64, 1, 4, 6
+#define FDMOE_TILE_s 16, 64, 64, 1, 4, 4
 #define FDMOE_TILE_m 64, 128, 32, 2, 2, 4
 #define FDMOE_TILE_l 128, 128, 32, 2, 4, 4
 #define FDMOE_THREADS_s 128

@@ -236,6 +236,12 @@ fn replay_is_bitwise_equal_to_eager() {
         if source == Source::Given {
             c.routing = FdmoeRouting::Given;
         }
+        if source == Source::Gate {
+            // Three 512-wide gate rounds: buckets up to 64 run the decode gate kernel that
+            // routes and sorts itself (its counters must survive every replay).
+            c.hidden_size = 1288;
+            c.num_experts = 72;
+        }
         let mut l = layer(&c, 11, source == Source::Gate);
         l.moe
             .capture_graphs(&[], stream.0 as *mut c_void)
@@ -256,16 +262,23 @@ fn replay_is_bitwise_equal_to_eager() {
 
 #[test]
 fn routing_of_a_token_does_not_depend_on_the_batch() {
-    // The gate kernel has a decode and a prefill variant (T <= 64 / above); both sum in the same
-    // order, so token 0 routes bitwise the same alone and in a batch of 300.
+    // The gate kernel has a decode variant (T <= 64: one block per 512 of H, partials added by
+    // the routing) and a prefill one (all of H in a block); both sum in the same order, so the
+    // first tokens route bitwise the same in batches of 1, 40 and 300. H = 1288 is two full
+    // rounds and a partial one; E = 72 leaves the last expert tile partial.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
     let stream = OwnedStream::new().unwrap();
-    let c = cfg(512);
+    let c = MoeConfig {
+        num_experts: 72,
+        hidden_size: 1288,
+        ..cfg(300)
+    };
     let mut l = layer(&c, 21, true);
     let inp = inputs(&c, 300, 4);
-    let (one, many) = (Outputs::new(&c, 1), Outputs::new(&c, 300));
-    for (t, out) in [(1usize, &one), (300, &many)] {
+    let batches = [1usize, 40, 300];
+    let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
+    for (&t, out) in batches.iter().zip(&outs) {
         unsafe {
             l.moe
                 .forward(&args(
@@ -280,17 +293,21 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
         }
     }
     stream.synchronize().unwrap();
-    let (a, b) = (one.host(&c, 1), many.host(&c, 300));
-    assert_eq!(
-        a.1[..],
-        b.1[..c.top_k],
-        "token 0's experts differ between T = 1 and T = 300"
-    );
-    assert_eq!(
-        a.2[..],
-        b.2[..c.top_k],
-        "token 0's weights differ between T = 1 and T = 300"
-    );
+    let all = outs[2].host(&c, 300);
+    for (&t, out) in batches[..2].iter().zip(&outs) {
+        let (_, ids, weights) = out.host(&c, t);
+        let n = t * c.top_k;
+        assert_eq!(
+            ids[..],
+            all.1[..n],
+            "experts differ between T = {t} and T = 300"
+        );
+        assert_eq!(
+            weights[..],
+            all.2[..n],
+            "weights differ between T = {t} and T = 300"
+        );
+    }
 }
 
 #[test]

@@ -537,6 +537,22 @@ fn cases() -> Vec<Case> {
         tokens: vec![1, 5, 33],
         ..mk("odd sizes", base(6, 3, 200, 72, FdmoeDtype::Bf16))
     });
+    // H = 1288: the decode gate's two full 512-wide rounds and a partial one (T <= 64), and
+    // the prefill gate's (T = 100); E = 72: a partial expert tile; 36 groups: the routing warp's
+    // lanes hold two groups each.
+    v.push(Case {
+        tokens: vec![1, 9, 100],
+        with_bias: true,
+        ..mk(
+            "gate rounds",
+            MoeConfig {
+                routing: FdmoeRouting::GroupedTopk,
+                n_group: 36,
+                topk_group: 10,
+                ..base(72, 6, 1288, 96, FdmoeDtype::Bf16)
+            },
+        )
+    });
     v.push(Case {
         tokens: vec![1, 16, 256, 1024],
         ..mk("qwen-like", base(128, 8, 2048, 768, FdmoeDtype::Bf16))

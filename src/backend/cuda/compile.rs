@@ -48,7 +48,7 @@ pub const ALL_FILES: [KernelFile; 7] = [
     PRE_DISPATCH_FP8,
 ];
 
-const HEADERS: [(&str, &str); 6] = [
+const HEADERS: [(&str, &str); 8] = [
     (
         "common/gemm_tile.cuh",
         include_str!("../../../kernels/common/gemm_tile.cuh"),
@@ -72,6 +72,14 @@ const HEADERS: [(&str, &str); 6] = [
     (
         "common/wgmma.cuh",
         include_str!("../../../kernels/common/wgmma.cuh"),
+    ),
+    (
+        "common/routing.cuh",
+        include_str!("../../../kernels/common/routing.cuh"),
+    ),
+    (
+        "common/sort.cuh",
+        include_str!("../../../kernels/common/sort.cuh"),
     ),
 ];
 

@@ -155,11 +155,7 @@ impl DeviceBuffer {
         let bytes = std::mem::size_of_val(data);
         let buf = Self::alloc(bytes, what)?;
         if bytes > 0 {
-            // SAFETY: buf holds `bytes` bytes; data is a valid host slice.
-            check(
-                unsafe { sys::cuMemcpyHtoD_v2(buf.ptr, data.as_ptr() as *const c_void, bytes) },
-                "cuMemcpyHtoD",
-            )?;
+            copy_to_device(buf.ptr, data)?;
         }
         Ok(buf)
     }
@@ -196,6 +192,16 @@ impl Drop for DeviceBuffer {
             unsafe { sys::cuMemFree_v2(self.ptr) };
         }
     }
+}
+
+/// Synchronous host-to-device copy (load time only); `dst` holds at least `src`'s bytes.
+pub fn copy_to_device<T: Copy>(dst: DevicePtr, src: &[T]) -> Result<()> {
+    let bytes = std::mem::size_of_val(src);
+    // SAFETY: src is a valid host slice of `bytes` bytes.
+    check(
+        unsafe { sys::cuMemcpyHtoD_v2(dst, src.as_ptr() as *const c_void, bytes) },
+        "cuMemcpyHtoD",
+    )
 }
 
 /// Synchronous device-to-host copy (load-time checks and tests only).

@@ -92,6 +92,12 @@ pub const ARG_SLOTS: usize = 7;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RouteParams {
     pub logits: DevicePtr,
+    /// `logits` holds this many slices `slice_stride` floats apart, added in order (the gate's
+    /// decode round partials); 1 for the logits themselves.
+    pub logit_slices: i64,
+    pub slice_stride: i64,
+    /// Set by `Kernels::route`.
+    pub tokens_per_block: i64,
     pub correction_bias: DevicePtr,
     pub topk_ids: DevicePtr,
     pub topk_weights: DevicePtr,
@@ -111,10 +117,39 @@ pub struct RouteParams {
     pub pad: f32,
 }
 
+/// Mirrors `SortParams` in kernels/common/sort.cuh.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct SortParams {
+    pub topk_ids: DevicePtr,
+    pub out: SortBuffers,
+    pub num_tokens_dev: DevicePtr,
+    pub num_tokens: i32,
+    pub top_k: i32,
+    pub num_experts: i32,
+    pub block_m: i32,
+}
+
+/// Mirrors `FusedRouting` in kernels/gate_logits.cu: the routing and sort that the decode gate
+/// kernel runs itself, and its counters (`ROUTING_COUNTERS` ints, zero between launches).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct FusedRouting {
+    pub route: RouteParams,
+    pub sort: SortParams,
+    pub counters: DevicePtr,
+}
+
+/// Counters of the fused decode routing: one per 4-token group of T <= 64, and one over groups.
+pub const ROUTING_COUNTERS: usize = 1 + GATE_SPLIT_MAX_TOKENS / 4;
+/// The fused sort runs on the gate kernel's 256 threads, one per expert.
+const FUSED_MAX_EXPERTS: usize = 256;
+
 /// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tile {
-    /// 16 x 64 x 64, 4 warps, 6 stages: decode (many blocks to stream the weights).
+    /// 16 x 64 x 64, 4 warps, 4 stages: decode (many blocks to stream the weights; 4 stages
+    /// let 4 blocks share an SM, so DeepSeek-V3's 512 blocks at T = 1 run in one wave).
     Small,
     /// 64 x 128 x 32, 4 warps.
     Mid,
@@ -162,7 +197,7 @@ impl Tile {
     pub fn smem_bytes(self) -> usize {
         let offsets = (self.block_m() + self.block_n()) * 8;
         match self {
-            Tile::Small => 6 * (16 + 64) * (64 + 8) * 2 + offsets,
+            Tile::Small => 4 * (16 + 64) * (64 + 8) * 2 + offsets,
             Tile::Mid => 4 * (64 + 128) * (32 + 8) * 2 + offsets,
             Tile::Large => 4 * (128 + 128) * (32 + 8) * 2 + offsets,
             // Swizzled stages need 1024-byte alignment: one extra KiB to align the base.
@@ -311,7 +346,28 @@ fn qgemm_name(format: FdmoeDtype, tile: QuantTile, kind: GemmKind, act: FdmoeAct
     format!("qgemm_{fmt}_{}_{kind}", tile.suffix())
 }
 
-pub const ROUTE_THREADS: u32 = 256;
+const ROUTE_THREADS: u32 = 256;
+
+/// H is summed in rounds of 512 (kernels/gate_logits.cu); decode (T <= 64) gives each round its
+/// own blocks and leaves one partial per round for route_topk to add.
+const GATE_ROUND: usize = 512;
+const GATE_SPLIT_MAX_TOKENS: usize = 64;
+
+/// How many slices of `T * E` floats the gate leaves for `num_tokens` tokens.
+pub fn gate_slices(num_tokens: usize, hidden: usize) -> usize {
+    if num_tokens <= GATE_SPLIT_MAX_TOKENS {
+        hidden.div_ceil(GATE_ROUND)
+    } else {
+        1
+    }
+}
+
+/// Floats of the logits workspace for up to `max_tokens` tokens: the logits, or the decode
+/// round partials.
+pub fn gate_logits_floats(max_tokens: usize, hidden: usize, num_experts: usize) -> usize {
+    let decode = max_tokens.min(GATE_SPLIT_MAX_TOKENS);
+    num_experts * max_tokens.max(decode * gate_slices(decode, hidden))
+}
 pub const SORT_THREADS: u32 = 1024;
 
 /// Every kernel a backend launches, loaded once at create.
@@ -319,7 +375,8 @@ pub struct Kernels {
     _modules: Vec<Module>,
     /// sm_90a: the wgmma tiles are available.
     pub hopper: bool,
-    gate_t4: Function,
+    gate_split: Function,
+    gate_fused: Function,
     gate_t16: Function,
     route: Function,
     given: Function,
@@ -362,7 +419,8 @@ impl Kernels {
                 ));
             }
         }
-        let gate_t4 = gate.function("gate_logits_t4", 0)?;
+        let gate_split = gate.function("gate_logits_split", 0)?;
+        let gate_fused = gate.function("gate_route_sort", 0)?;
         let gate_t16 = gate.function("gate_logits_t16", 0)?;
         let route_fn = route.function("route_topk", 0)?;
         let given = route.function("given_topk", 0)?;
@@ -392,7 +450,8 @@ impl Kernels {
             weight_format,
             qgemms,
             quantize_fp8,
-            gate_t4,
+            gate_split,
+            gate_fused,
             gate_t16,
             route: route_fn,
             given,
@@ -511,8 +570,13 @@ impl Kernels {
         )
     }
 
+    /// Launches the gate GEMM. Its decode variant leaves one partial per 512 of H in `logits`
+    /// (`gate_slices`; slices of `T * E` floats) for the routing to add, and runs the routing
+    /// and the sort itself when `fused` is given and `fused_routing_applies`.
+    ///
     /// # Safety
-    /// Pointers cover [T, H] x, [H, E] gate and [T, E] logits.
+    /// Pointers cover [T, H] x, [H, E] gate and `gate_logits_floats(T, H, E)` floats of logits;
+    /// those in `fused` their documented extents for T tokens.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gate_logits(
         &self,
@@ -524,48 +588,75 @@ impl Kernels {
         hidden: usize,
         num_experts: usize,
         args_block: DevicePtr,
+        fused: Option<&FusedRouting>,
         stream: Stream,
     ) -> Result<()> {
-        // Numerically identical; fewer tokens per block for decode keeps more blocks busy.
-        let (f, tokens_per_block) = if num_tokens <= 64 {
-            (&self.gate_t4, 4)
-        } else {
-            (&self.gate_t16, 16)
+        let slices = gate_slices(num_tokens, hidden);
+        let (f, tokens_per_block) = match (slices > 1, fused.is_some()) {
+            (true, true) => (&self.gate_fused, 4),
+            (true, false) => (&self.gate_split, 4),
+            _ => (&self.gate_t16, 16),
         };
         let grid = (
             num_tokens.div_ceil(tokens_per_block) as u32,
             num_experts.div_ceil(32) as u32,
-            1,
+            slices as u32,
         );
         let (mut x, mut g, mut l, mut nd, mut ab) = (x, gate_t, logits, num_tokens_dev, args_block);
+        let mut stride = (num_tokens * num_experts) as i64;
         let (mut t, mut h, mut e) = (num_tokens as i32, hidden as i32, num_experts as i32);
-        f.launch(
-            grid,
-            256,
-            0,
-            stream,
-            &mut [
-                arg(&mut x),
-                arg(&mut g),
-                arg(&mut l),
-                arg(&mut nd),
-                arg(&mut t),
-                arg(&mut h),
-                arg(&mut e),
-                arg(&mut ab),
-            ],
-        )
+        let mut args = vec![
+            arg(&mut x),
+            arg(&mut g),
+            arg(&mut l),
+            arg(&mut stride),
+            arg(&mut nd),
+            arg(&mut t),
+            arg(&mut h),
+            arg(&mut e),
+            arg(&mut ab),
+        ];
+        let mut fused = fused.copied().map(|f| FusedRouting {
+            route: RouteParams {
+                tokens_per_block: 4,
+                ..f.route
+            },
+            ..f
+        });
+        let smem = match &mut fused {
+            Some(f) => {
+                args.push(arg(f));
+                (4 * route_scratch_bytes(&f.route)).max(8 * num_experts * 4)
+            }
+            None => 0,
+        };
+        f.launch(grid, 256, smem, stream, &mut args)
+    }
+
+    /// Whether `gate_logits` runs the routing and the sort itself for `num_tokens` tokens.
+    pub fn fused_routing_applies(num_tokens: usize, hidden: usize, num_experts: usize) -> bool {
+        gate_slices(num_tokens, hidden) > 1 && num_experts <= FUSED_MAX_EXPERTS
     }
 
     /// # Safety
     /// Pointers in `p` cover their documented extents for `grid_tokens` tokens.
     pub unsafe fn route(&self, p: &RouteParams, grid_tokens: usize, stream: Stream) -> Result<()> {
-        let smem = (2 * p.num_experts as usize + p.n_group as usize + p.top_k as usize) * 4;
-        let mut params = *p;
+        // A warp per token, as many to a block as their scratch lets fit the default 48 KiB;
+        // one when the logits are partials, so that a decode token's loads spread over the block.
+        let per_token = route_scratch_bytes(p);
+        let tokens_per_block = if p.logit_slices > 1 {
+            1
+        } else {
+            (48 * 1024 / per_token).clamp(1, ROUTE_THREADS as usize / 32)
+        };
+        let mut params = RouteParams {
+            tokens_per_block: tokens_per_block as i64,
+            ..*p
+        };
         self.route.launch(
-            (grid_tokens as u32, 1, 1),
+            (grid_tokens.div_ceil(tokens_per_block) as u32, 1, 1),
             ROUTE_THREADS,
-            smem,
+            tokens_per_block * per_token,
             stream,
             &mut [arg(&mut params)],
         )
@@ -622,47 +713,24 @@ impl Kernels {
 
     /// # Safety
     /// Pointers cover the sort outputs for `num_tokens * top_k` slots and `max_tiles` tiles.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn sort(
-        &self,
-        topk_ids: DevicePtr,
-        out: &SortBuffers,
-        num_tokens_dev: DevicePtr,
-        num_tokens: usize,
-        top_k: usize,
-        num_experts: usize,
-        block_m: usize,
-        stream: Stream,
-    ) -> Result<()> {
-        let (mut ids, mut offs, mut sorted, mut pos, mut te, mut tr, mut nt, mut nd) = (
-            topk_ids,
-            out.expert_offsets,
-            out.sorted_slots,
-            out.slot_positions,
-            out.tile_expert,
-            out.tile_row,
-            out.num_tiles,
-            num_tokens_dev,
-        );
-        let (mut t, mut k, mut e, mut bm) = (
-            num_tokens as i32,
-            top_k as i32,
-            num_experts as i32,
-            block_m as i32,
-        );
+    pub unsafe fn sort(&self, p: &SortParams, stream: Stream) -> Result<()> {
+        let mut p = *p;
+        let o = &mut p.out;
+        let (mut ids, mut nd) = (p.topk_ids, p.num_tokens_dev);
+        let (mut t, mut k, mut e, mut bm) = (p.num_tokens, p.top_k, p.num_experts, p.block_m);
         self.sort.launch(
             (1, 1, 1),
             SORT_THREADS,
-            sort_smem_bytes(num_experts),
+            sort_smem_bytes(p.num_experts as usize),
             stream,
             &mut [
                 arg(&mut ids),
-                arg(&mut offs),
-                arg(&mut sorted),
-                arg(&mut pos),
-                arg(&mut te),
-                arg(&mut tr),
-                arg(&mut nt),
+                arg(&mut o.expert_offsets),
+                arg(&mut o.sorted_slots),
+                arg(&mut o.slot_positions),
+                arg(&mut o.tile_expert),
+                arg(&mut o.tile_row),
+                arg(&mut o.num_tiles),
                 arg(&mut nd),
                 arg(&mut t),
                 arg(&mut k),
@@ -784,11 +852,17 @@ impl ForwardArgValues {
     }
 }
 
+/// Shared scratch of one routed token (kernels/common/routing.cuh).
+fn route_scratch_bytes(p: &RouteParams) -> usize {
+    (2 * p.num_experts as usize + p.n_group as usize + p.top_k as usize) * 4
+}
+
 pub fn sort_smem_bytes(num_experts: usize) -> usize {
     32 * num_experts * 4
 }
 
-/// Where the sort writes.
+/// Where the sort writes (in `SortParams`' field order).
+#[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct SortBuffers {
     pub expert_offsets: DevicePtr,

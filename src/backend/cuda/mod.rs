@@ -21,7 +21,8 @@ use self::compile::Element;
 use self::driver::{is_capturing, Context, DeviceBuffer, DevicePtr, OwnedStream, Stream};
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    GemmKind, GemmParams, Kernels, QuantTile, RouteParams, SortBuffers, Tile, ARG_OUT, ARG_X,
+    gate_logits_floats, gate_slices, FusedRouting, GemmKind, GemmParams, Kernels, QuantTile,
+    RouteParams, SortBuffers, SortParams, Tile, ARG_OUT, ARG_X, ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
@@ -124,11 +125,13 @@ struct Workspace {
     inputs_fp8_scales: DeviceBuffer,
     act_fp8: DeviceBuffer,
     act_fp8_scales: DeviceBuffer,
+    /// The fused decode routing's counters (zero between launches).
+    routing_counters: DeviceBuffer,
 }
 
 impl Workspace {
     /// (bytes, purpose) of every buffer, in field order.
-    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 19] {
+    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 20] {
         let (t, e, k, h, i, l) = (
             cfg.max_tokens,
             cfg.num_experts,
@@ -144,7 +147,7 @@ impl Workspace {
         let max_tiles = slots.div_ceil(Tile::Small.block_m()) + e.min(slots) + 1;
         let fp8 = (cfg.weight_dtype == FdmoeDtype::Fp8Block) as usize;
         [
-            (e * t * 4, "router logits"),
+            (gate_logits_floats(t, h, e) * 4, "router logits"),
             (slots * 4, "top-k ids"),
             (slots * 4, "top-k weights"),
             ((e + 1) * 4, "expert offsets"),
@@ -168,6 +171,7 @@ impl Workspace {
                 fp8 * slots * i.div_ceil(128) * 4,
                 "FP8 expert activation scales",
             ),
+            (ROUTING_COUNTERS * 4, "routing counters"),
         ]
     }
 
@@ -175,7 +179,7 @@ impl Workspace {
         let mut bufs = Self::sizes(cfg)
             .into_iter()
             .map(|(b, what)| DeviceBuffer::alloc(b, what));
-        let mut next = || bufs.next().expect("19 buffers");
+        let mut next = || bufs.next().expect("20 buffers");
         Ok(Workspace {
             logits: next()?,
             topk_ids: next()?,
@@ -196,6 +200,11 @@ impl Workspace {
             inputs_fp8_scales: next()?,
             act_fp8: next()?,
             act_fp8_scales: next()?,
+            routing_counters: {
+                let counters = next()?;
+                driver::copy_to_device(counters.ptr, &[0i32; ROUTING_COUNTERS])?;
+                counters
+            },
         })
     }
 }
@@ -353,7 +362,36 @@ impl CudaBackend {
             p
         };
 
-        // 1. Routing.
+        // The sort's tiles: the grouped GEMMs' row tiles for this T.
+        let slots = t * top_k;
+        let rows_per_expert = slots.div_ceil(e.min(slots));
+        let (tile, qtile) = (
+            Tile::for_rows(rows_per_expert, k.hopper),
+            QuantTile::for_rows(rows_per_expert),
+        );
+        let block_m = match w.experts {
+            DeviceExperts::Dense { .. } => tile.block_m(),
+            DeviceExperts::Quantized(_) => qtile.block_m(),
+        };
+        let sort = SortParams {
+            topk_ids: ws.topk_ids.ptr,
+            out: SortBuffers {
+                expert_offsets: ws.expert_offsets.ptr,
+                sorted_slots: ws.sorted_slots.ptr,
+                slot_positions: ws.slot_positions.ptr,
+                tile_expert: ws.tile_expert.ptr,
+                tile_row: ws.tile_row.ptr,
+                num_tiles: ws.num_tiles.ptr,
+            },
+            num_tokens_dev,
+            num_tokens: t as i32,
+            top_k: top_k as i32,
+            num_experts: e as i32,
+            block_m: block_m as i32,
+        };
+
+        // 1. Routing (for decode from the gate, the gate kernel routes and sorts itself).
+        let mut sorted = false;
         match source {
             RoutingSource::Given => k.given(
                 args.topk_ids as DevicePtr,
@@ -369,25 +407,16 @@ impl CudaBackend {
                 stream,
             )?,
             RoutingSource::Logits | RoutingSource::GateWeight => {
-                let logits = if source == RoutingSource::Logits {
-                    args.router_logits as DevicePtr
+                let (logits, logit_slices) = if source == RoutingSource::Logits {
+                    (args.router_logits as DevicePtr, 1)
                 } else {
-                    let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
-                    k.gate_logits(
-                        x,
-                        gate.ptr,
-                        ws.logits.ptr,
-                        num_tokens_dev,
-                        t,
-                        h,
-                        e,
-                        args_block,
-                        stream,
-                    )?;
-                    ws.logits.ptr
+                    (ws.logits.ptr, gate_slices(t, h))
                 };
                 let p = RouteParams {
                     logits,
+                    logit_slices: logit_slices as i64,
+                    slice_stride: (t * e) as i64,
+                    tokens_per_block: 0,
                     correction_bias: w.correction_bias.as_ref().map_or(0, |b| b.ptr),
                     topk_ids: ws.topk_ids.ptr,
                     topk_weights: ws.topk_weights.ptr,
@@ -410,7 +439,30 @@ impl CudaBackend {
                     routed_scaling_factor: cfg.routed_scaling_factor,
                     pad: 0.0,
                 };
-                k.route(&p, t, stream)?;
+                if source == RoutingSource::GateWeight {
+                    let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
+                    sorted = Kernels::fused_routing_applies(t, h, e);
+                    let fused = sorted.then_some(FusedRouting {
+                        route: p,
+                        sort,
+                        counters: ws.routing_counters.ptr,
+                    });
+                    k.gate_logits(
+                        x,
+                        gate.ptr,
+                        ws.logits.ptr,
+                        num_tokens_dev,
+                        t,
+                        h,
+                        e,
+                        args_block,
+                        fused.as_ref(),
+                        stream,
+                    )?;
+                }
+                if !sorted {
+                    k.route(&p, t, stream)?;
+                }
             }
         }
 
@@ -453,34 +505,9 @@ impl CudaBackend {
         };
 
         // 3. Sort slots by expert; tiles of the grouped GEMMs.
-        let slots = t * top_k;
-        let rows_per_expert = slots.div_ceil(e.min(slots));
-        let (tile, qtile) = (
-            Tile::for_rows(rows_per_expert, k.hopper),
-            QuantTile::for_rows(rows_per_expert),
-        );
-        let block_m = match w.experts {
-            DeviceExperts::Dense { .. } => tile.block_m(),
-            DeviceExperts::Quantized(_) => qtile.block_m(),
-        };
-        let sort = SortBuffers {
-            expert_offsets: ws.expert_offsets.ptr,
-            sorted_slots: ws.sorted_slots.ptr,
-            slot_positions: ws.slot_positions.ptr,
-            tile_expert: ws.tile_expert.ptr,
-            tile_row: ws.tile_row.ptr,
-            num_tiles: ws.num_tiles.ptr,
-        };
-        k.sort(
-            ws.topk_ids.ptr,
-            &sort,
-            num_tokens_dev,
-            t,
-            top_k,
-            e,
-            block_m,
-            stream,
-        )?;
+        if !sorted {
+            k.sort(&sort, stream)?;
+        }
         let max_tiles = slots.div_ceil(block_m) + e.min(slots);
         let grouped = GemmParams {
             tile_expert: ws.tile_expert.ptr,

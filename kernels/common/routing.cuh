@@ -1,0 +1,217 @@
+// Routing (SPEC §3) of a block's tokens, shared by route_topk (route_topk.cu) and the decode
+// gate kernel's last block (gate_logits.cu). See route_topk.cu for what it computes.
+#pragma once
+#include "common/types.cuh"
+
+#define MODE_SOFTMAX 0
+#define MODE_SIGMOID 1
+#define MODE_GROUPED 2
+#define ROUTE_MAX_SLICES 16  // logit partials loaded together (more are added one by one)
+
+struct RouteParams {
+    const float* logits;        // [slices][T][E]
+    i64 logit_slices;           // partials added in order (1: the logits)
+    i64 slice_stride;
+    i64 tokens_per_block;       // one warp each
+    const float* correction_bias;  // [E] or null
+    int* topk_ids;              // [T][k] workspace
+    float* topk_weights;
+    int* record_ids;            // [T][k] caller's routing record, or null
+    float* record_weights;
+    const int* num_tokens_dev;
+    const u64* args_block;      // graph replay: the record (and NULL logits) come from here
+    i64 num_tokens;
+    i64 num_experts;
+    i64 top_k;
+    i64 mode;
+    i64 grouped_softmax;        // grouped: scores by softmax instead of sigmoid
+    i64 n_group;
+    i64 topk_group;
+    i64 renormalize;
+    float routed_scaling_factor;
+    float pad_;
+};
+
+__device__ __forceinline__ u64 warp_max_key(u64 key) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const u64 other = __shfl_xor_sync(0xffffffffu, key, o);
+        key = other > key ? other : key;
+    }
+    return key;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Graph replay: the call's routing record (and the caller's logits, when `logits` is NULL)
+// come from the forward argument block.
+__device__ __forceinline__ void resolve_route_args(RouteParams& p) {
+    if (!p.args_block) return;
+    if (!p.logits) p.logits = (const float*)p.args_block[ARG_LOGITS];
+    p.record_ids = forward_arg(p.args_block, ARG_RECORD_IDS, p.record_ids);
+    p.record_weights = forward_arg(p.args_block, ARG_RECORD_WEIGHTS, p.record_weights);
+}
+
+// Routes tokens t_base .. t_base + tokens_per_block - 1 (those below the true T), one warp each
+// (tokens_per_block <= warps of the block). smem: tokens_per_block * (2E + n_group + k) floats,
+// per token scores[E], choice[E], group_keep[n_group] (as int), picked ids[k]. Every thread of
+// the block calls it (one block barrier inside).
+__device__ void route_tokens(const RouteParams& p, int t_base, int tokens_per_block, float* smem) {
+    const int E = (int)p.num_experts, K = (int)p.top_k;
+    const i64 per_token = 2 * E + p.n_group + K;
+    const int T = token_count(p.num_tokens_dev, (int)p.num_tokens);
+    if (t_base >= T) return;
+
+    // The block's logits (the gate's round partials added in order) into each token's scores,
+    // by all threads, every load of a logit in flight at once: in decode this read is the
+    // routing's longest wait.
+    for (int i = threadIdx.x; i < tokens_per_block * E; i += blockDim.x) {
+        const int tok = i / E, e = i % E;
+        if (t_base + tok >= T) break;
+        const float* l = p.logits + (i64)(t_base + tok) * E + e;
+        float part[ROUTE_MAX_SLICES];
+#pragma unroll
+        for (int s = 0; s < ROUTE_MAX_SLICES; ++s) part[s] = s < p.logit_slices ? l[s * p.slice_stride] : 0.0f;
+        float r = part[0];
+#pragma unroll
+        for (int s = 1; s < ROUTE_MAX_SLICES; ++s)
+            if (s < p.logit_slices) r += part[s];
+        for (i64 s = ROUTE_MAX_SLICES; s < p.logit_slices; ++s) r += l[s * p.slice_stride];
+        smem[tok * per_token + e] = r;
+    }
+    __syncthreads();
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int t = t_base + warp;
+    if (warp >= tokens_per_block || t >= T) return;
+    float* scores = smem + warp * per_token;
+    float* choice = scores + E;
+    int* group_keep = (int*)(choice + E);
+    int* picked = group_keep + p.n_group;
+
+    float local_max = __int_as_float(0xff800000);  // -inf
+    for (int e = lane; e < E; e += 32) local_max = fmaxf(local_max, scores[e]);
+    const bool use_softmax = p.mode == MODE_SOFTMAX || (p.mode == MODE_GROUPED && p.grouped_softmax);
+    if (use_softmax) {
+        const float m = warp_max(local_max);
+        float local_sum = 0.0f;
+        for (int e = lane; e < E; e += 32) {
+            const float v = expf(scores[e] - m);
+            scores[e] = v;
+            local_sum += v;
+        }
+        const float sum = warp_sum(local_sum);
+        for (int e = lane; e < E; e += 32) scores[e] = scores[e] / sum;
+    } else {
+        for (int e = lane; e < E; e += 32) scores[e] = 1.0f / (1.0f + expf(-scores[e]));
+    }
+    for (int e = lane; e < E; e += 32)
+        choice[e] = scores[e] + ((p.mode == MODE_GROUPED && p.correction_bias) ? p.correction_bias[e] : 0.0f);
+    __syncwarp();
+
+    const int group_size = p.mode == MODE_GROUPED ? E / (int)p.n_group : E;
+    if (p.mode == MODE_GROUPED) {
+        // Group scores: max of the group, or the sum of its two best biased scores. `lanes`
+        // lanes share a group (4 for DeepSeek-V3's 8 groups), each keeping the best two of its
+        // share, merged by shuffles.
+        const int n = (int)p.n_group;
+        int lanes = 1;
+        while (lanes * 2 * n <= 32) lanes *= 2;
+        for (int g0 = 0; g0 < n; g0 += 32 / lanes) {
+            const int g = g0 + lane / lanes, sub = lane % lanes;
+            u64 best = 0, second = 0;
+            if (g < n) {
+                for (int i = sub; i < group_size; i += lanes) {
+                    const u64 k = rank_key(choice[g * group_size + i], i);
+                    if (k > best) {
+                        second = best;
+                        best = k;
+                    } else if (k > second) {
+                        second = k;
+                    }
+                }
+            }
+            for (int o = lanes / 2; o > 0; o >>= 1) {
+                const u64 ob = __shfl_xor_sync(0xffffffffu, best, o);
+                const u64 os = __shfl_xor_sync(0xffffffffu, second, o);
+                const u64 lo = ob < best ? ob : best, hi_second = os > second ? os : second;
+                best = ob > best ? ob : best;
+                second = lo > hi_second ? lo : hi_second;
+            }
+            if (g < n && sub == 0) {
+                float s = choice[g * group_size + key_index(best)];
+                if (p.correction_bias && group_size > 1) s += choice[g * group_size + key_index(second)];
+                group_keep[g] = __float_as_int(s);
+            }
+        }
+        __syncwarp();
+        // Keep the topk_group best groups (n_group <= 64, checked at create): lane g holds
+        // groups g and g + 32.
+        u64 lo = lane < n ? rank_key(__int_as_float(group_keep[lane]), lane) : 0;
+        u64 hi = lane + 32 < n ? rank_key(__int_as_float(group_keep[lane + 32]), lane + 32) : 0;
+        bool keep_lo = false, keep_hi = false;
+        for (int pick = 0; pick < p.topk_group; ++pick) {
+            const int g = key_index(warp_max_key(lo > hi ? lo : hi));
+            if (g == lane) {
+                keep_lo = true;
+                lo = 0;
+            }
+            if (g == lane + 32) {
+                keep_hi = true;
+                hi = 0;
+            }
+        }
+        __syncwarp();
+        if (lane < n) group_keep[lane] = keep_lo;
+        if (lane + 32 < n) group_keep[lane + 32] = keep_hi;
+        __syncwarp();
+    }
+
+    // Picks: each lane keeps the best key among its experts (lane, lane + 32, ...) not yet
+    // taken, so a pick is one warp arg-max and a rescan by the winning lane alone.
+    u32 taken = 0;  // bit i: expert lane + 32 i (E <= 1024, checked at create)
+    if (p.mode == MODE_GROUPED)
+        for (int i = 0, e = lane; e < E; ++i, e += 32)
+            if (!group_keep[e / group_size]) taken |= 1u << i;
+    auto lane_best = [&]() {
+        u64 best = 0;
+        for (int i = 0, e = lane; e < E; ++i, e += 32) {
+            const u64 k = ((taken >> i) & 1u) ? 0 : rank_key(choice[e], e);
+            best = k > best ? k : best;
+        }
+        return best;
+    };
+    u64 mine = lane_best();
+    for (int j = 0; j < K; ++j) {
+        const int e = key_index(warp_max_key(mine));
+        if (lane == 0) picked[j] = e;
+        if (e % 32 == lane) {
+            taken |= 1u << (e / 32);
+            mine = lane_best();
+        }
+    }
+    __syncwarp();
+
+    if (lane == 0) {
+        // Sum in slot order, as the reference does.
+        float sum = 0.0f;
+        for (int j = 0; j < K; ++j) sum += scores[picked[j]];
+        if (p.mode == MODE_GROUPED) sum += 1e-20f;
+        for (int j = 0; j < K; ++j) {
+            float v = p.renormalize ? scores[picked[j]] / sum : scores[picked[j]];
+            v *= p.routed_scaling_factor;
+            const i64 slot = (i64)t * K + j;
+            p.topk_ids[slot] = picked[j];
+            p.topk_weights[slot] = v;
+            if (p.record_ids) p.record_ids[slot] = picked[j];
+            if (p.record_weights) p.record_weights[slot] = v;
+        }
+    }
+}

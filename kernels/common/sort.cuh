@@ -1,0 +1,119 @@
+// The stable counting sort of sort_by_expert.cu as a device function of THREADS threads, so
+// the decode gate kernel's last block can run it in place of a launch (gate_logits.cu).
+#pragma once
+#include "common/types.cuh"
+
+struct SortParams {
+    const int* topk_ids;
+    int* expert_offsets;
+    int* sorted_slots;
+    int* slot_positions;
+    int* tile_expert;
+    int* tile_row;
+    int* num_tiles;
+    const int* num_tokens_dev;
+    int num_tokens;
+    int top_k;
+    int num_experts;
+    int block_m;
+};
+
+template <int WARPS>
+__device__ int block_exclusive_scan(int v, int* scratch, int* total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    __syncthreads();
+    if (lane == 31) scratch[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int s = lane < WARPS ? scratch[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        if (lane < WARPS) scratch[lane] = s;
+    }
+    __syncthreads();
+    int before = warp > 0 ? scratch[warp - 1] : 0;
+    *total = scratch[WARPS - 1];
+    return before + x - v;
+}
+
+// warp_counts: [THREADS / 32][E] ints of shared memory. E <= THREADS (checked by the caller).
+template <int THREADS>
+__device__ void sort_slots(const SortParams& p, int* warp_counts) {
+    constexpr int WARPS = THREADS / 32;
+    __shared__ int scan_scratch[WARPS];
+    const int T = token_count(p.num_tokens_dev, p.num_tokens);
+    const int slots = T * p.top_k;
+    const int E = p.num_experts, block_m = p.block_m;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int chunk = ((slots + WARPS - 1) / WARPS + 31) / 32 * 32;
+    const int begin = warp * chunk;
+    const int end = min(slots, begin + chunk);
+    int* my_counts = warp_counts + warp * E;
+
+    for (int i = threadIdx.x; i < WARPS * E; i += THREADS) warp_counts[i] = 0;
+    __syncthreads();
+    for (int base = begin; base < end; base += 32) {
+        const int slot = base + lane;
+        const int id = slot < end ? p.topk_ids[slot] : -1;
+        const bool valid = id >= 0 && id < E;
+        const u32 peers = __match_any_sync(0xffffffffu, valid ? id : -1);
+        const int leader = __ffs(peers) - 1;
+        if (valid && lane == leader) my_counts[id] += __popc(peers);
+        __syncwarp();
+    }
+    __syncthreads();
+
+    // Per expert: total rows, then each warp's start in the sorted order; tiles of block_m rows.
+    int expert_rows = 0, expert_tiles = 0;
+    const int e = threadIdx.x;
+    if (e < E) {
+        for (int w = 0; w < WARPS; ++w) expert_rows += warp_counts[w * E + e];
+        expert_tiles = (expert_rows + block_m - 1) / block_m;
+    }
+    int total_rows, total_tiles;
+    const int row_start = block_exclusive_scan<WARPS>(expert_rows, scan_scratch, &total_rows);
+    const int tile_start = block_exclusive_scan<WARPS>(expert_tiles, scan_scratch, &total_tiles);
+    if (e < E) {
+        int running = row_start;
+        for (int w = 0; w < WARPS; ++w) {
+            int c = warp_counts[w * E + e];
+            warp_counts[w * E + e] = running;
+            running += c;
+        }
+        p.expert_offsets[e] = row_start;
+        for (int i = 0; i < expert_tiles; ++i) {
+            p.tile_expert[tile_start + i] = e;
+            p.tile_row[tile_start + i] = row_start + i * block_m;
+        }
+    }
+    if (threadIdx.x == 0) {
+        p.expert_offsets[E] = total_rows;
+        *p.num_tiles = total_tiles;
+    }
+    __syncthreads();
+
+    for (int base = begin; base < end; base += 32) {
+        const int slot = base + lane;
+        const int id = slot < end ? p.topk_ids[slot] : -1;
+        const bool valid = id >= 0 && id < E;
+        const u32 peers = __match_any_sync(0xffffffffu, valid ? id : -1);
+        const int leader = __ffs(peers) - 1;
+        const int rank = __popc(peers & ((1u << lane) - 1u));
+        int pos = -1;
+        if (valid) {
+            pos = my_counts[id] + rank;
+            p.sorted_slots[pos] = slot;
+        }
+        if (slot < end) p.slot_positions[slot] = pos;
+        __syncwarp();
+        if (valid && lane == leader) my_counts[id] += __popc(peers);
+        __syncwarp();
+    }
+}
