@@ -168,6 +168,90 @@ __device__ __forceinline__ Fp4Scale nvfp4_scale(u32 code) {
     return {bf16x2_from_bits(bits), 0, false};
 }
 
+// A lane's scale bytes of one packed block (MXFP4: 2 UE8M0, one per 32 columns; NVFP4: 4 E4M3,
+// one per 16) are "plain" when their multipliers are single bf16s made by integer moves alone:
+// MXFP4 exponents up to 128; NVFP4 positive normal codes (no zero, subnormal or NaN). Real
+// checkpoints are plain throughout, and when a whole warp is, the decode takes the fast path
+// (fp4_plain_scales), else the general one (mxfp4_scale / nvfp4_scale) for that block.
+template <int FMT>
+__device__ __forceinline__ bool fp4_scales_plain(u32 raw) {
+    if (FMT == FMT_MXFP4) {
+        const u32 e = __byte_perm(raw, 0, 0x4140);  // e0, e1 in the two halves
+        return ((e + 0x007F007Fu) & 0x01000100u) == 0;
+    }
+    const bool subnormal_or_zero = __vcmpeq4(raw & 0x78787878u, 0) != 0;
+    const bool nan = __vcmpeq4(raw & 0x7F7F7F7Fu, 0x7F7F7F7Fu) != 0;
+    return !subnormal_or_zero && !nan && (raw & 0x80808080u) == 0;
+}
+
+// The bf16x2 multipliers of a block's four k16 steps from plain scale bytes.
+template <int FMT>
+__device__ __forceinline__ void fp4_plain_scales(u32 raw, u32* step_scale) {
+    if (FMT == FMT_MXFP4) {
+        // (e + 126) << 7 in each half: the bf16 of 2^(e - 1).
+        const u32 x = (__byte_perm(raw, 0, 0x4140) + 0x007E007Eu) << 7;
+        step_scale[0] = step_scale[1] = __byte_perm(x, 0, 0x1010);
+        step_scale[2] = step_scale[3] = __byte_perm(x, 0, 0x3232);
+    } else {
+        // eeeemmm << 4 is a bf16 with exponent e and mantissa m; + 238 in the exponent field is
+        // the E4M3 bias (7) undone and the 2^118 folded in.
+        const u32 lo = ((__byte_perm(raw, 0, 0x4140) & 0x007F007Fu) << 4) + 0x77007700u;
+        const u32 hi = ((__byte_perm(raw, 0, 0x4342) & 0x007F007Fu) << 4) + 0x77007700u;
+        step_scale[0] = __byte_perm(lo, 0, 0x1010);
+        step_scale[1] = __byte_perm(lo, 0, 0x3232);
+        step_scale[2] = __byte_perm(hi, 0, 0x1010);
+        step_scale[3] = __byte_perm(hi, 0, 0x3232);
+    }
+}
+
+// One packed 64-column block of the stage: decode each n8 block's B fragments, scale them and
+// run the MMAs of its four k16 steps. PLAIN: every scale of the warp is plain (one multiply
+// per register from precomputed multipliers).
+template <int FMT, int MT, int NT, bool PLAIN>
+__device__ __forceinline__ void fp4_block_mma(float (*acc)[NT][4], const u16* as, int lds_bytes, int row0, int k_col,
+                                              const uint2* packed, const u32* raw) {
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+        // Word w holds the B fragments of k16 steps 2w and 2w + 1.
+        u32 bf[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            unpack_e2m1_word(w == 0 ? packed[j].x : packed[j].y, bf[j]);
+            if (PLAIN) {
+                u32 step_scale[4];
+                fp4_plain_scales<FMT>(raw[j], step_scale);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) bf[j][e] = mul_bf16x2(bf[j][e], step_scale[2 * w + e / 2]);
+            } else if (FMT == FMT_MXFP4) {
+                const Fp4Scale sc = mxfp4_scale((raw[j] >> (8 * w)) & 0xFFu);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    bf[j][e] = mul_bf16x2(bf[j][e], sc.first);
+                    if (sc.two) bf[j][e] = mul_bf16x2(bf[j][e], sc.second);
+                }
+            } else {
+                // Steps 2w and 2w + 1 have a scale each.
+                const Fp4Scale lo = nvfp4_scale((raw[j] >> (16 * w)) & 0xFFu);
+                const Fp4Scale hi = nvfp4_scale((raw[j] >> (16 * w + 8)) & 0xFFu);
+                bf[j][0] = mul_bf16x2(bf[j][0], lo.first);
+                bf[j][1] = mul_bf16x2(bf[j][1], lo.first);
+                bf[j][2] = mul_bf16x2(bf[j][2], hi.first);
+                bf[j][3] = mul_bf16x2(bf[j][3], hi.first);
+            }
+        }
+#pragma unroll
+        for (int step = 0; step < 2; ++step) {
+            const int kk = k_col + (2 * w + step) * 16;
+            u32 af[MT][4];
+            load_a_fragments<MT>(af, as, lds_bytes, row0, kk * 2);
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int j = 0; j < NT; ++j) mma_16816(acc[i][j], af[i], &bf[j][2 * step]);
+        }
+    }
+}
+
 template <int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int FMT, int MODE, int ACT>
 __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     constexpr int THREADS = WARPS_M * WARPS_N * 32;
@@ -180,6 +264,10 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     constexpr int SCALES = FMT == FMT_MXFP4 ? 2 : 4;  // per row of a packed block
     constexpr int SBLOCK = 8 * SCALES;                 // scale bytes per packed block
     static_assert(WTM % 16 == 0 && WTN % 16 == 0, "warp tile must be a multiple of 16x16");
+    // 16-byte chunks a thread copies per stage (the same ones every stage).
+    constexpr int A_CHUNKS = BM * (BK / 8), B_CHUNKS = NB * KBS * 16, S_CHUNKS = NB * KBS * (SBLOCK / 16);
+    constexpr int A_PER = (A_CHUNKS + THREADS - 1) / THREADS, B_PER = (B_CHUNKS + THREADS - 1) / THREADS;
+    static_assert(S_CHUNKS <= THREADS, "one scale chunk per thread at most");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
     u16* As = (u16*)smem_raw;                                            // [STAGES][BM][LDS]
@@ -195,34 +283,69 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
     const unsigned char* bs_global = (const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride;
 
+    // Source addresses at k-tile 0 and shared destinations, computed once: a stage only adds its
+    // k offset (the decode is bound by issued instructions, these included).
+    // (A's only where a thread has few chunks: the 64-row tile's 8 would cost it occupancy.)
+    constexpr bool HOIST_A = A_PER <= 2;
+    const u16* a_src[HOIST_A ? A_PER : 1];
+#pragma unroll
+    for (int n = 0; n < (HOIST_A ? A_PER : 0); ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 row = i < A_CHUNKS ? a_rows[i / (BK / 8)] : -1;
+        a_src[n] = row >= 0 ? p.a + row * p.lda + (i % (BK / 8)) * 8 : nullptr;
+    }
+    const unsigned char* b_src[B_PER];
+    int b_kb[B_PER];
+#pragma unroll
+    for (int n = 0; n < B_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const int nb = i / (KBS * 16), chunk = i % 16;
+        b_kb[n] = (i / 16) % KBS;
+        const i64 row = i < B_CHUNKS ? b_rows[nb * 8] : -1;
+        b_src[n] = row >= 0 ? b + ((row / 8) * kblocks + b_kb[n]) * 256 + chunk * 16 : nullptr;
+    }
+    const unsigned char* s_src = nullptr;
+    int s_kb = 0;
+    if (threadIdx.x < S_CHUNKS) {
+        const int i = threadIdx.x;
+        const int nb = i / (KBS * (SBLOCK / 16)), chunk = i % (SBLOCK / 16);
+        s_kb = (i / (SBLOCK / 16)) % KBS;
+        const i64 row = b_rows[nb * 8];
+        if (row >= 0) s_src = bs_global + ((row / 8) * kblocks + s_kb) * SBLOCK + chunk * 16;
+    }
+
     auto load_stage = [&](int stage, int kt) {
         u16* as = As + stage * BM * LDS;
         const int k0 = kt * BK;
-        for (int i = threadIdx.x; i < BM * (BK / 8); i += THREADS) {
+#pragma unroll
+        for (int n = 0; n < A_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
             const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 row = a_rows[r];
-            const bool valid = row >= 0 && k0 + kc < K;
-            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + row * p.lda + k0 + kc) : (const void*)p.a, valid);
+            const u16* src;
+            if constexpr (HOIST_A) {
+                src = a_src[n];
+            } else {
+                const i64 row = a_rows[r];
+                src = row >= 0 ? p.a + row * p.lda + kc : nullptr;
+            }
+            const bool valid = src && k0 + kc < K;
+            cp_async_16(as + r * LDS + kc, valid ? (const void*)(src + k0) : (const void*)p.a, valid);
         }
         // Each 8-column block of the tile is one packed row block (its columns are 8
         // consecutive rows of B: GATED tiles alternate 8 gate and 8 up rows).
         unsigned char* bq = Bq + stage * NB * KBS * 256;
-        for (int i = threadIdx.x; i < NB * KBS * 16; i += THREADS) {
-            const int nb = i / (KBS * 16), kb = (i / 16) % KBS, chunk = i % 16;
-            const i64 row = b_rows[nb * 8];
-            const int kblock = kt * KBS + kb;
-            const bool valid = row >= 0 && kblock < kblocks;
-            const i64 src = ((row / 8) * kblocks + kblock) * 256 + chunk * 16;
-            cp_async_16(bq + (nb * KBS + kb) * 256 + chunk * 16, valid ? (const void*)(b + src) : (const void*)b, valid);
+#pragma unroll
+        for (int n = 0; n < B_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
+            const bool valid = b_src[n] && kt * KBS + b_kb[n] < kblocks;
+            cp_async_16(bq + i * 16, valid ? (const void*)(b_src[n] + (i64)kt * KBS * 256) : (const void*)b, valid);
         }
-        unsigned char* sq = Sq + stage * NB * KBS * SBLOCK;
-        for (int i = threadIdx.x; i < NB * KBS * (SBLOCK / 16); i += THREADS) {
-            const int nb = i / (KBS * (SBLOCK / 16)), kb = (i / (SBLOCK / 16)) % KBS, chunk = i % (SBLOCK / 16);
-            const i64 row = b_rows[nb * 8];
-            const int kblock = kt * KBS + kb;
-            const bool valid = row >= 0 && kblock < kblocks;
-            const i64 src = ((row / 8) * kblocks + kblock) * SBLOCK + chunk * 16;
-            cp_async_16(sq + (nb * KBS + kb) * SBLOCK + chunk * 16, valid ? (const void*)(bs_global + src) : (const void*)bs_global, valid);
+        if (threadIdx.x < S_CHUNKS) {
+            const bool valid = s_src && kt * KBS + s_kb < kblocks;
+            cp_async_16(Sq + stage * NB * KBS * SBLOCK + threadIdx.x * 16,
+                        valid ? (const void*)(s_src + (i64)kt * KBS * SBLOCK) : (const void*)bs_global, valid);
         }
     };
 
@@ -237,51 +360,22 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
         const unsigned char* sq = Sq + stage * NB * KBS * SBLOCK;
 #pragma unroll
         for (int kb = 0; kb < KBS; ++kb) {
-            // This lane's 8 packed bytes and its row's scales for each n-block of the warp.
+            // This lane's 8 packed bytes and its row's scale bytes for each n-block of the warp.
             uint2 packed[NT];
-            u32 scales[NT];
+            u32 raw[NT];
+            bool plain = true;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const int nb = (wn * WTN) / 8 + j;
                 packed[j] = *(const uint2*)(bq + (nb * KBS + kb) * 256 + lane * 8);
                 const unsigned char* s = sq + (nb * KBS + kb) * SBLOCK + (lane / 4) * SCALES;
-                scales[j] = FMT == FMT_MXFP4 ? (u32)s[0] | ((u32)s[1] << 8) : *(const u32*)s;
+                raw[j] = FMT == FMT_MXFP4 ? (u32) * (const u16*)s : *(const u32*)s;
+                plain = plain && fp4_scales_plain<FMT>(raw[j]);
             }
-#pragma unroll
-            for (int w = 0; w < 2; ++w) {
-                // Word w holds the B fragments of k16 steps 2w and 2w + 1.
-                u32 bf[NT][4];
-#pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    unpack_e2m1_word(w == 0 ? packed[j].x : packed[j].y, bf[j]);
-                    if (FMT == FMT_MXFP4) {
-                        const Fp4Scale sc = mxfp4_scale((scales[j] >> (8 * w)) & 0xFFu);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            bf[j][e] = mul_bf16x2(bf[j][e], sc.first);
-                            if (sc.two) bf[j][e] = mul_bf16x2(bf[j][e], sc.second);
-                        }
-                    } else {
-                        // Steps 2w and 2w + 1 have a scale each.
-                        const Fp4Scale lo = nvfp4_scale((scales[j] >> (16 * w)) & 0xFFu);
-                        const Fp4Scale hi = nvfp4_scale((scales[j] >> (16 * w + 8)) & 0xFFu);
-                        bf[j][0] = mul_bf16x2(bf[j][0], lo.first);
-                        bf[j][1] = mul_bf16x2(bf[j][1], lo.first);
-                        bf[j][2] = mul_bf16x2(bf[j][2], hi.first);
-                        bf[j][3] = mul_bf16x2(bf[j][3], hi.first);
-                    }
-                }
-#pragma unroll
-                for (int step = 0; step < 2; ++step) {
-                    const int kk = kb * 64 + (2 * w + step) * 16;
-                    u32 af[MT][4];
-                    load_a_fragments<MT>(af, as, LDS * 2, wm * WTM, kk * 2);
-#pragma unroll
-                    for (int i = 0; i < MT; ++i)
-#pragma unroll
-                        for (int j = 0; j < NT; ++j) mma_16816(acc[i][j], af[i], &bf[j][2 * step]);
-                }
-            }
+            if (__all_sync(0xffffffffu, plain))
+                fp4_block_mma<FMT, MT, NT, true>(acc, as, LDS * 2, wm * WTM, kb * 64, packed, raw);
+            else
+                fp4_block_mma<FMT, MT, NT, false>(acc, as, LDS * 2, wm * WTM, kb * 64, packed, raw);
         }
     });
     if (FMT == FMT_NVFP4) {
