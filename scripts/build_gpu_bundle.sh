@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds, here (no GPU needed), everything the GPU suite runs on the device machine: the
-# release cdylib with the cuda feature and the GPU test binaries, into .device/ (git-ignored,
-# carried to the device by `run ... carry=[".device"]`).
+# release cdylib with the cuda feature, the GPU test binaries and the sm_90a kernel cache
+# (NVRTC here, so the device compiles nothing), into .device/ (git-ignored, carried to the
+# device by `run ... carry=[".device"]`; scripts/gpu_suite.sh points FDMOE_CACHE_DIR at it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="$PWD/target-cuda"  # a separate folder: the device build never invalidates the CPU one
@@ -17,10 +18,13 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
   cp "$exe" ".device/bin/$t"
 done
+rm -rf .device/cache
+FDMOE_CACHE_DIR="$PWD/.device/cache" cargo run --release --features cuda --quiet \
+  --example precompile_kernels -- sm_90a
 # The anchors harness (SPEC §8 comparisons) lives beside the repository and does not travel.
 if [ -f ../shared/anchors/moe_anchors.py ]; then
   mkdir -p .device/anchors && cp ../shared/anchors/moe_anchors.py .device/anchors/
 fi
 # Debug info would push the bundle past what travels to the device (64 MiB).
 strip .device/libfdmoe.so .device/bin/*
-ls -la .device .device/bin
+ls -la .device .device/bin; du -sh .device

@@ -1,26 +1,79 @@
 #!/usr/bin/env bash
-# The GPU test suite, run on the device machine from the repository root after
-# scripts/build_gpu_bundle.sh built .device/ here. Prints a short table last.
+# The GPU test suite and the benchmarks in one device call, run on the device machine from the
+# repository root after scripts/build_gpu_bundle.sh built .device/ here (carry=[".device"]).
+# Every step runs under a share of one deadline, so the call ends inside the device's 10-minute
+# limit with what it measured; logs and JSON lines go to $OUT. Prints a short table last.
+#
+# Steps, each skipped when its variable is empty:
+#   FDMOE_GPU_TESTS   Rust GPU test binaries (default: cuda_graphs cuda_vs_cpu)
+#   FDMOE_SANITIZE    1: compute-sanitizer memcheck (leak check) and racecheck on a graph and
+#                     a routing test, and memcheck on the quick CPU comparison
+#   FDMOE_PYTEST      1: the Python binding's GPU tests (bindings/python/tests/test_cuda.py)
+#   FDMOE_LATENCY     arguments of bench/graph_latency.py (e.g. "--shapes qwen3-30b-a3b")
+#   FDMOE_BENCH       arguments of bench/gpu_bench.py (e.g. "--quick --formats fp8_block")
+#   FDMOE_SUITE_SECONDS  the deadline for all steps (default 560)
 set -uo pipefail
-export FDMOE_REQUIRE_GPU=1 FDMOE_REQUIRE_NVRTC=1 NCCL_NVLS_ENABLE=0
+export FDMOE_REQUIRE_GPU=1 FDMOE_REQUIRE_NVRTC=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+# The cubins build_gpu_bundle.sh compiled (a writable copy: new keys are added to it).
 export FDMOE_CACHE_DIR=${FDMOE_CACHE_DIR:-/tmp/fdmoe-cache}
+mkdir -p "$FDMOE_CACHE_DIR" && cp -n .device/cache/*.cubin "$FDMOE_CACHE_DIR"/ 2>/dev/null
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+export FDMOE_LIBRARY=$PWD/.device/libfdmoe.so
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+deadline=$(( $(date +%s) + ${FDMOE_SUITE_SECONDS:-560} ))
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+summary=()
 status=0
-for t in ${FDMOE_GPU_TESTS:-kernels_compile cuda_graphs cuda_vs_cpu}; do
-  echo "== $t"
+
+# step NAME MAX_SECONDS COMMAND...: runs COMMAND under min(MAX_SECONDS, time left), logged.
+step() {
+  local name=$1 max=$2; shift 2
+  local left=$(( deadline - $(date +%s) ))
+  local limit=$(( max < left ? max : left ))
+  if (( limit < 10 )); then summary+=("| $name | skipped (deadline) | 0 |"); status=1; return; fi
+  echo "== $name (limit ${limit} s)"
+  local start rc
   start=$(date +%s)
-  if ! .device/bin/$t --nocapture --test-threads=1 2>&1 | tee "$OUT/$t.log"; then status=1; fi
-  echo "== $t took $(( $(date +%s) - start )) s"
+  timeout --kill-after=5 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+  rc=$?
+  local took=$(( $(date +%s) - start )) result=ok
+  if (( rc == 124 || rc == 137 )); then result="TIMED OUT"; status=1
+  elif (( rc != 0 )); then result="FAILED (rc $rc)"; status=1; fi
+  summary+=("| $name | $result | $took |")
+}
+
+for t in ${FDMOE_GPU_TESTS-cuda_graphs cuda_vs_cpu}; do
+  step "$t" 300 .device/bin/$t --nocapture --test-threads=1
 done
 
 if [ -n "${FDMOE_SANITIZE:-}" ]; then
-  for tool in "memcheck --leak-check full" racecheck; do
-    echo "== compute-sanitizer $tool (representative set)"
-    compute-sanitizer --tool $tool --error-exitcode 9 \
-      .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside 2>&1 | tail -4 || status=1
-  done
-  FDMOE_GPU_QUICK=1 compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/cuda_vs_cpu 2>&1 | tail -5 || status=1
+  step memcheck-graphs 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
+    .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside routing_of_a_token
+  step racecheck-graphs 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    .device/bin/cuda_graphs --test-threads=1 forward_inside routing_of_a_token
+  step memcheck-cpu-compare 150 env FDMOE_GPU_QUICK=1 FDMOE_GPU_CASES="gate rounds,qwen-like,odd,grouped" \
+    compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/cuda_vs_cpu
 fi
+
+if [ -n "${FDMOE_PYTEST:-}" ]; then
+  step pytest-cuda 120 python3 -m pytest -q -x bindings/python/tests/test_cuda.py
+fi
+if [ -n "${FDMOE_LATENCY:-}" ]; then
+  # shellcheck disable=SC2086
+  step graph-latency 150 python3 bench/graph_latency.py $FDMOE_LATENCY
+fi
+if [ -n "${FDMOE_BENCH:-}" ]; then
+  # shellcheck disable=SC2086
+  step gpu-bench 500 python3 bench/gpu_bench.py $FDMOE_BENCH
+fi
+
+# What each step measured, then the table of steps.
+for f in "$OUT"/cuda_vs_cpu.log; do [ -f "$f" ] && grep -E "FAIL|test result" "$f" | tail -5; done
+for f in "$OUT"/memcheck-*.log "$OUT"/racecheck-*.log; do [ -f "$f" ] && { echo "$(basename "$f"):"; grep -E "ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY" "$f" | tail -3; }; done
+[ -f "$OUT/graph-latency.log" ] && grep -E "^\|" "$OUT/graph-latency.log" | tail -20
+[ -f "$OUT/gpu-bench.log" ] && grep -E "^\|" "$OUT/gpu-bench.log" | tail -40
+echo
+echo "| step | result | seconds |"
+echo "|---|---|---|"
+printf '%s\n' "${summary[@]}"
 exit $status
