@@ -9,7 +9,7 @@ use super::driver::{arg, DevicePtr, Function, Module, Stream};
 use crate::config::{FdmoeActivation, FdmoeDtype};
 use crate::error::Result;
 
-/// Mirrors `GemmParams` in kernels/grouped_gemm.cu.
+/// Mirrors `GemmParams` in kernels/common/gemm_tile.cuh.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct GemmParams {
@@ -87,7 +87,7 @@ pub const ARG_X: i64 = 0;
 pub const ARG_OUT: i64 = 1;
 pub const ARG_SLOTS: usize = 7;
 
-/// Mirrors `RouteParams` in kernels/route_topk.cu.
+/// Mirrors `RouteParams` in kernels/common/routing.cuh.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RouteParams {
@@ -871,4 +871,47 @@ pub struct SortBuffers {
     pub tile_expert: DevicePtr,
     pub tile_row: DevicePtr,
     pub num_tiles: DevicePtr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_gate_leaves_one_partial_per_512_of_hidden() {
+        assert_eq!(gate_slices(1, 1288), 3);
+        assert_eq!(gate_slices(64, 1288), 3);
+        assert_eq!(gate_slices(65, 1288), 1, "prefill sums all of H in a block");
+        assert_eq!(gate_slices(1, 512), 1);
+        assert_eq!(gate_slices(1, 7168), 14);
+    }
+
+    #[test]
+    fn logits_workspace_holds_the_partials_of_every_token_count() {
+        for max_tokens in [1, 3, 40, 64, 65, 100, 300] {
+            for hidden in [8, 512, 520, 1288, 7168] {
+                let floats = gate_logits_floats(max_tokens, hidden, 72);
+                for t in 1..=max_tokens {
+                    assert!(
+                        t * 72 * gate_slices(t, hidden) <= floats,
+                        "T = {t} of max {max_tokens}, H = {hidden}: {floats} floats"
+                    );
+                }
+            }
+        }
+        assert_eq!(gate_logits_floats(100, 1288, 72), 64 * 3 * 72);
+        assert_eq!(gate_logits_floats(300, 1288, 72), 300 * 72);
+    }
+
+    #[test]
+    fn routing_is_fused_into_the_decode_gate_up_to_256_experts() {
+        assert!(Kernels::fused_routing_applies(1, 2048, 128));
+        assert!(Kernels::fused_routing_applies(64, 7168, 256));
+        assert!(!Kernels::fused_routing_applies(64, 7168, 257));
+        assert!(!Kernels::fused_routing_applies(65, 7168, 256));
+        assert!(
+            !Kernels::fused_routing_applies(1, 512, 8),
+            "one round: no partials"
+        );
+    }
 }
