@@ -22,8 +22,10 @@
 // with cp.async. A decode block is short (one expert's few rows against 64 columns), so its
 // start-up latency, not the bytes it has in flight, limits it: shallow pipelines (2-3 stages)
 // let 8-9 blocks share an SM (measured on the H100: 12-27% faster than 6 stages). FP8 needs no
-// decode. FP4 decode costs ~2.5 integer operations per weight, which keeps it below the HBM
-// rate on the integer pipe (BENCHMARKS.md): the next thing to cut.
+// decode. FP4's is bit moves and, when a warp's scales are all plain (real checkpoints), one
+// bf16x2 multiply per register by multipliers made once per block. Both still stream below the
+// HBM rate on the H200 (FP8 ~1.4x, MXFP4 ~1.8x their byte floors at DeepSeek-V3 T = 16-256,
+// BENCHMARKS.md): the next thing to cut.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
