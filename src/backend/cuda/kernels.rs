@@ -605,7 +605,14 @@ impl Kernels {
         let (mut x, mut g, mut l, mut nd, mut ab) = (x, gate_t, logits, num_tokens_dev, args_block);
         let mut stride = (num_tokens * num_experts) as i64;
         let (mut t, mut h, mut e) = (num_tokens as i32, hidden as i32, num_experts as i32);
-        let mut args = vec![
+        let mut fused = fused.copied().map(|f| FusedRouting {
+            route: RouteParams {
+                tokens_per_block: 4,
+                ..f.route
+            },
+            ..f
+        });
+        let mut args = [
             arg(&mut x),
             arg(&mut g),
             arg(&mut l),
@@ -615,22 +622,20 @@ impl Kernels {
             arg(&mut h),
             arg(&mut e),
             arg(&mut ab),
+            std::ptr::null_mut(),
         ];
-        let mut fused = fused.copied().map(|f| FusedRouting {
-            route: RouteParams {
-                tokens_per_block: 4,
-                ..f.route
-            },
-            ..f
-        });
-        let smem = match &mut fused {
+        // The fused kernel takes one argument more: the routing and sort.
+        let (n_args, smem) = match &mut fused {
             Some(f) => {
-                args.push(arg(f));
-                (4 * route_scratch_bytes(&f.route)).max(8 * num_experts * 4)
+                args[9] = arg(f);
+                (
+                    10,
+                    (4 * route_scratch_bytes(&f.route)).max(8 * num_experts * 4),
+                )
             }
-            None => 0,
+            None => (9, 0),
         };
-        f.launch(grid, 256, smem, stream, &mut args)
+        f.launch(grid, 256, smem, stream, &mut args[..n_args])
     }
 
     /// Whether `gate_logits` runs the routing and the sort itself for `num_tokens` tokens.
