@@ -141,9 +141,9 @@ pub struct FusedRouting {
 }
 
 /// Counters of the fused decode routing: one per 4-token group of T <= 64, and one over groups.
-pub const ROUTING_COUNTERS: usize = 1 + GATE_SPLIT_MAX_TOKENS / 4;
-/// The fused sort runs on the gate kernel's 256 threads, one per expert.
-const FUSED_MAX_EXPERTS: usize = 256;
+pub const ROUTING_COUNTERS: usize = 1 + GATE_SPLIT_MAX_TOKENS / GATE_DECODE_TOKENS;
+/// The fused sort runs on the gate kernel's threads, one per expert.
+const FUSED_MAX_EXPERTS: usize = GATE_THREADS as usize;
 
 /// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +352,10 @@ const ROUTE_THREADS: u32 = 256;
 /// own blocks and leaves one partial per round for route_topk to add.
 const GATE_ROUND: usize = 512;
 const GATE_SPLIT_MAX_TOKENS: usize = 64;
+/// Tokens per block of the decode gate kernels (their TOKENS): one routing group of the fused one.
+const GATE_DECODE_TOKENS: usize = 4;
+/// Threads of every gate kernel (the fused sort's too).
+const GATE_THREADS: u32 = 256;
 
 /// How many slices of `T * E` floats the gate leaves for `num_tokens` tokens.
 pub fn gate_slices(num_tokens: usize, hidden: usize) -> usize {
@@ -425,7 +429,8 @@ impl Kernels {
         let route_fn = route.function("route_topk", 0)?;
         let given = route.function("given_topk", 0)?;
         let set_args = route.function("set_forward_args", 0)?;
-        let sort_fn = sort.function("sort_by_expert", sort_smem_bytes(num_experts))?;
+        let sort_fn =
+            sort.function("sort_by_expert", sort_smem_bytes(SORT_THREADS, num_experts))?;
         let combine_fn = combine.function("combine_slots", 0)?;
         let mut modules = vec![gate, route, sort, gemm, combine];
         let mut qgemms = Vec::new();
@@ -593,8 +598,8 @@ impl Kernels {
     ) -> Result<()> {
         let slices = gate_slices(num_tokens, hidden);
         let (f, tokens_per_block) = match (slices > 1, fused.is_some()) {
-            (true, true) => (&self.gate_fused, 4),
-            (true, false) => (&self.gate_split, 4),
+            (true, true) => (&self.gate_fused, GATE_DECODE_TOKENS),
+            (true, false) => (&self.gate_split, GATE_DECODE_TOKENS),
             _ => (&self.gate_t16, 16),
         };
         let grid = (
@@ -607,7 +612,7 @@ impl Kernels {
         let (mut t, mut h, mut e) = (num_tokens as i32, hidden as i32, num_experts as i32);
         let mut fused = fused.copied().map(|f| FusedRouting {
             route: RouteParams {
-                tokens_per_block: 4,
+                tokens_per_block: GATE_DECODE_TOKENS as i64,
                 ..f.route
             },
             ..f
@@ -630,12 +635,13 @@ impl Kernels {
                 args[9] = arg(f);
                 (
                     10,
-                    (4 * route_scratch_bytes(&f.route)).max(8 * num_experts * 4),
+                    (GATE_DECODE_TOKENS * route_scratch_bytes(&f.route))
+                        .max(sort_smem_bytes(GATE_THREADS, num_experts)),
                 )
             }
             None => (9, 0),
         };
-        f.launch(grid, 256, smem, stream, &mut args[..n_args])
+        f.launch(grid, GATE_THREADS, smem, stream, &mut args[..n_args])
     }
 
     /// Whether `gate_logits` runs the routing and the sort itself for `num_tokens` tokens.
@@ -726,7 +732,7 @@ impl Kernels {
         self.sort.launch(
             (1, 1, 1),
             SORT_THREADS,
-            sort_smem_bytes(p.num_experts as usize),
+            sort_smem_bytes(SORT_THREADS, p.num_experts as usize),
             stream,
             &mut [
                 arg(&mut ids),
@@ -862,8 +868,9 @@ fn route_scratch_bytes(p: &RouteParams) -> usize {
     (2 * p.num_experts as usize + p.n_group as usize + p.top_k as usize) * 4
 }
 
-pub fn sort_smem_bytes(num_experts: usize) -> usize {
-    32 * num_experts * 4
+/// The sort's per-warp counts on `threads` threads (kernels/common/sort.cuh).
+fn sort_smem_bytes(threads: u32, num_experts: usize) -> usize {
+    (threads / 32) as usize * num_experts * 4
 }
 
 /// Where the sort writes (in `SortParams`' field order).
