@@ -45,23 +45,46 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     rows_to_offsets<BM, BN, THREADS>(p, a_rows, b_rows);
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
+    // Every thread copies the same chunks each stage: their sources at k = 0 are computed once
+    // (null: a padding row, zero-filled), so a stage only adds its k offset. A decode block is
+    // bound by its issued instructions, and the copies' address math was most of them: hoisted,
+    // Qwen3 T = 1's two expert GEMMs went from 35.8 to 27.9 us on the H200.
+    constexpr int CHUNKS_PER_ROW = BK / 8;
+    constexpr int A_CHUNKS = BM * CHUNKS_PER_ROW, B_CHUNKS = BN * CHUNKS_PER_ROW;
+    constexpr int A_PER = (A_CHUNKS + THREADS - 1) / THREADS, B_PER = (B_CHUNKS + THREADS - 1) / THREADS;
+    const u16* a_src[A_PER];
+    const u16* b_src[B_PER];
+#pragma unroll
+    for (int n = 0; n < A_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 off = i < A_CHUNKS ? a_rows[i / CHUNKS_PER_ROW] : -1;
+        a_src[n] = off >= 0 ? p.a + off + (i % CHUNKS_PER_ROW) * 8 : nullptr;
+    }
+#pragma unroll
+    for (int n = 0; n < B_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 off = i < B_CHUNKS ? b_rows[i / CHUNKS_PER_ROW] : -1;
+        b_src[n] = off >= 0 ? b_base + off + (i % CHUNKS_PER_ROW) * 8 : nullptr;
+    }
     auto load_stage = [&](int stage, int kt) {
         const int k0 = kt * BK;
-        constexpr int A_CHUNKS = BM * BK / 8;
-        constexpr int B_CHUNKS = BN * BK / 8;
         u16* as = As + stage * BM * LDS;
         u16* bs = Bs + stage * BN * LDS;
-        for (int i = threadIdx.x; i < A_CHUNKS; i += THREADS) {
-            const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 off = a_rows[r];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(as + r * LDS + kc, valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
+#pragma unroll
+        for (int n = 0; n < A_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
+            const int kc = (i % CHUNKS_PER_ROW) * 8;
+            const bool valid = a_src[n] && k0 + kc < K;
+            cp_async_16(as + (i / CHUNKS_PER_ROW) * LDS + kc, valid ? (const void*)(a_src[n] + k0) : (const void*)p.a, valid);
         }
-        for (int i = threadIdx.x; i < B_CHUNKS; i += THREADS) {
-            const int c = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const i64 off = b_rows[c];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(bs + c * LDS + kc, valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
+#pragma unroll
+        for (int n = 0; n < B_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
+            const int kc = (i % CHUNKS_PER_ROW) * 8;
+            const bool valid = b_src[n] && k0 + kc < K;
+            cp_async_16(bs + (i / CHUNKS_PER_ROW) * LDS + kc, valid ? (const void*)(b_src[n] + k0) : (const void*)b_base, valid);
         }
     };
 

@@ -18,14 +18,16 @@
 //     the per-matrix global scale onto the accumulator) gives the exact weight, since E2M1 x
 //     scale needs at most 6 significant bits.
 //
-// Why it is fast: decode is memory-bound, and these read 1 (FP8) or ~0.53 (FP4) bytes per weight
-// with cp.async. A decode block is short (one expert's few rows against 64 columns), so its
-// start-up latency, not the bytes it has in flight, limits it: shallow pipelines (2-3 stages)
-// let 8-9 blocks share an SM (measured on the H100: 12-27% faster than 6 stages). FP8 needs no
-// decode. FP4's is bit moves and, when a warp's scales are all plain (real checkpoints), one
-// bf16x2 multiply per register by multipliers made once per block. Both still stream below the
-// HBM rate on the H200 (FP8 ~1.4x, MXFP4 ~1.8x their byte floors at DeepSeek-V3 T = 16-256,
-// BENCHMARKS.md): the next thing to cut.
+// Why it is fast: decode reads 1 (FP8) or ~0.53 (FP4) bytes per weight with cp.async, and what
+// limits these kernels on the H200 is issued instructions, not bytes in flight (ncu, DeepSeek-V3
+// T = 64: 76-78% of issue slots busy at 50-64% of the DRAM rate; 3-5 stages were slower than
+// 2-3, as they cost blocks per SM). So each thread's copy addresses are computed once per block,
+// the FP8 decode tile is compiled for 8 blocks per SM, and the pipelines stay shallow. On sm_90
+// the E4M3 mma.sync is not native: ptxas turns each into E4M3->F16 unpacks (F2FP) and two
+// HMMA.16816 (exact, but more instructions). FP4's decode is bit moves and, when a warp's scales
+// are all plain (real checkpoints), one bf16x2 multiply per register by multipliers made once
+// per block. On the H200 at DeepSeek-V3 T = 16-256 (BENCHMARKS.md) FP8 streams at 1.08-1.14x
+// its byte floor; MXFP4 at 1.8-2.0x, still issue-bound: its instructions per weight are next.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
@@ -60,28 +62,57 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
     const float* b_scale = (const float*)((const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride);
 
+    // Every thread copies the same chunks each stage: their sources at group 0 are computed
+    // once (null: a padding row, zero-filled), so a stage only adds its k offset. The loads
+    // were most of this kernel's issued instructions, and decode is bound by issue (H200 ncu:
+    // 76% of issue slots busy at 64% of the DRAM rate before this).
+    constexpr int CHUNKS_PER_ROW = BK / 16;
+    constexpr int A_CHUNKS = BM * CHUNKS_PER_ROW, B_CHUNKS = BN * CHUNKS_PER_ROW;
+    constexpr int A_PER = (A_CHUNKS + THREADS - 1) / THREADS, B_PER = (B_CHUNKS + THREADS - 1) / THREADS;
+    static_assert(BM <= THREADS && BN <= THREADS, "one scale per thread at most");
+    const unsigned char* a_src[A_PER];
+    const unsigned char* b_src[B_PER];
+#pragma unroll
+    for (int n = 0; n < A_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 row = i < A_CHUNKS ? a_rows[i / CHUNKS_PER_ROW] : -1;
+        a_src[n] = row >= 0 ? a + row * p.lda + (i % CHUNKS_PER_ROW) * 16 : nullptr;
+    }
+#pragma unroll
+    for (int n = 0; n < B_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 row = i < B_CHUNKS ? b_rows[i / CHUNKS_PER_ROW] : -1;
+        b_src[n] = row >= 0 ? b + row * p.ldb + (i % CHUNKS_PER_ROW) * 16 : nullptr;
+    }
+    const float* sa_src = nullptr;
+    const float* sb_src = nullptr;
+    if (threadIdx.x < BM && a_rows[threadIdx.x] >= 0) sa_src = p.a_scale + a_rows[threadIdx.x] * groups;
+    if (threadIdx.x < BN && b_rows[threadIdx.x] >= 0) sb_src = b_scale + (b_rows[threadIdx.x] / 64) * groups;
+
     auto load_stage = [&](int stage, int g) {
         unsigned char* as = As + stage * BM * LDS;
         unsigned char* bs = Bs + stage * BN * LDS;
         const int k0 = g * BK;
-        for (int i = threadIdx.x; i < BM * (BK / 16); i += THREADS) {
-            const int r = i / (BK / 16), kc = (i % (BK / 16)) * 16;
-            const i64 row = a_rows[r];
-            cp_async_16(as + r * LDS + kc, row >= 0 ? (const void*)(a + row * p.lda + k0 + kc) : (const void*)a, row >= 0);
+#pragma unroll
+        for (int n = 0; n < A_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
+            const unsigned char* src = a_src[n];
+            cp_async_16(as + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16, src ? (const void*)(src + k0) : (const void*)a,
+                        src != nullptr);
         }
-        for (int i = threadIdx.x; i < BN * (BK / 16); i += THREADS) {
-            const int c = i / (BK / 16), kc = (i % (BK / 16)) * 16;
-            const i64 row = b_rows[c];
-            cp_async_16(bs + c * LDS + kc, row >= 0 ? (const void*)(b + row * p.ldb + k0 + kc) : (const void*)b, row >= 0);
+#pragma unroll
+        for (int n = 0; n < B_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
+            const unsigned char* src = b_src[n];
+            cp_async_16(bs + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16, src ? (const void*)(src + k0) : (const void*)b,
+                        src != nullptr);
         }
-        for (int r = threadIdx.x; r < BM; r += THREADS) {
-            const i64 row = a_rows[r];
-            cp_async_4(Sa + stage * BM + r, row >= 0 ? (const void*)(p.a_scale + row * groups + g) : (const void*)p.a_scale, row >= 0);
-        }
-        for (int c = threadIdx.x; c < BN; c += THREADS) {
-            const i64 row = b_rows[c];
-            cp_async_4(Sb + stage * BN + c, row >= 0 ? (const void*)(b_scale + (row / 64) * groups + g) : (const void*)b_scale, row >= 0);
-        }
+        if (threadIdx.x < BM)
+            cp_async_4(Sa + stage * BM + threadIdx.x, sa_src ? (const void*)(sa_src + g) : (const void*)p.a_scale, sa_src != nullptr);
+        if (threadIdx.x < BN)
+            cp_async_4(Sb + stage * BN + threadIdx.x, sb_src ? (const void*)(sb_src + g) : (const void*)b_scale, sb_src != nullptr);
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -440,16 +471,23 @@ extern "C" __global__ void __launch_bounds__(128)
 // m = 64 x 128. Shared memory sizes are computed in src/backend/cuda/kernels.rs.
 #define FDMOE_QTILE_s 16, 64, 1, 4
 #define FDMOE_QTILE_m 64, 128, 2, 2
-// Decode keeps few stages so that more blocks share an SM: its blocks are short (one expert's
-// few rows against 64 columns) and their start-up latency, not bytes in flight, limits it.
+// Decode keeps few stages so that more blocks share an SM, since issue, not bytes in flight,
+// limits these blocks. H200 sweeps at DeepSeek-V3 T = 16-256, times over the bf16 floor: before
+// the copy addresses were hoisted, FP8 2 stages 0.76-0.80, 3: 0.78-0.82, 4: 0.82-0.86, 5:
+// 0.95-0.98, and FP4 3 stages the best of 3/4/6/8; after, FP8 2 stages at 8 blocks per SM
+// 0.57-0.61, at 6 (80 registers) 0.69-0.72, 3 stages 0.59-0.63.
 #define FDMOE_QSTAGES_fp8_s 2
 #define FDMOE_QSTAGES_fp8_m 4
 #define FDMOE_QSTAGES_fp4_s 3
 #define FDMOE_QSTAGES_fp4_m 4
 
 // FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).
+// Blocks per SM the FP8 tiles are compiled for: the decode tile at 8 (64 registers, no spills)
+// instead of the 6 its 80 registers allowed: 16% faster on the H200 (DeepSeek-V3 T = 16-256).
+#define FDMOE_QMINBLOCKS_fp8_s 8
+#define FDMOE_QMINBLOCKS_fp8_m 1
 #define FDMOE_QGEMM_FP8(tile, name, mode, act)                                                      \
-    extern "C" __global__ void __launch_bounds__(128) qgemm_fp8_block_##tile##_##name(GemmParams p) { \
+    extern "C" __global__ void __launch_bounds__(128, FDMOE_QMINBLOCKS_fp8_##tile) qgemm_fp8_block_##tile##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
         grouped_gemm_fp8<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp8_##tile, m, act>(resolve_args(p));      \
     }
