@@ -12,6 +12,7 @@
 // all loading the logits, then one warp per token. Dynamic smem per token: see Kernels::route.
 // The body is common/routing.cuh; for decode the gate kernel runs it itself (gate_logits.cu).
 #include "common/routing.cuh"
+#include "common/sort.cuh"
 
 extern "C" __global__ void route_topk(RouteParams p) {
     resolve_route_args(p);
@@ -19,25 +20,11 @@ extern "C" __global__ void route_topk(RouteParams p) {
     route_tokens(p, blockIdx.x * (int)p.tokens_per_block, (int)p.tokens_per_block, smem);
 }
 
-// Given routing (replay): copies the caller's ids and weights into the workspace and the
-// routing record. Ids outside [0, E) are kept: the sort drops those slots (no work, no write).
-extern "C" __global__ void given_topk(const int* ids, const float* weights, int* topk_ids, float* topk_weights,
-                                      int* record_ids, float* record_weights, const int* num_tokens_dev,
-                                      int num_tokens, int top_k, const u64* args_block) {
-    ids = forward_arg(args_block, ARG_TOPK_IDS, ids);
-    weights = forward_arg(args_block, ARG_TOPK_WEIGHTS, weights);
-    record_ids = forward_arg(args_block, ARG_RECORD_IDS, record_ids);
-    record_weights = forward_arg(args_block, ARG_RECORD_WEIGHTS, record_weights);
-    const int T = token_count(num_tokens_dev, num_tokens);
-    const i64 n = (i64)T * top_k;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        int id = ids[i];
-        float w = weights[i];
-        topk_ids[i] = id;
-        topk_weights[i] = w;
-        if (record_ids) record_ids[i] = id;
-        if (record_weights) record_weights[i] = w;
-    }
+// Given routing: copies the caller's ids and weights into the workspace and the routing record
+// (common/sort.cuh); at decode sort_by_expert.cu's given_sort does it in the sort's launch.
+extern "C" __global__ void given_topk(GivenSlots g, const int* num_tokens_dev, int num_tokens, int top_k) {
+    const i64 slots = (i64)token_count(num_tokens_dev, num_tokens) * top_k;
+    copy_given_slots(g, slots, (i64)blockIdx.x * blockDim.x + threadIdx.x, (i64)gridDim.x * blockDim.x);
 }
 
 // Graph replay prologue: one launch writes the call's pointers and true T where the captured

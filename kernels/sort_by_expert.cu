@@ -25,3 +25,23 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
                        num_tiles,      num_tokens_dev, num_tokens,   top_k,          num_experts, block_m};
     sort_slots<SORT_THREADS>(p, warp_counts);  // E <= 1024 (checked at create)
 }
+
+// Given routing at decode (T <= 64, Kernels::given_sort_applies): given_topk's copy and the
+// sort in one launch, since at that size each launch is mostly its start-up (the two were
+// 5.4 us of a 38.7 us Qwen3 T = 1 forward on the H200); 256 threads when E <= 256, as the
+// per-expert passes walk one count per warp.
+template <int THREADS>
+__device__ __forceinline__ void given_sort_impl(const GivenSlots& g, const SortParams& p) {
+    extern __shared__ int given_counts[];  // as sort_by_expert's warp_counts (one name per file)
+    copy_given_slots(g, (i64)token_count(p.num_tokens_dev, p.num_tokens) * p.top_k, threadIdx.x, THREADS);
+    __syncthreads();  // the block's copies are visible to the block's sort
+    sort_slots<THREADS>(p, given_counts);
+}
+
+extern "C" __global__ void __launch_bounds__(SORT_THREADS) given_sort(GivenSlots g, SortParams p) {
+    given_sort_impl<SORT_THREADS>(g, p);
+}
+
+extern "C" __global__ void __launch_bounds__(256) given_sort_256(GivenSlots g, SortParams p) {
+    given_sort_impl<256>(g, p);
+}

@@ -18,6 +18,34 @@ struct SortParams {
     int block_m;
 };
 
+// Given routing: the caller's ids and weights (graph replay: from the forward argument block)
+// into the workspace and the routing record, slots begin, begin + step, ... Ids outside [0, E)
+// are kept: the sort drops those slots (no work, no write).
+struct GivenSlots {
+    const int* ids;
+    const float* weights;
+    int* topk_ids;
+    float* topk_weights;
+    int* record_ids;
+    float* record_weights;
+    const u64* args_block;
+};
+
+__device__ __forceinline__ void copy_given_slots(GivenSlots g, i64 slots, i64 begin, i64 step) {
+    const int* ids = forward_arg(g.args_block, ARG_TOPK_IDS, g.ids);
+    const float* weights = forward_arg(g.args_block, ARG_TOPK_WEIGHTS, g.weights);
+    int* record_ids = forward_arg(g.args_block, ARG_RECORD_IDS, g.record_ids);
+    float* record_weights = forward_arg(g.args_block, ARG_RECORD_WEIGHTS, g.record_weights);
+    for (i64 i = begin; i < slots; i += step) {
+        const int id = ids[i];
+        const float w = weights[i];
+        g.topk_ids[i] = id;
+        g.topk_weights[i] = w;
+        if (record_ids) record_ids[i] = id;
+        if (record_weights) record_weights[i] = w;
+    }
+}
+
 template <int WARPS>
 __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

@@ -142,7 +142,7 @@ pub struct FusedRouting {
 
 /// Counters of the fused decode routing: one per 4-token group of T <= 64, and one over groups.
 pub const ROUTING_COUNTERS: usize = 1 + GATE_SPLIT_MAX_TOKENS / GATE_DECODE_TOKENS;
-/// The fused sort runs on the gate kernel's threads, one per expert.
+/// Sorts on 256 threads (the fused gate kernel's, `given_sort_256`) take one thread per expert.
 const FUSED_MAX_EXPERTS: usize = GATE_THREADS as usize;
 
 /// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
@@ -384,6 +384,9 @@ pub struct Kernels {
     gate_t16: Function,
     route: Function,
     given: Function,
+    /// Given routing and the sort in one launch: 1024 threads, or 256 for E <= 256.
+    given_sort: Function,
+    given_sort_256: Function,
     set_args: Function,
     sort: Function,
     combine: Function,
@@ -431,6 +434,8 @@ impl Kernels {
         let set_args = route.function("set_forward_args", 0)?;
         let sort_fn =
             sort.function("sort_by_expert", sort_smem_bytes(SORT_THREADS, num_experts))?;
+        let given_sort = sort.function("given_sort", sort_smem_bytes(SORT_THREADS, num_experts))?;
+        let given_sort_256 = sort.function("given_sort_256", sort_smem_bytes(256, num_experts))?;
         let combine_fn = combine.function("combine_slots", 0)?;
         let mut modules = vec![gate, route, sort, gemm, combine];
         let mut qgemms = Vec::new();
@@ -460,6 +465,8 @@ impl Kernels {
             gate_t16,
             route: route_fn,
             given,
+            given_sort,
+            given_sort_256,
             set_args,
             sort: sort_fn,
             combine: combine_fn,
@@ -673,52 +680,53 @@ impl Kernels {
         )
     }
 
+    /// Whether `given` sorts too (one launch) for `num_tokens` tokens.
+    pub fn given_sort_applies(num_tokens: usize) -> bool {
+        num_tokens <= GATE_SPLIT_MAX_TOKENS
+    }
+
+    /// Copies the given routing into the workspace; with `sort` (when `given_sort_applies`),
+    /// sorts it in the same launch.
+    ///
     /// # Safety
-    /// Pointers cover [T, k] ids and weights (records optional).
-    #[allow(clippy::too_many_arguments)]
+    /// Pointers in `g` cover [T, k] ids and weights (records optional); those of `sort` its
+    /// outputs for T * k slots.
     pub unsafe fn given(
         &self,
-        ids: DevicePtr,
-        weights: DevicePtr,
-        topk_ids: DevicePtr,
-        topk_weights: DevicePtr,
-        record_ids: DevicePtr,
-        record_weights: DevicePtr,
+        g: &GivenSlots,
         num_tokens_dev: DevicePtr,
         num_tokens: usize,
         top_k: usize,
-        args_block: DevicePtr,
+        sort: Option<&SortParams>,
         stream: Stream,
     ) -> Result<()> {
+        let mut g = *g;
+        if let Some(p) = sort {
+            let mut p = *p;
+            let e = p.num_experts as usize;
+            let threads = given_sort_threads(e);
+            let f = if threads == SORT_THREADS {
+                &self.given_sort
+            } else {
+                &self.given_sort_256
+            };
+            return f.launch(
+                (1, 1, 1),
+                threads,
+                sort_smem_bytes(threads, e),
+                stream,
+                &mut [arg(&mut g), arg(&mut p)],
+            );
+        }
         let slots = num_tokens * top_k;
         let blocks = slots.div_ceil(256).clamp(1, 4096) as u32;
-        let (mut a, mut b, mut c, mut d, mut e, mut f, mut g) = (
-            ids,
-            weights,
-            topk_ids,
-            topk_weights,
-            record_ids,
-            record_weights,
-            num_tokens_dev,
-        );
-        let (mut t, mut k, mut ab) = (num_tokens as i32, top_k as i32, args_block);
+        let (mut nd, mut t, mut k) = (num_tokens_dev, num_tokens as i32, top_k as i32);
         self.given.launch(
             (blocks, 1, 1),
             256,
             0,
             stream,
-            &mut [
-                arg(&mut a),
-                arg(&mut b),
-                arg(&mut c),
-                arg(&mut d),
-                arg(&mut e),
-                arg(&mut f),
-                arg(&mut g),
-                arg(&mut t),
-                arg(&mut k),
-                arg(&mut ab),
-            ],
+            &mut [arg(&mut g), arg(&mut nd), arg(&mut t), arg(&mut k)],
         )
     }
 
@@ -869,8 +877,31 @@ fn route_scratch_bytes(p: &RouteParams) -> usize {
 }
 
 /// The sort's per-warp counts on `threads` threads (kernels/common/sort.cuh).
+/// Threads of the given-routing sort: 256 (`given_sort_256`) while one per expert suffices.
+fn given_sort_threads(num_experts: usize) -> u32 {
+    if num_experts <= FUSED_MAX_EXPERTS {
+        GATE_THREADS
+    } else {
+        SORT_THREADS
+    }
+}
+
 fn sort_smem_bytes(threads: u32, num_experts: usize) -> usize {
     (threads / 32) as usize * num_experts * 4
+}
+
+/// Mirrors `GivenSlots` in kernels/common/sort.cuh: the caller's routing (or, under graph
+/// replay, the argument block it is read from) and where it is copied.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct GivenSlots {
+    pub ids: DevicePtr,
+    pub weights: DevicePtr,
+    pub topk_ids: DevicePtr,
+    pub topk_weights: DevicePtr,
+    pub record_ids: DevicePtr,
+    pub record_weights: DevicePtr,
+    pub args_block: DevicePtr,
 }
 
 /// Where the sort writes (in `SortParams`' field order).
@@ -925,5 +956,20 @@ mod tests {
             !Kernels::fused_routing_applies(1, 512, 8),
             "one round: no partials"
         );
+    }
+
+    #[test]
+    fn given_routing_sorts_in_its_copy_launch_at_decode() {
+        assert!(Kernels::given_sort_applies(1));
+        assert!(Kernels::given_sort_applies(64));
+        assert!(
+            !Kernels::given_sort_applies(65),
+            "prefill copies with a grid, then sorts"
+        );
+        // One sort thread per expert: 256 up to 256 experts, the 1024-thread sort above.
+        assert_eq!(given_sort_threads(128), 256);
+        assert_eq!(given_sort_threads(256), 256);
+        assert_eq!(given_sort_threads(257), SORT_THREADS);
+        assert_eq!(sort_smem_bytes(256, 128), 8 * 128 * 4);
     }
 }

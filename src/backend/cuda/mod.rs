@@ -21,8 +21,8 @@ use self::compile::Element;
 use self::driver::{is_capturing, Context, DeviceBuffer, DevicePtr, OwnedStream, Stream};
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    gate_logits_floats, gate_slices, FusedRouting, GemmKind, GemmParams, Kernels, QuantTile,
-    RouteParams, SortBuffers, SortParams, Tile, ARG_OUT, ARG_X, ROUTING_COUNTERS,
+    gate_logits_floats, gate_slices, FusedRouting, GemmKind, GemmParams, GivenSlots, Kernels,
+    QuantTile, RouteParams, SortBuffers, SortParams, Tile, ARG_OUT, ARG_X, ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
@@ -393,19 +393,26 @@ impl CudaBackend {
         // 1. Routing (for decode from the gate, the gate kernel routes and sorts itself).
         let mut sorted = false;
         match source {
-            RoutingSource::Given => k.given(
-                args.topk_ids as DevicePtr,
-                args.topk_weights as DevicePtr,
-                ws.topk_ids.ptr,
-                ws.topk_weights.ptr,
-                record_ids,
-                record_weights,
-                num_tokens_dev,
-                t,
-                top_k,
-                args_block,
-                stream,
-            )?,
+            RoutingSource::Given => {
+                sorted = Kernels::given_sort_applies(t);
+                let g = GivenSlots {
+                    ids: args.topk_ids as DevicePtr,
+                    weights: args.topk_weights as DevicePtr,
+                    topk_ids: ws.topk_ids.ptr,
+                    topk_weights: ws.topk_weights.ptr,
+                    record_ids,
+                    record_weights,
+                    args_block,
+                };
+                k.given(
+                    &g,
+                    num_tokens_dev,
+                    t,
+                    top_k,
+                    sorted.then_some(&sort),
+                    stream,
+                )?;
+            }
             RoutingSource::Logits | RoutingSource::GateWeight => {
                 let (logits, logit_slices) = if source == RoutingSource::Logits {
                     (args.router_logits as DevicePtr, 1)
