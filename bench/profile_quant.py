@@ -22,6 +22,8 @@ def main() -> int:
     ap.add_argument("--shape", default="qwen3-30b-a3b")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--routed", action="store_true",
+                    help="bf16 only: the layer's own routing from a gate (gpu_bench's fdmoe+routing)")
     ap.add_argument("--library", default="./.device/libfdmoe.so")
     args = ap.parse_args()
     gpu_bench.setup_environment(args)
@@ -31,20 +33,25 @@ def main() -> int:
     import moe_anchors as A
 
     E, k, H, I = A.SHAPES[args.shape]
-    layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
-                           weight_dtype=args.format, max_tokens=args.tokens, device="cuda")
     if args.format == "bfloat16":
         w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / math.sqrt(H)
         w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / math.sqrt(I)
-        layer.load_weights(w13, w2, borrow=True)
+        if args.routed:
+            layer = gpu_bench.make_routed(args.shape, E, k, H, I, args.tokens, w13, w2, fdmoe, torch)
+        else:
+            layer = gpu_bench.make_given(E, k, H, I, args.tokens, w13, w2, fdmoe)
     else:
+        if args.routed:
+            sys.exit("--routed is for bfloat16 layers")
+        layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
+                               weight_dtype=args.format, max_tokens=args.tokens, device="cuda")
         gpu_bench.QuantizedExperts(torch, args.format, E, H, I).load_into(layer)
     x = torch.randn(args.tokens, H, device="cuda", dtype=torch.bfloat16)
     topk_w, topk_ids = torch.topk(torch.softmax(torch.randn(args.tokens, E, device="cuda"), -1), k, -1)
     topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float().contiguous()
-    ids = topk_ids.to(torch.int32)
+    kw = {} if args.routed else dict(topk_ids=topk_ids.to(torch.int32), topk_weights=topk_w)
     for _ in range(args.iters):
-        layer.forward(x, topk_ids=ids, topk_weights=topk_w)
+        layer.forward(x, **kw)
     torch.cuda.synchronize()
     layer.close()
     return 0

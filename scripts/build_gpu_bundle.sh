@@ -18,9 +18,11 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
   cp "$exe" ".device/bin/$t"
 done
-rm -rf .device/cache
+rm -rf .device/cache .device/cache.tar.xz
 FDMOE_CACHE_DIR="$PWD/.device/cache" cargo run --release --features cuda --quiet \
   --example precompile_kernels -- sm_90a
+# Packed: the cubins are most of the bundle and shrink ~15x (gpu_suite.sh unpacks them).
+tar -C .device -cJf .device/cache.tar.xz cache && rm -rf .device/cache
 # The anchors harness (SPEC §8 comparisons) lives beside the repository and does not travel.
 if [ -f ../shared/anchors/moe_anchors.py ]; then
   mkdir -p .device/anchors && cp ../shared/anchors/moe_anchors.py .device/anchors/

@@ -16,7 +16,17 @@ set -uo pipefail
 export FDMOE_REQUIRE_GPU=1 FDMOE_REQUIRE_NVRTC=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 # The cubins build_gpu_bundle.sh compiled (a writable copy: new keys are added to it).
 export FDMOE_CACHE_DIR=${FDMOE_CACHE_DIR:-/tmp/fdmoe-cache}
-mkdir -p "$FDMOE_CACHE_DIR" && cp -n .device/cache/*.cubin "$FDMOE_CACHE_DIR"/ 2>/dev/null
+mkdir -p "$FDMOE_CACHE_DIR"
+if [ -f .device/cache.tar.xz ]; then  # packed by build_gpu_bundle.sh (cubins shrink ~15x)
+  python3 -c 'import os, sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    for m in t:
+        if m.isfile():
+            with open(os.path.join(sys.argv[2], os.path.basename(m.name)), "wb") as f: f.write(t.extractfile(m).read())' \
+    .device/cache.tar.xz "$FDMOE_CACHE_DIR"
+else
+  cp -n .device/cache/*.cubin "$FDMOE_CACHE_DIR"/ 2>/dev/null
+fi
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export FDMOE_LIBRARY=$PWD/.device/libfdmoe.so
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
