@@ -112,11 +112,14 @@ extern "C" __global__ void __launch_bounds__(256)
 // groups) sorts all slots, in place of the route_topk and sort_by_expert launches (their
 // start-up is most of their time at T <= 64). Counters (1 + groups ints, zero between
 // launches): [0] groups routed, [1 + g] blocks of group g done; each last block resets its own.
-// Memory order: a block's results are done at a barrier, then its thread 0 releases them and
-// counts (block_arrive); the last block's thread 0 acquires the others' before a barrier lets
-// its threads read them: one acq_rel fence by one thread per block in place of the sequentially
-// consistent __threadfence() (MEMBAR.SC) by every thread, which took the kernel from 18.6 to
-// ~17 us at Qwen3 T = 1 on the H200. Needs E <= 256 (one sort thread per expert).
+// Memory order: a block's results are done at a barrier, then its thread 0 counts with one
+// acq_rel atomic (block_arrive): the release publishes what the barrier ordered before it, and
+// the last block's acquire makes every other block's results visible before a barrier lets
+// its threads read them (CUTLASS's barrier pattern). The last block's work is a chain of
+// latencies (ncu, Qwen3 T = 1: 16 blocks sum the gate in ~5 us, then one block routes and
+// sorts), so each link counts: the sequentially consistent __threadfence() by every thread
+// this replaced cost ~1.5 us, and with one group (T <= 4) the group's last block sorts without
+// the second count. Needs E <= 256 (one sort thread per expert).
 // Dynamic smem: max(4 tokens of routing scratch, 8 * E sort counts).
 struct FusedRouting {
     RouteParams route;
@@ -124,18 +127,18 @@ struct FusedRouting {
     int* counters;
 };
 
-__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* counter, int v) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(v) : "memory");
+    return old;
+}
 
 // Whether this block is the last of `expected` to arrive at `counter` (every thread gets the
 // answer); when it is, the others' results are visible to all its threads.
 __device__ __forceinline__ bool block_arrive(int* counter, int expected) {
     __shared__ bool last;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        fence_acq_rel_gpu();
-        last = atomicAdd(counter, 1) == expected - 1;
-        if (last) fence_acq_rel_gpu();
-    }
+    if (threadIdx.x == 0) last = atomic_add_acq_rel_gpu(counter, 1) == expected - 1;
     __syncthreads();
     return last;
 }
@@ -152,7 +155,8 @@ extern "C" __global__ void __launch_bounds__(256)
     route_tokens(f.route, blockIdx.x * 4, 4, smem);
     if (threadIdx.x == 0) f.counters[1 + blockIdx.x] = 0;
     const int groups = (token_count(num_tokens_dev, num_tokens) + 3) / 4;
-    if (!block_arrive(&f.counters[0], groups)) return;
+    if (groups > 1 && !block_arrive(&f.counters[0], groups)) return;
+    if (groups == 1) __syncthreads();  // the routing's writes, for the sort's threads
     sort_slots<256>(f.sort, (int*)smem);
     if (threadIdx.x == 0) f.counters[0] = 0;
 }
