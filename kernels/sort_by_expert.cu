@@ -32,7 +32,7 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
 // per-expert passes walk one count per warp.
 template <int THREADS>
 __device__ __forceinline__ void given_sort_impl(const GivenSlots& g, const SortParams& p) {
-    extern __shared__ int given_counts[];  // as sort_by_expert's warp_counts (one name per file)
+    extern __shared__ int given_counts[];  // not warp_counts: two extern __shared__ arrays of one name in a file conflict
     copy_given_slots(g, (i64)token_count(p.num_tokens_dev, p.num_tokens) * p.top_k, threadIdx.x, THREADS);
     __syncthreads();  // the block's copies are visible to the block's sort
     sort_slots<THREADS>(p, given_counts);
