@@ -876,7 +876,6 @@ fn route_scratch_bytes(p: &RouteParams) -> usize {
     (2 * p.num_experts as usize + p.n_group as usize + p.top_k as usize) * 4
 }
 
-/// The sort's per-warp counts on `threads` threads (kernels/common/sort.cuh).
 /// Threads of the given-routing sort: 256 (`given_sort_256`) while one per expert suffices.
 fn given_sort_threads(num_experts: usize) -> u32 {
     if num_experts <= FUSED_MAX_EXPERTS {
@@ -886,6 +885,7 @@ fn given_sort_threads(num_experts: usize) -> u32 {
     }
 }
 
+/// The sort's per-warp counts on `threads` threads (kernels/common/sort.cuh).
 fn sort_smem_bytes(threads: u32, num_experts: usize) -> usize {
     (threads / 32) as usize * num_experts * 4
 }
