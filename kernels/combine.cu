@@ -6,6 +6,8 @@
 // Grid: (max_tokens, ceil(N / (8 * 128))); block 128; blocks past the true T exit.
 #include "common/types.cuh"
 
+#define COMBINE_BATCH 8
+
 struct alignas(16) Vec8 {
     u32 w[4];
 };
@@ -22,6 +24,7 @@ extern "C" __global__ void __launch_bounds__(128)
     combine_slots(const u16* __restrict__ y, const int* __restrict__ slot_positions, const float* __restrict__ residual,
                   u16* __restrict__ out, const int* num_tokens_dev, int num_tokens, int top_k, int n,
                   const u64* args_block, int out_arg) {
+    begin_dependent();
     if (args_block && out_arg >= 0) out = (u16*)args_block[out_arg];
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t = blockIdx.x;
@@ -31,10 +34,19 @@ extern "C" __global__ void __launch_bounds__(128)
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-    for (int j = 0; j < top_k; ++j) {
-        const int pos = slot_positions[(i64)t * top_k + j];
-        if (pos < 0) continue;
-        add8(acc, *(const Vec8*)(y + (i64)pos * n + col));
+    // Up to 8 slots at a time: their positions, then their rows, all in flight before the
+    // sums (which stay in slot order); one slot at a time was two dependent loads per slot.
+    for (int j0 = 0; j0 < top_k; j0 += COMBINE_BATCH) {
+        int pos[COMBINE_BATCH];
+#pragma unroll
+        for (int j = 0; j < COMBINE_BATCH; ++j) pos[j] = j0 + j < top_k ? slot_positions[(i64)t * top_k + j0 + j] : -1;
+        Vec8 rows[COMBINE_BATCH];
+#pragma unroll
+        for (int j = 0; j < COMBINE_BATCH; ++j)
+            if (pos[j] >= 0) rows[j] = *(const Vec8*)(y + (i64)pos[j] * n + col);
+#pragma unroll
+        for (int j = 0; j < COMBINE_BATCH; ++j)
+            if (pos[j] >= 0) add8(acc, rows[j]);
     }
     if (residual) {
         const float* res = residual + (i64)t * n + col;
