@@ -29,6 +29,8 @@ template <int TOKENS, bool SPLIT>
 __device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restrict__ gate_t,
                                  float* __restrict__ logits, i64 slice_stride, const int* num_tokens_dev,
                                  int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    begin_dependent();
+    FDMOE_TRACE_START();
     x = forward_arg(args_block, ARG_X, x);
     __shared__ float xs[TOKENS][GATE_ROUND];
     __shared__ float partial[GATE_WARPS][TOKENS][32];
@@ -52,11 +54,32 @@ __device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restr
 #pragma unroll
             for (int kk = 0; kk < GATE_CHUNK; ++kk) w[kk] = (e < num_experts && kk < kn) ? g[(i64)kk * num_experts] : 0.0f;
         }
+        // x comes through the argument block as a generic pointer, which may alias xs: staged
+        // load by load, each load waits behind the previous shared store. Decode (SPLIT) issues
+        // all of a thread's loads first; prefill keeps its registers (two blocks per SM).
+        constexpr int X_PER = TOKENS * GATE_ROUND / 256;
+        u16 xv[SPLIT ? X_PER : 1];
+        if (SPLIT) {
+#pragma unroll
+            for (int n = 0; n < X_PER; ++n) {
+                const int i = threadIdx.x + n * 256;
+                const int tok = t0 + i / GATE_ROUND, k = k0 + i % GATE_ROUND;
+                xv[n] = (tok < T && k < hidden) ? x[(i64)tok * hidden + k] : (u16)0;
+            }
+        }
         __syncthreads();
-        for (int i = threadIdx.x; i < TOKENS * GATE_ROUND; i += 256) {
-            const int t = i / GATE_ROUND, kk = i % GATE_ROUND;
-            const int tok = t0 + t, k = k0 + kk;
-            xs[t][kk] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
+        if (SPLIT) {
+#pragma unroll
+            for (int n = 0; n < X_PER; ++n) {
+                const int i = threadIdx.x + n * 256;
+                xs[i / GATE_ROUND][i % GATE_ROUND] = elem_to_float(xv[n]);
+            }
+        } else {
+            for (int i = threadIdx.x; i < TOKENS * GATE_ROUND; i += 256) {
+                const int t = i / GATE_ROUND, kk = i % GATE_ROUND;
+                const int tok = t0 + t, k = k0 + kk;
+                xs[t][kk] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
+            }
         }
         __syncthreads();
         float acc[TOKENS];
@@ -116,10 +139,12 @@ extern "C" __global__ void __launch_bounds__(256)
 // acq_rel atomic (block_arrive): the release publishes what the barrier ordered before it, and
 // the last block's acquire makes every other block's results visible before a barrier lets
 // its threads read them (CUTLASS's barrier pattern). The last block's work is a chain of
-// latencies (ncu, Qwen3 T = 1: 16 blocks sum the gate in ~5 us, then one block routes and
-// sorts), so each link counts: the sequentially consistent __threadfence() by every thread
-// this replaced cost ~1.5 us, and with one group (T <= 4) the group's last block sorts without
-// the second count. Needs E <= 256 (one sort thread per expert).
+// latencies, so each link counts. Phase stamps (bench/gate_trace.cu, H200, Qwen3 T = 1, us
+// after the first block starts): gate summed 3.4, counted 4.1, logits loaded 4.8, scores 5.8,
+// 8 picks 7.4, weights written 7.8, sorted 9.4. A sequentially consistent __threadfence() by
+// every thread in place of the one atomic cost ~1.5 us; with one group (T <= 4) there is no
+// second count, and at most 32 slots sort in one warp (sort_slots_warp) from the picks still
+// in shared memory. Needs E <= 256 (one sort thread per expert).
 // Dynamic smem: max(4 tokens of routing scratch, 8 * E sort counts).
 struct FusedRouting {
     RouteParams route;
@@ -149,15 +174,27 @@ extern "C" __global__ void __launch_bounds__(256)
     if (!gate_logits_impl<4, true>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
                                    args_block))
         return;
+    FDMOE_TRACE(1);
     extern __shared__ float smem[];
     if (!block_arrive(&f.counters[1 + blockIdx.x], gridDim.y * gridDim.z)) return;
+    FDMOE_TRACE(2);
     resolve_route_args(f.route);
     route_tokens(f.route, blockIdx.x * 4, 4, smem);
+    FDMOE_TRACE(7);
     if (threadIdx.x == 0) f.counters[1 + blockIdx.x] = 0;
-    const int groups = (token_count(num_tokens_dev, num_tokens) + 3) / 4;
+    const int T = token_count(num_tokens_dev, num_tokens), groups = (T + 3) / 4;
     if (groups > 1 && !block_arrive(&f.counters[0], groups)) return;
     if (groups == 1) __syncthreads();  // the routing's writes, for the sort's threads
-    sort_slots<256>(f.sort, (int*)smem);
+    if (T * f.sort.top_k <= 32) {
+        // With one group its picks are all in this block's scratch, where routing put them (the
+        // counts overlap only token 0's scores); with more, the other groups' are in global memory.
+        const int per_token = route_scratch_floats(f.route);
+        const int* picks = groups == 1 ? (const int*)smem + per_token - f.sort.top_k : nullptr;
+        if (threadIdx.x < 32) sort_slots_warp(f.sort, (int*)smem, picks, per_token);
+    } else {
+        sort_slots<256>(f.sort, (int*)smem);
+    }
+    FDMOE_TRACE(10);
     if (threadIdx.x == 0) f.counters[0] = 0;
 }
 

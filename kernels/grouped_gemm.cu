@@ -66,10 +66,9 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
         const i64 off = i < B_CHUNKS ? b_rows[i / CHUNKS_PER_ROW] : -1;
         b_src[n] = off >= 0 ? b_base + off + (i % CHUNKS_PER_ROW) * 8 : nullptr;
     }
-    auto load_stage = [&](int stage, int kt) {
+    auto load_a = [&](int stage, int kt) {
         const int k0 = kt * BK;
         u16* as = As + stage * BM * LDS;
-        u16* bs = Bs + stage * BN * LDS;
 #pragma unroll
         for (int n = 0; n < A_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
@@ -78,6 +77,10 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
             const bool valid = a_src[n] && k0 + kc < K;
             cp_async_16(as + (i / CHUNKS_PER_ROW) * LDS + kc, valid ? (const void*)(a_src[n] + k0) : (const void*)p.a, valid);
         }
+    };
+    auto load_b = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        u16* bs = Bs + stage * BN * LDS;
 #pragma unroll
         for (int n = 0; n < B_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
@@ -93,7 +96,7 @@ __device__ __forceinline__ void grouped_gemm_body(const GemmParams& p) {
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
-    cp_async_pipeline<STAGES>((K + BK - 1) / BK, load_stage, [&](int stage, int) {
+    cp_async_pipeline<STAGES, weights_before_wait(MODE)>((K + BK - 1) / BK, load_a, load_b, begin_dependent, [&](int stage, int) {
         const u16* as = As + stage * BM * LDS;
         const u16* bs = Bs + stage * BN * LDS;
 #pragma unroll
@@ -208,8 +211,15 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
 
 #define FDMOE_GEMM(tile, name, mode, act)                                                         \
     extern "C" __global__ void __launch_bounds__(FDMOE_THREADS_##tile) gemm_##tile##_##name(GemmParams p) { \
-        FDMOE_BODY_##tile<FDMOE_TILE_##tile, mode, act>(resolve_args(p));                         \
+        FDMOE_BODY_##tile<FDMOE_TILE_##tile, mode, act>(                                          \
+            resolve_args<!(FDMOE_WAITS_LATE_##tile && weights_before_wait(mode))>(p));               \
     }
+// Bodies that call begin_dependent themselves when weights_before_wait (the mma.sync ones).
+#define FDMOE_WAITS_LATE_s 1
+#define FDMOE_WAITS_LATE_m 1
+#define FDMOE_WAITS_LATE_l 1
+#define FDMOE_WAITS_LATE_w 0
+#define FDMOE_WAITS_LATE_v 0
 #define FDMOE_BODY_s grouped_gemm_body
 #define FDMOE_BODY_m grouped_gemm_body
 #define FDMOE_BODY_l grouped_gemm_body

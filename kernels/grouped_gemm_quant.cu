@@ -89,9 +89,8 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
     if (threadIdx.x < BM && a_rows[threadIdx.x] >= 0) sa_src = p.a_scale + a_rows[threadIdx.x] * groups;
     if (threadIdx.x < BN && b_rows[threadIdx.x] >= 0) sb_src = b_scale + (b_rows[threadIdx.x] / 64) * groups;
 
-    auto load_stage = [&](int stage, int g) {
+    auto load_a = [&](int stage, int g) {
         unsigned char* as = As + stage * BM * LDS;
-        unsigned char* bs = Bs + stage * BN * LDS;
         const int k0 = g * BK;
 #pragma unroll
         for (int n = 0; n < A_PER; ++n) {
@@ -101,6 +100,12 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
             cp_async_16(as + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16, src ? (const void*)(src + k0) : (const void*)a,
                         src != nullptr);
         }
+        if (threadIdx.x < BM)
+            cp_async_4(Sa + stage * BM + threadIdx.x, sa_src ? (const void*)(sa_src + g) : (const void*)p.a_scale, sa_src != nullptr);
+    };
+    auto load_b = [&](int stage, int g) {
+        unsigned char* bs = Bs + stage * BN * LDS;
+        const int k0 = g * BK;
 #pragma unroll
         for (int n = 0; n < B_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
@@ -109,8 +114,6 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
             cp_async_16(bs + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16, src ? (const void*)(src + k0) : (const void*)b,
                         src != nullptr);
         }
-        if (threadIdx.x < BM)
-            cp_async_4(Sa + stage * BM + threadIdx.x, sa_src ? (const void*)(sa_src + g) : (const void*)p.a_scale, sa_src != nullptr);
         if (threadIdx.x < BN)
             cp_async_4(Sb + stage * BN + threadIdx.x, sb_src ? (const void*)(sb_src + g) : (const void*)b_scale, sb_src != nullptr);
     };
@@ -120,7 +123,7 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
-    cp_async_pipeline<STAGES>(groups, load_stage, [&](int stage, int) {
+    cp_async_pipeline<STAGES, weights_before_wait(MODE)>(groups, load_a, load_b, begin_dependent, [&](int stage, int) {
         const unsigned char* as = As + stage * BM * LDS;
         const unsigned char* bs = Bs + stage * BN * LDS;
         float part[MT][NT][4];
@@ -347,7 +350,7 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
         if (row >= 0) s_src = bs_global + ((row / 8) * kblocks + s_kb) * SBLOCK + chunk * 16;
     }
 
-    auto load_stage = [&](int stage, int kt) {
+    auto load_a = [&](int stage, int kt) {
         u16* as = As + stage * BM * LDS;
         const int k0 = kt * BK;
 #pragma unroll
@@ -365,6 +368,8 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
             const bool valid = src && k0 + kc < K;
             cp_async_16(as + r * LDS + kc, valid ? (const void*)(src + k0) : (const void*)p.a, valid);
         }
+    };
+    auto load_b = [&](int stage, int kt) {
         // Each 8-column block of the tile is one packed row block (its columns are 8
         // consecutive rows of B: GATED tiles alternate 8 gate and 8 up rows).
         unsigned char* bq = Bq + stage * NB * KBS * 256;
@@ -387,7 +392,7 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
-    cp_async_pipeline<STAGES>(k_tiles, load_stage, [&](int stage, int) {
+    cp_async_pipeline<STAGES, weights_before_wait(MODE)>(k_tiles, load_a, load_b, begin_dependent, [&](int stage, int) {
         const u16* as = As + stage * BM * LDS;
         const unsigned char* bq = Bq + stage * NB * KBS * 256;
         const unsigned char* sq = Sq + stage * NB * KBS * SBLOCK;
@@ -437,6 +442,7 @@ extern "C" __global__ void __launch_bounds__(128)
     quantize_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out, float* __restrict__ scales,
                       int cols, const int* num_tokens_dev, int num_tokens, int rows_per_token, const u64* args_block,
                       int in_arg) {
+    begin_dependent();
     const int row = blockIdx.x;
     if (row >= token_count(num_tokens_dev, num_tokens) * rows_per_token) return;
     if (args_block && in_arg >= 0) in = (const void*)args_block[in_arg];
@@ -489,11 +495,12 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_QGEMM_FP8(tile, name, mode, act)                                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_QMINBLOCKS_fp8_##tile) qgemm_fp8_block_##tile##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
-        grouped_gemm_fp8<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp8_##tile, m, act>(resolve_args(p));      \
+        grouped_gemm_fp8<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp8_##tile, m, act>(resolve_args<!weights_before_wait(m)>(p)); \
     }
 #define FDMOE_QGEMM_FP4(fmt, fmt_name, tile, name, mode, act)                                           \
     extern "C" __global__ void __launch_bounds__(128) qgemm_##fmt_name##_##tile##_##name(GemmParams p) {  \
-        grouped_gemm_fp4<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp4_##tile, fmt, mode, act>(resolve_args(p)); \
+        grouped_gemm_fp4<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp4_##tile, fmt, mode, act>(                \
+            resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 
 #define FDMOE_QGEMM_KINDS(GEN, ...)                                                       \

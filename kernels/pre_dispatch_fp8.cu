@@ -30,6 +30,7 @@ extern "C" __global__ void __launch_bounds__(128)
                      const float* __restrict__ topk_weights, unsigned char* __restrict__ out_x,
                      int* __restrict__ out_scales, int* __restrict__ out_ids, float* __restrict__ out_weights,
                      int num_tokens, int hidden, int top_k) {
+    begin_dependent();
     const int t = blockIdx.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int groups = hidden / 32;

@@ -15,6 +15,7 @@
 #include "common/sort.cuh"
 
 extern "C" __global__ void route_topk(RouteParams p) {
+    begin_dependent();
     resolve_route_args(p);
     extern __shared__ float smem[];
     route_tokens(p, blockIdx.x * (int)p.tokens_per_block, (int)p.tokens_per_block, smem);
@@ -23,6 +24,7 @@ extern "C" __global__ void route_topk(RouteParams p) {
 // Given routing: copies the caller's ids and weights into the workspace and the routing record
 // (common/sort.cuh); at decode sort_by_expert.cu's given_sort does it in the sort's launch.
 extern "C" __global__ void given_topk(GivenSlots g, const int* num_tokens_dev, int num_tokens, int top_k) {
+    begin_dependent();
     const i64 slots = (i64)token_count(num_tokens_dev, num_tokens) * top_k;
     copy_given_slots(g, slots, (i64)blockIdx.x * blockDim.x + threadIdx.x, (i64)gridDim.x * blockDim.x);
 }
@@ -32,6 +34,7 @@ extern "C" __global__ void given_topk(GivenSlots g, const int* num_tokens_dev, i
 extern "C" __global__ void set_forward_args(u64* args_block, int* num_tokens_dev, u64 x, u64 out, u64 logits,
                                             u64 topk_ids, u64 topk_weights, u64 record_ids, u64 record_weights,
                                             int num_tokens) {
+    begin_dependent();  // the previous call's kernels may still read the block
     args_block[ARG_X] = x;
     args_block[ARG_OUT] = out;
     args_block[ARG_LOGITS] = logits;

@@ -21,6 +21,7 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
                    int* __restrict__ num_tiles, const int* num_tokens_dev, int num_tokens, int top_k,
                    int num_experts, int block_m) {
     extern __shared__ int warp_counts[];  // [SORT_THREADS / 32][E]
+    begin_dependent();
     const SortParams p{topk_ids,       expert_offsets, sorted_slots, slot_positions, tile_expert, tile_row,
                        num_tiles,      num_tokens_dev, num_tokens,   top_k,          num_experts, block_m};
     sort_slots<SORT_THREADS>(p, warp_counts);  // E <= 1024 (checked at create)
@@ -29,13 +30,19 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
 // Given routing at decode (T <= 64, Kernels::given_sort_applies): given_topk's copy and the
 // sort in one launch, since at that size each launch is mostly its start-up (the two were
 // 5.4 us of a 38.7 us Qwen3 T = 1 forward on the H200); 256 threads when E <= 256, as the
-// per-expert passes walk one count per warp.
+// per-expert passes walk one count per warp. At most 32 slots (T * k) sort in one warp
+// (sort_slots_warp: no block barriers).
 template <int THREADS>
 __device__ __forceinline__ void given_sort_impl(const GivenSlots& g, const SortParams& p) {
     extern __shared__ int given_counts[];  // not warp_counts: two extern __shared__ arrays of one name in a file conflict
+    begin_dependent();
     copy_given_slots(g, (i64)token_count(p.num_tokens_dev, p.num_tokens) * p.top_k, threadIdx.x, THREADS);
     __syncthreads();  // the block's copies are visible to the block's sort
-    sort_slots<THREADS>(p, given_counts);
+    if (token_count(p.num_tokens_dev, p.num_tokens) * p.top_k <= 32) {
+        if (threadIdx.x < 32) sort_slots_warp(p, given_counts);
+    } else {
+        sort_slots<THREADS>(p, given_counts);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(SORT_THREADS) given_sort(GivenSlots g, SortParams p) {

@@ -11,6 +11,8 @@
 #   FDMOE_PYTEST      1: the Python binding's GPU tests (bindings/python/tests/test_cuda.py)
 #   FDMOE_LATENCY     arguments of bench/graph_latency.py (e.g. "--shapes qwen3-30b-a3b")
 #   FDMOE_BENCH       arguments of bench/gpu_bench.py (e.g. "--quick --formats fp8_block")
+#   FDMOE_GATE_TRACE  token counts for bench/gate_trace.cu (nvcc; e.g. "1 4"): the fused decode
+#                     gate's time and phase stamps
 #   FDMOE_SUITE_SECONDS  the deadline for all steps (default 560)
 set -uo pipefail
 export FDMOE_REQUIRE_GPU=1 FDMOE_REQUIRE_NVRTC=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
@@ -68,6 +70,10 @@ fi
 if [ -n "${FDMOE_PYTEST:-}" ]; then
   step pytest-cuda 120 python3 -m pytest -q -x bindings/python/tests/test_cuda.py
 fi
+if [ -n "${FDMOE_GATE_TRACE:-}" ]; then
+  step gate-trace 90 bash -c 'nvcc -O3 -arch=sm_90a -std=c++17 -I kernels -o /tmp/gate_trace bench/gate_trace.cu &&
+    for t in $0; do /tmp/gate_trace "$t" || exit 1; done' "$FDMOE_GATE_TRACE"
+fi
 if [ -n "${FDMOE_LATENCY:-}" ]; then
   # shellcheck disable=SC2086
   step graph-latency 150 python3 bench/graph_latency.py $FDMOE_LATENCY
@@ -80,6 +86,7 @@ fi
 # What each step measured, then the table of steps.
 for f in "$OUT"/cuda_vs_cpu.log; do [ -f "$f" ] && grep -E "FAIL|test result" "$f" | tail -5; done
 for f in "$OUT"/memcheck-*.log "$OUT"/racecheck-*.log; do [ -f "$f" ] && { echo "$(basename "$f"):"; grep -E "ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY" "$f" | tail -3; }; done
+[ -f "$OUT/gate-trace.log" ] && grep -E "^T=|stamp (1|2|3|4|5|6|7|8|9|10):" "$OUT/gate-trace.log"
 [ -f "$OUT/graph-latency.log" ] && grep -E "^\|" "$OUT/graph-latency.log" | tail -20
 [ -f "$OUT/gpu-bench.log" ] && grep -E "^\|" "$OUT/gpu-bench.log" | tail -40
 echo

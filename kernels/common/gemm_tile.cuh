@@ -45,8 +45,17 @@ struct GemmParams {
     const float* b_global;      // NVFP4: [E] f32 global scales
 };
 
-// Resolves the operands that graph replay passes through the argument block.
+// GEMM 2 (SCALE) may copy its first weight tiles before its begin_dependent: what it reads
+// until then, the sort's tile table and the argument block, was written two or more kernels
+// back, complete before the previous kernel (GEMM 1) passed its own wait and so before this
+// one could launch. Its activations come from GEMM 1 and are read after the wait.
+__device__ constexpr bool weights_before_wait(int mode) { return (mode & MODE_SCALE) && !(mode & MODE_DENSE); }
+
+// Resolves the operands that graph replay passes through the argument block; first, unless
+// the body waits itself (WAIT false), the kernel's begin_dependent.
+template <bool WAIT = true>
 __device__ __forceinline__ GemmParams resolve_args(GemmParams p) {
+    if (WAIT) begin_dependent();
     if (p.args_block) {
         if (p.a_arg >= 0) p.a = (const u16*)p.args_block[p.a_arg];
         if (p.c_arg >= 0) p.c = (void*)p.args_block[p.c_arg];

@@ -40,12 +40,34 @@ __device__ __forceinline__ void ldmatrix_x2(u32* r, const void* smem) {
 // STAGES - 1 tiles ahead of its use; load(stage, t) fills buffer `stage` with tile t (one
 // commit group), compute(stage, t) consumes it. The barrier after each wait also orders the
 // refill of a buffer after every warp's reads of it.
-template <int STAGES, typename Load, typename Compute>
-__device__ __forceinline__ void cp_async_pipeline(int tiles, Load&& load, Compute&& compute) {
+//
+// With WEIGHTS_FIRST, the first tiles' weight copies (load_b) are issued before `wait` (the
+// kernel's begin_dependent), since the weights do not depend on the previous kernel, whose
+// tail they then overlap; each tile's A copies (load_a) follow the wait. Tile t's commit group
+// is then A(t) plus, for t = 0, every early B: a wait for group t still covers tile t.
+template <int STAGES, bool WEIGHTS_FIRST = false, typename LoadA, typename LoadB, typename Wait, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int tiles, LoadA&& load_a, LoadB&& load_b, Wait&& wait,
+                                                  Compute&& compute) {
+    auto load = [&](int stage, int t) {
+        load_a(stage, t);
+        load_b(stage, t);
+    };
+    if (WEIGHTS_FIRST) {
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < tiles) load(s, s);
-        cp_async_commit();
+        for (int s = 0; s < STAGES - 1; ++s)
+            if (s < tiles) load_b(s, s);
+        wait();
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < tiles) load_a(s, s);
+            cp_async_commit();
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < tiles) load(s, s);
+            cp_async_commit();
+        }
     }
     for (int t = 0; t < tiles; ++t) {
         cp_async_wait<STAGES - 2>();
@@ -56,6 +78,11 @@ __device__ __forceinline__ void cp_async_pipeline(int tiles, Load&& load, Comput
         compute(t % STAGES, t);
     }
     cp_async_wait<0>();
+}
+
+template <int STAGES, typename Load, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int tiles, Load&& load, Compute&& compute) {
+    cp_async_pipeline<STAGES>(tiles, load, [](int, int) {}, [] {}, compute);
 }
 
 // A fragments of a warp's MT m16 row tiles (rows row0 + 16i ..) at byte column `kb` of a shared

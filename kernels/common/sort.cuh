@@ -97,6 +97,7 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
         __syncwarp();
     }
     __syncthreads();
+    FDMOE_TRACE(8);
 
     // Per expert: total rows, then each warp's start in the sorted order; tiles of block_m rows.
     int expert_rows = 0, expert_tiles = 0;
@@ -126,6 +127,7 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
         *p.num_tiles = total_tiles;
     }
     __syncthreads();
+    FDMOE_TRACE(9);
 
     for (int base = begin; base < end; base += 32) {
         const int slot = base + lane;
@@ -145,3 +147,70 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
         __syncwarp();
     }
 }
+
+// The same sort when there are at most 32 slots (decode, T * k <= 32), by one warp: lane s
+// holds slot s, so a slot's rank among equal ids is a warp vote and the per-expert starts are
+// one warp scan, with no block barriers (sort_slots<256> was 1.6 us of Qwen3 T = 1's fused
+// gate, most of it its barriers and two block scans). Lane l scans experts l * per ...
+// (contiguous, so the lanes' sums scan in expert order). counts: E ints of shared memory.
+// ids_smem: null, or the ids already in shared memory (the fused gate's picks), token t's at
+// ids_smem + t * ids_stride, which spares a read of what was just written to global memory.
+__device__ void sort_slots_warp(const SortParams& p, int* counts, const int* ids_smem = nullptr, int ids_stride = 0) {
+    const int lane = threadIdx.x % 32;
+    const int slots = token_count(p.num_tokens_dev, p.num_tokens) * p.top_k;  // <= 32
+    const int E = p.num_experts, block_m = p.block_m;
+    for (int e = lane; e < E; e += 32) counts[e] = 0;
+    __syncwarp();
+    const int id = lane >= slots ? -1
+                   : ids_smem   ? ids_smem[(lane / p.top_k) * ids_stride + lane % p.top_k]
+                                : p.topk_ids[lane];
+    const bool valid = id >= 0 && id < E;
+    if (valid) atomicAdd(&counts[id], 1);
+    __syncwarp();
+    FDMOE_TRACE(8);
+    const int per = (E + 31) / 32, e0 = lane * per;
+    int rows = 0, tiles = 0;
+    for (int e = e0; e < min(E, e0 + per); ++e) {
+        rows += counts[e];
+        tiles += (counts[e] + block_m - 1) / block_m;
+    }
+    int row_start = rows, tile_start = tiles;  // inclusive scans over the lanes
+    for (int o = 1; o < 32; o <<= 1) {
+        const int r = __shfl_up_sync(0xffffffffu, row_start, o);
+        const int t = __shfl_up_sync(0xffffffffu, tile_start, o);
+        if (lane >= o) {
+            row_start += r;
+            tile_start += t;
+        }
+    }
+    const int total_rows = __shfl_sync(0xffffffffu, row_start, 31);
+    const int total_tiles = __shfl_sync(0xffffffffu, tile_start, 31);
+    row_start -= rows;
+    tile_start -= tiles;
+    FDMOE_TRACE(9);
+    for (int e = e0; e < min(E, e0 + per); ++e) {
+        const int c = counts[e];
+        p.expert_offsets[e] = row_start;
+        counts[e] = row_start;  // from here on: the expert's first position
+        for (int i = 0; i * block_m < c; ++i) {
+            p.tile_expert[tile_start + i] = e;
+            p.tile_row[tile_start + i] = row_start + i * block_m;
+        }
+        row_start += c;
+        tile_start += (c + block_m - 1) / block_m;
+    }
+    if (lane == 0) {
+        p.expert_offsets[E] = total_rows;
+        *p.num_tiles = total_tiles;
+    }
+    __syncwarp();
+    const u32 peers = __match_any_sync(0xffffffffu, valid ? id : -1);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    int pos = -1;
+    if (valid) {
+        pos = counts[id] + rank;
+        p.sorted_slots[pos] = lane;
+    }
+    if (lane < slots) p.slot_positions[lane] = pos;
+}
+

@@ -53,6 +53,24 @@ __device__ __forceinline__ T* forward_arg(const u64* args_block, int slot, T* di
     return args_block ? (T*)args_block[slot] : direct;
 }
 
+// Programmatic dependent launch (sm_90 and newer; src/backend/cuda/driver.rs, Function::launch):
+// waits until the previous kernel on the stream has completed and its writes are visible, then
+// lets the next kernel's blocks be scheduled, so their start-up overlaps this kernel's work.
+// Every kernel calls it before its first global memory access (the argument block and the
+// true T included). Without the launch attribute, or before sm_90, it does nothing.
+__device__ __forceinline__ void begin_dependent() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Phase stamps of the decode gate's chain (bench/gate_trace.cu defines them): nothing here.
+#ifndef FDMOE_TRACE
+#define FDMOE_TRACE(i)
+#define FDMOE_TRACE_START()
+#endif
+
 // The true token count: device memory when graphs replay a padded bucket, else the argument.
 __device__ __forceinline__ int token_count(const int* num_tokens_dev, int num_tokens) {
     return num_tokens_dev ? *num_tokens_dev : num_tokens;

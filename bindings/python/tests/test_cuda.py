@@ -554,3 +554,61 @@ def test_pre_dispatch_on_the_gpu_is_bitwise_the_cpu():
     for h, r, d in zip(host, round_trip, in_place):
         assert np.array_equal(h.view(np.uint8), r.view(np.uint8))
         assert np.array_equal(h.view(np.uint8), N(d).view(np.uint8))
+
+
+# -- dependent launch ---------------------------------------------------------------------------
+
+DEPENDENT_LAUNCH_CASES = {
+    "softmax_latent_shared": dict(routing="softmax_topk", latent_size=32, num_shared_experts=1),
+    "grouped_bias": ROUTINGS["grouped_bias"],
+    "given": ROUTINGS["given"],
+    "fp8_block": dict(weight_dtype="fp8_block", **QUANTIZED),
+    "mxfp4": dict(weight_dtype="mxfp4", latent_size=128, **QUANTIZED),
+}
+
+
+def write_forwards(path: str):
+    """Every DEPENDENT_LAUNCH_CASES case at T = 1, 5, 33 (decode and prefill kernels), eager
+    and under the library's graphs, with its routing record, into an .npz at `path`."""
+    results = {}
+    for name, kw in DEPENDENT_LAUNCH_CASES.items():
+        case = GpuCase(seed=_seed("pdl", name), max_tokens=64, **{"tokens": 33, **kw})
+        with case.layer(DEV) as gpu:
+            gpu.load_weights(**case.weights(case.inputs(), "numpy"))
+            gpu.capture_graphs([1, 8, 64])
+            for tokens in (1, 5, 33):
+                d = replace(case, tokens=tokens, seed=tokens).inputs()
+                x, r = T(d["x"]), case.routing_args(d, T)
+                for mode in ("eager", "graph"):
+                    res = gpu.forward(x, **r, return_routing=True, force_eager=mode == "eager")
+                    for part, t in zip(("out", "ids", "weights"), res):
+                        results[f"{name}/{tokens}/{mode}/{part}"] = N(t).view(np.uint8)
+    np.savez(path, **results)
+
+
+def test_dependent_launch_changes_no_bit(tmp_path):
+    # Kernels are launched as programmatic dependents (sm_90+); GEMM 2 starts copying its
+    # weights before its wait. With that off (FDMOE_NO_DEPENDENT_LAUNCH, read at create), every
+    # output and routing record is bitwise the same. Two processes: the switch is read once.
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("dependent launch needs sm_90")
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {}
+    for label, off in (("on", False), ("off", True)):
+        env = {k: v for k, v in os.environ.items() if k != "FDMOE_NO_DEPENDENT_LAUNCH"}
+        if off:
+            env["FDMOE_NO_DEPENDENT_LAUNCH"] = "1"
+        files[label] = str(tmp_path / f"{label}.npz")
+        # The paths conftest.py gives pytest: the package from this tree, then the tests.
+        paths = [os.path.dirname(here), here]
+        code = (f"import sys; sys.path[:0] = {paths!r}; import test_cuda; "
+                f"test_cuda.write_forwards({files[label]!r})")
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    on, off = np.load(files["on"]), np.load(files["off"])
+    assert sorted(on.files) == sorted(off.files) and len(on.files) == 5 * 3 * 2 * 3
+    for key in on.files:
+        assert np.array_equal(on[key], off[key]), key

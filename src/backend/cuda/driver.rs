@@ -252,9 +252,17 @@ pub fn pointer_kind(p: *const c_void) -> Result<PointerKind> {
     Ok(PointerKind::Device { ordinal })
 }
 
+/// Whether kernels on a device of compute capability `major` are launched as programmatic
+/// dependents ([`Function::launch`]): sm_90 and newer, unless `FDMOE_NO_DEPENDENT_LAUNCH` is
+/// set (a diagnostic switch, read once per backend or module load).
+pub fn dependent_launch(major: i32) -> bool {
+    major >= 9 && std::env::var_os("FDMOE_NO_DEPENDENT_LAUNCH").is_none()
+}
+
 /// A loaded module (one cubin) and its entry points.
 pub struct Module {
     module: sys::CUmodule,
+    dependent_launch: bool,
 }
 
 // SAFETY: modules and functions are context-wide handles usable from any thread.
@@ -262,14 +270,19 @@ unsafe impl Send for Module {}
 unsafe impl Sync for Module {}
 
 impl Module {
-    pub fn load(image: &[u8], name: &str) -> Result<Self> {
+    /// `dependent_launch`: its kernels are launched as programmatic dependents of the
+    /// previous kernel on the stream (sm_90 and newer; see [`Function::launch`]).
+    pub fn load(image: &[u8], name: &str, dependent_launch: bool) -> Result<Self> {
         let mut module = std::ptr::null_mut();
         // SAFETY: image is a complete cubin.
         check(
             unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) },
             &format!("loading {name}"),
         )?;
-        Ok(Module { module })
+        Ok(Module {
+            module,
+            dependent_launch,
+        })
     }
 
     /// An entry point, with its dynamic shared memory limit raised to `smem_bytes`.
@@ -295,6 +308,7 @@ impl Module {
         Ok(Function {
             f,
             name: name.to_string(),
+            dependent_launch: self.dependent_launch,
         })
     }
 }
@@ -309,6 +323,7 @@ impl Drop for Module {
 pub struct Function {
     f: sys::CUfunction,
     name: String,
+    dependent_launch: bool,
 }
 
 // SAFETY: see Module.
@@ -317,6 +332,14 @@ unsafe impl Sync for Function {}
 
 impl Function {
     /// Enqueues the kernel on `stream`. `params` points at each argument, in order.
+    ///
+    /// With dependent launch (programmatic stream serialization) the kernel may be scheduled
+    /// while the previous kernel on the stream still runs, once every block of that one has
+    /// passed its `griddepcontrol.launch_dependents`; every kernel of ours begins with
+    /// `griddepcontrol.wait` (common/types.cuh, `begin_dependent`), which returns when the
+    /// previous grids have completed and their memory is visible. A decode forward is a chain
+    /// of small kernels, so this hides each launch's start-up behind its predecessor's tail.
+    /// Under stream capture the driver records it as a programmatic graph edge.
     ///
     /// # Safety
     /// The argument types must match the kernel's signature.
@@ -328,20 +351,24 @@ impl Function {
         stream: Stream,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem_bytes as u32,
+            hStream: stream,
+            attrs: &mut attribute,
+            numAttrs: u32::from(self.dependent_launch),
+        };
         check(
-            sys::cuLaunchKernel(
-                self.f,
-                grid.0,
-                grid.1,
-                grid.2,
-                block,
-                1,
-                1,
-                smem_bytes as u32,
-                stream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            ),
+            sys::cuLaunchKernelEx(&config, self.f, params.as_mut_ptr(), std::ptr::null_mut()),
             &format!("launching {}", self.name),
         )
     }

@@ -404,9 +404,14 @@ impl Kernels {
         activation: FdmoeActivation,
         num_experts: usize,
         weight_format: FdmoeDtype,
+        dependent_launch: bool,
     ) -> Result<Self> {
         let load = |file| -> Result<Module> {
-            Module::load(&compile(file, arch, element)?.image, file.name)
+            Module::load(
+                &compile(file, arch, element)?.image,
+                file.name,
+                dependent_launch,
+            )
         };
         let gate = load(GATE_LOGITS)?;
         let route = load(ROUTE_TOPK)?;

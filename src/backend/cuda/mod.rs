@@ -18,7 +18,9 @@ use std::ffi::c_void;
 use cudarc::driver::sys::CUdevice_attribute;
 
 use self::compile::Element;
-use self::driver::{is_capturing, Context, DeviceBuffer, DevicePtr, OwnedStream, Stream};
+use self::driver::{
+    dependent_launch, is_capturing, Context, DeviceBuffer, DevicePtr, OwnedStream, Stream,
+};
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
     gate_logits_floats, gate_slices, FusedRouting, GemmKind, GemmParams, GivenSlots, Kernels,
@@ -278,6 +280,7 @@ impl CudaBackend {
             cfg.activation,
             cfg.num_experts,
             cfg.weight_dtype,
+            dependent_launch(major),
         )?;
         let ws = Workspace::new(cfg)?;
         drop(_current);

@@ -12,7 +12,9 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::compile::{compile, Element, PRE_DISPATCH_FP8};
-use super::driver::{arg, pointer_kind, Context, DevicePtr, Function, Module, PointerKind, Stream};
+use super::driver::{
+    arg, dependent_launch, pointer_kind, Context, DevicePtr, Function, Module, PointerKind, Stream,
+};
 use super::weights::require_device;
 use crate::config::FdmoeDtype;
 use crate::error::{Error, Result};
@@ -42,6 +44,7 @@ fn loaded(ordinal: i32) -> Result<Arc<Loaded>> {
     let module = Module::load(
         &compile(PRE_DISPATCH_FP8, &arch, Element::Bf16)?.image,
         PRE_DISPATCH_FP8.name,
+        dependent_launch(major),
     )?;
     let function = module.function("pre_dispatch_fp8", 0)?;
     drop(_current);
