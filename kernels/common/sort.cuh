@@ -71,6 +71,32 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
     return before + x - v;
 }
 
+// Expert e's row offset and its tiles of block_m rows, from its first row and first tile.
+__device__ __forceinline__ void write_expert_tiles(const SortParams& p, int e, int row_start, int tile_start, int tiles) {
+    p.expert_offsets[e] = row_start;
+    for (int i = 0; i < tiles; ++i) {
+        p.tile_expert[tile_start + i] = e;
+        p.tile_row[tile_start + i] = row_start + i * p.block_m;
+    }
+}
+
+// Gives the lane's slot its position: starts[id] (its expert's next free position) plus its
+// rank among the warp's slots of the same id, or -1 when the id is dropped (or `in_range` is
+// false: no slot). Returns the lanes that share its id.
+__device__ __forceinline__ u32 place_slot(const SortParams& p, int slot, bool in_range, int id, bool valid,
+                                          const int* starts) {
+    const int lane = threadIdx.x % 32;
+    const u32 peers = __match_any_sync(0xffffffffu, valid ? id : -1);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    int pos = -1;
+    if (valid) {
+        pos = starts[id] + rank;
+        p.sorted_slots[pos] = slot;
+    }
+    if (in_range) p.slot_positions[slot] = pos;
+    return peers;
+}
+
 // warp_counts: [THREADS / 32][E] ints of shared memory. E <= THREADS (checked by the caller).
 template <int THREADS>
 __device__ void sort_slots(const SortParams& p, int* warp_counts) {
@@ -116,11 +142,7 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
             warp_counts[w * E + e] = running;
             running += c;
         }
-        p.expert_offsets[e] = row_start;
-        for (int i = 0; i < expert_tiles; ++i) {
-            p.tile_expert[tile_start + i] = e;
-            p.tile_row[tile_start + i] = row_start + i * block_m;
-        }
+        write_expert_tiles(p, e, row_start, tile_start, expert_tiles);
     }
     if (threadIdx.x == 0) {
         p.expert_offsets[E] = total_rows;
@@ -133,17 +155,9 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
         const int slot = base + lane;
         const int id = slot < end ? p.topk_ids[slot] : -1;
         const bool valid = id >= 0 && id < E;
-        const u32 peers = __match_any_sync(0xffffffffu, valid ? id : -1);
-        const int leader = __ffs(peers) - 1;
-        const int rank = __popc(peers & ((1u << lane) - 1u));
-        int pos = -1;
-        if (valid) {
-            pos = my_counts[id] + rank;
-            p.sorted_slots[pos] = slot;
-        }
-        if (slot < end) p.slot_positions[slot] = pos;
+        const u32 peers = place_slot(p, slot, slot < end, id, valid, my_counts);
         __syncwarp();
-        if (valid && lane == leader) my_counts[id] += __popc(peers);
+        if (valid && lane == __ffs(peers) - 1) my_counts[id] += __popc(peers);
         __syncwarp();
     }
 }
@@ -189,28 +203,17 @@ __device__ void sort_slots_warp(const SortParams& p, int* counts, const int* ids
     tile_start -= tiles;
     FDMOE_TRACE(9);
     for (int e = e0; e < min(E, e0 + per); ++e) {
-        const int c = counts[e];
-        p.expert_offsets[e] = row_start;
+        const int c = counts[e], expert_tiles = (c + block_m - 1) / block_m;
         counts[e] = row_start;  // from here on: the expert's first position
-        for (int i = 0; i * block_m < c; ++i) {
-            p.tile_expert[tile_start + i] = e;
-            p.tile_row[tile_start + i] = row_start + i * block_m;
-        }
+        write_expert_tiles(p, e, row_start, tile_start, expert_tiles);
         row_start += c;
-        tile_start += (c + block_m - 1) / block_m;
+        tile_start += expert_tiles;
     }
     if (lane == 0) {
         p.expert_offsets[E] = total_rows;
         *p.num_tiles = total_tiles;
     }
     __syncwarp();
-    const u32 peers = __match_any_sync(0xffffffffu, valid ? id : -1);
-    const int rank = __popc(peers & ((1u << lane) - 1u));
-    int pos = -1;
-    if (valid) {
-        pos = counts[id] + rank;
-        p.sorted_slots[pos] = lane;
-    }
-    if (lane < slots) p.slot_positions[lane] = pos;
+    place_slot(p, lane, lane < slots, id, valid, counts);
 }
 
