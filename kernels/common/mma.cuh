@@ -37,9 +37,9 @@ __device__ __forceinline__ void ldmatrix_x2(u32* r, const void* smem) {
 }
 
 // The multi-stage cp.async main loop of the mma.sync bodies: tile t's copies are issued
-// STAGES - 1 tiles ahead of its use; load(stage, t) fills buffer `stage` with tile t (one
-// commit group), compute(stage, t) consumes it. The barrier after each wait also orders the
-// refill of a buffer after every warp's reads of it.
+// STAGES - 1 tiles ahead of its use; load_a(stage, t) and load_b(stage, t) fill buffer `stage`
+// with tile t's activations and weights (one commit group), compute(stage, t) consumes it. The
+// barrier after each wait also orders the refill of a buffer after every warp's reads of it.
 //
 // With WEIGHTS_FIRST, the first tiles' weight copies (load_b) are issued before `wait` (the
 // kernel's begin_dependent), since the weights do not depend on the previous kernel, whose
@@ -78,11 +78,6 @@ __device__ __forceinline__ void cp_async_pipeline(int tiles, LoadA&& load_a, Loa
         compute(t % STAGES, t);
     }
     cp_async_wait<0>();
-}
-
-template <int STAGES, typename Load, typename Compute>
-__device__ __forceinline__ void cp_async_pipeline(int tiles, Load&& load, Compute&& compute) {
-    cp_async_pipeline<STAGES>(tiles, load, [](int, int) {}, [] {}, compute);
 }
 
 // A fragments of a warp's MT m16 row tiles (rows row0 + 16i ..) at byte column `kb` of a shared
