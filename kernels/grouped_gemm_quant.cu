@@ -5,29 +5,32 @@
 //   - FP8_BLOCK (W8A8): A is E4M3 with one f32 scale per row per 128 channels (produced by
 //     quantize_fp8_rows), B is E4M3 [N, K] with one f32 scale per 64 rows x 128 columns (the
 //     checkpoint's 128x128 blocks, expanded at load so de-interleaved gate/up rows keep theirs).
-//     One pipeline stage is one 128-deep scale group: the tensor cores (m16n8k32 E4M3, f32
-//     accumulate) sum the stage into a partial accumulator, which is then promoted into the
+//     One pipeline stage is one 128-deep scale group: the tensor cores (E4M3 converted exactly
+//     to f16 in registers, m16n8k16 f16 MMAs with f32 accumulate) sum the stage into a partial
+//     accumulator, which is then promoted into the
 //     main one as partial * scale_a(row) * scale_b(column) — DeepGEMM's scheme, exact up to
 //     f32 rounding against the CPU reference (which dequantizes both sides).
 //   - MXFP4 / NVFP4 (W4A16): A is bf16, B is E2M1 repacked at load (src/backend/cuda/
-//     quant_weights.rs) so each lane's 8 bytes of a 8-row x 64-column block are the nibbles of
-//     its m16n8k16 B fragments, in the order the decode below emits them. Decoding is bit moves:
+//     quant_weights.rs) so each lane's 8 bytes of a 8-row x 64-column block are the E2M1 codes of
+//     its m16n8k16 B fragments, where the decode below takes them. Decoding is bit moves:
 //     a nibble's sign and 3 magnitude bits land in a bf16's sign and low exponent/top mantissa
 //     bits (value x 2^-126, subnormal for 0.5), and one bf16x2 multiply by the group scale with
 //     the 2^126 folded in (UE8M0 2^(e-1); NVFP4's E4M3 scale x 2^118, the last 2^8 going with
 //     the per-matrix global scale onto the accumulator) gives the exact weight, since E2M1 x
 //     scale needs at most 6 significant bits.
 //
-// Why it is fast: decode reads 1 (FP8) or ~0.53 (FP4) bytes per weight with cp.async, and what
-// limits these kernels on the H200 is issued instructions, not bytes in flight (ncu, DeepSeek-V3
-// T = 64: 76-78% of issue slots busy at 50-64% of the DRAM rate; 3-5 stages were slower than
-// 2-3, as they cost blocks per SM). So each thread's copy addresses are computed once per block,
-// the FP8 decode tile is compiled for 8 blocks per SM, and the pipelines stay shallow. On sm_90
-// the E4M3 mma.sync is not native: ptxas turns each into E4M3->F16 unpacks (F2FP) and two
-// HMMA.16816 (exact, but more instructions). FP4's decode is bit moves and, when a warp's scales
-// are all plain (real checkpoints), one bf16x2 multiply per register by multipliers made once
-// per block. On the H200 at DeepSeek-V3 T = 16-256 (BENCHMARKS.md) FP8 streams at 1.08-1.14x
-// its byte floor; MXFP4 at 1.8-2.0x, still issue-bound: its instructions per weight are next.
+// Why it is fast: decode reads 1 (FP8) or ~0.53 (FP4) bytes per weight with cp.async, and
+// the rest is keeping each weight's other costs below that. Each thread's copy sources, shared
+// addresses and zero-fill predicates are set once per block, so a stage issues an add and a
+// copy per 16 bytes; the FP8 decode tile is compiled for 8 blocks per SM and the pipelines stay
+// shallow (deeper ones cost blocks per SM and were slower). On sm_90 E4M3 has no mma.sync: its
+// codes are converted exactly to f16 in registers (F2FP) for chained m16n8k16 f16 MMAs. FP4's
+// decode is bit moves from a layout chosen for them (11 instructions per 8 weights), and, when
+// the matrix's scales are all plain (real checkpoints), one bf16x2 multiply per register by
+// multipliers made once per block; its decode tile is 128 wide, because every warp reads the
+// whole activation tile from shared memory, and at 64 wide those reads, not instructions, bound
+// it. On the H200 at DeepSeek-V3 T = 16-256 (BENCHMARKS.md) FP8 streams at ~1.1x its byte
+// floor, MXFP4 at ~1.6x.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
@@ -62,57 +65,60 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
     const float* b_scale = (const float*)((const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride);
 
-    // Every thread copies the same chunks each stage: their sources at group 0 are computed
-    // once (null: a padding row, zero-filled), so a stage only adds its k offset. The loads
-    // were most of this kernel's issued instructions, and decode is bound by issue (H200 ncu:
-    // 76% of issue slots busy at 64% of the DRAM rate before this).
+    // Every thread copies the same chunks each stage: their sources at group 0 (a padding
+    // row's pointing at the matrix base, zero-filled) and shared addresses are set once, so a
+    // stage only adds its k offset. The loads were most of this kernel's issued instructions,
+    // and decode is bound by issue (H200 ncu: 76% of issue slots busy at 64% of the DRAM rate
+    // before the sources were hoisted).
     constexpr int CHUNKS_PER_ROW = BK / 16;
     constexpr int A_CHUNKS = BM * CHUNKS_PER_ROW, B_CHUNKS = BN * CHUNKS_PER_ROW;
     constexpr int A_PER = (A_CHUNKS + THREADS - 1) / THREADS, B_PER = (B_CHUNKS + THREADS - 1) / THREADS;
     static_assert(BM <= THREADS && BN <= THREADS, "one scale per thread at most");
+    static_assert(A_PER + B_PER <= 32, "one zero-fill bit per chunk");
     const unsigned char* a_src[A_PER];
     const unsigned char* b_src[B_PER];
+    u32 zero_fill = 0;  // bit n: A chunk n, bit A_PER + n: B chunk n (one register, not 5 bools:
+                        // the decode tile's 64-register cap)
 #pragma unroll
     for (int n = 0; n < A_PER; ++n) {
         const int i = threadIdx.x + n * THREADS;
         const i64 row = i < A_CHUNKS ? a_rows[i / CHUNKS_PER_ROW] : -1;
-        a_src[n] = row >= 0 ? a + row * p.lda + (i % CHUNKS_PER_ROW) * 16 : nullptr;
+        a_src[n] = a + (row >= 0 ? row * p.lda + (i % CHUNKS_PER_ROW) * 16 : 0);
+        zero_fill |= (u32)(row < 0) << n;
     }
 #pragma unroll
     for (int n = 0; n < B_PER; ++n) {
         const int i = threadIdx.x + n * THREADS;
         const i64 row = i < B_CHUNKS ? b_rows[i / CHUNKS_PER_ROW] : -1;
-        b_src[n] = row >= 0 ? b + row * p.ldb + (i % CHUNKS_PER_ROW) * 16 : nullptr;
+        b_src[n] = b + (row >= 0 ? row * p.ldb + (i % CHUNKS_PER_ROW) * 16 : 0);
+        zero_fill |= (u32)(row < 0) << (A_PER + n);
     }
     const float* sa_src = nullptr;
     const float* sb_src = nullptr;
     if (threadIdx.x < BM && a_rows[threadIdx.x] >= 0) sa_src = p.a_scale + a_rows[threadIdx.x] * groups;
     if (threadIdx.x < BN && b_rows[threadIdx.x] >= 0) sb_src = b_scale + (b_rows[threadIdx.x] / 64) * groups;
+    const u32 as_base = (u32)__cvta_generic_to_shared(As), bs_base = (u32)__cvta_generic_to_shared(Bs);
 
     auto load_a = [&](int stage, int g) {
-        unsigned char* as = As + stage * BM * LDS;
         const int k0 = g * BK;
 #pragma unroll
         for (int n = 0; n < A_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
             if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
-            const unsigned char* src = a_src[n];
-            cp_async_16(as + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16, src ? (const void*)(src + k0) : (const void*)a,
-                        src != nullptr);
+            const u32 dst = as_base + stage * BM * LDS + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16;
+            cp_async_16_zfill(dst, a_src[n] + k0, (zero_fill >> n) & 1);
         }
         if (threadIdx.x < BM)
             cp_async_4(Sa + stage * BM + threadIdx.x, sa_src ? (const void*)(sa_src + g) : (const void*)p.a_scale, sa_src != nullptr);
     };
     auto load_b = [&](int stage, int g) {
-        unsigned char* bs = Bs + stage * BN * LDS;
         const int k0 = g * BK;
 #pragma unroll
         for (int n = 0; n < B_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
             if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
-            const unsigned char* src = b_src[n];
-            cp_async_16(bs + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16, src ? (const void*)(src + k0) : (const void*)b,
-                        src != nullptr);
+            const u32 dst = bs_base + stage * BN * LDS + (i / CHUNKS_PER_ROW) * LDS + (i % CHUNKS_PER_ROW) * 16;
+            cp_async_16_zfill(dst, b_src[n] + k0, (zero_fill >> (A_PER + n)) & 1);
         }
         if (threadIdx.x < BN)
             cp_async_4(Sb + stage * BN + threadIdx.x, sb_src ? (const void*)(sb_src + g) : (const void*)b_scale, sb_src != nullptr);
@@ -134,10 +140,22 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
             u32 bf[NT][2];
             load_a_fragments<MT>(af, as, LDS, wm * WTM, kk);
             load_b_fragments<NT>(bf, bs, LDS, wn * WTN, kk);
+            // sm_90 has no E4M3 mma.sync: ptxas would turn each m16n8k32 into the same
+            // conversions and two f16 MMAs from zero plus 4 FADDs into the sum. Converted here,
+            // the MMAs chain into the stage's partial sums and the FADDs go.
+            u32 ah[MT][8];
 #pragma unroll
-            for (int i = 0; i < MT; ++i)
+            for (int i = 0; i < MT; ++i) e4m3_a_to_f16(af[i], ah[i]);
 #pragma unroll
-                for (int j = 0; j < NT; ++j) mma_16832_e4m3(part[i][j], af[i], bf[j]);
+            for (int j = 0; j < NT; ++j) {
+                u32 bh[4];
+                e4m3_b_to_f16(bf[j], bh);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    mma_16816_f16(part[i][j], ah[i], bh);
+                    mma_16816_f16(part[i][j], ah[i] + 4, bh + 2);
+                }
+            }
         }
         // Scale promotion: this group's sums times the row's and the column's scales.
         const float* sa = Sa + stage * BM;
@@ -168,13 +186,25 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
 // ceil(K/64) blocks of 64 columns (zero-padded), scales [N/8][KB][8 rows][SCALES] bytes with
 // SCALES = 2 (UE8M0 per 32) or 4 (E4M3 per 16).
 
-// The 4 bf16x2 B-fragment registers one packed word holds (see the file comment), each the
-// exact weight times 2^-126; `q` is consumed from its top nibble of each half down.
+// The 4 bf16x2 B-fragment registers one packed word holds, each the exact weights times
+// 2^-126. Register e's two sign bits are the word's bits 15 and 31 after rotating it right by
+// FP4_SIGN_ROT[e], its two 3-bit magnitudes bits 6-8 and 22-24 after rotating by FP4_MAG_ROT[e]:
+// the repack (src/backend/cuda/quant_weights.rs, same tables) put them there so that one
+// register is a mask, one a rotate and a mask, two a rotate each, two masks and a merge: 11
+// instructions a word instead of 15 for nibbles in order (of the layouts of a sign bit and a
+// 3-bit field per weight, none lets every register be one rotation).
+#define FP4_SIGN_ROT {14, 13, 0, 15}
+#define FP4_MAG_ROT {10, 13, 0, 3}
+__device__ __forceinline__ u32 rotate_right(u32 q, int r) { return r == 0 ? q : __funnelshift_r(q, q, r); }
+
 __device__ __forceinline__ void unpack_e2m1_word(u32 q, u32* out) {
+    constexpr int sign_rot[4] = FP4_SIGN_ROT, mag_rot[4] = FP4_MAG_ROT;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        out[e] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
-        q <<= 4;
+        if (sign_rot[e] == mag_rot[e])
+            out[e] = rotate_right(q, sign_rot[e]) & 0x81C081C0u;
+        else
+            out[e] = (rotate_right(q, sign_rot[e]) & 0x80008000u) | (rotate_right(q, mag_rot[e]) & 0x01C001C0u);
     }
 }
 
@@ -207,8 +237,9 @@ __device__ __forceinline__ Fp4Scale nvfp4_scale(u32 code) {
 // A lane's scale bytes of one packed block (MXFP4: 2 UE8M0, one per 32 columns; NVFP4: 4 E4M3,
 // one per 16) are "plain" when their multipliers are single bf16s made by integer moves alone:
 // MXFP4 exponents up to 128; NVFP4 positive normal codes (no zero, subnormal or NaN). Real
-// checkpoints are plain throughout, and when a whole warp is, the decode takes the fast path
-// (fp4_plain_scales), else the general one (mxfp4_scale / nvfp4_scale) for that block.
+// checkpoints are plain throughout (the loader then sets GemmParams::b_scales_plain and no
+// block checks), and when a whole warp is, the decode takes the fast path (fp4_plain_scales),
+// else the general one (mxfp4_scale / nvfp4_scale) for that block.
 template <int FMT>
 __device__ __forceinline__ bool fp4_scales_plain(u32 raw) {
     if (FMT == FMT_MXFP4) {
@@ -319,76 +350,106 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
     const unsigned char* bs_global = (const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride;
 
-    // Source addresses at k-tile 0 and shared destinations, computed once: a stage only adds its
-    // k offset (the decode is bound by issued instructions, these included).
-    // (A's only where a thread has few chunks: the 64-row tile's 8 would cost it occupancy.)
+    // Each thread copies the same chunks every stage. Their sources at k-tile 0, whether they
+    // zero-fill (a padding row or column block, pointed at a readable address) and
+    // their shared addresses are set once per block, so a stage issues an add and a copy per
+    // chunk and only a last, partial k-tile compares against K (the decode is bound by issued
+    // instructions: SASS of the decode tile before this, ~17 per chunk, a quarter of a stage).
+    // A's sources are kept only where a thread has few chunks: the 64-row tile's 8 would cost
+    // it occupancy, so it computes them per stage.
     constexpr bool HOIST_A = A_PER <= 2;
-    const u16* a_src[HOIST_A ? A_PER : 1];
+    constexpr int A_KEPT = HOIST_A ? A_PER : 1;
+    constexpr u32 A_STAGE = BM * LDS * 2, B_STAGE = NB * KBS * 256, S_STAGE = NB * KBS * SBLOCK;
+    const u32 as_base = (u32)__cvta_generic_to_shared(As);
+    const u32 bq_base = as_base + STAGES * A_STAGE, sq_base = bq_base + STAGES * B_STAGE;
+    const u16* a_src[A_KEPT];
+    bool a_none[A_KEPT];
 #pragma unroll
-    for (int n = 0; n < (HOIST_A ? A_PER : 0); ++n) {
+    for (int n = 0; n < A_KEPT; ++n) {
         const int i = threadIdx.x + n * THREADS;
-        const i64 row = i < A_CHUNKS ? a_rows[i / (BK / 8)] : -1;
-        a_src[n] = row >= 0 ? p.a + row * p.lda + (i % (BK / 8)) * 8 : nullptr;
+        const i64 row = HOIST_A && i < A_CHUNKS ? a_rows[i / (BK / 8)] : -1;
+        a_src[n] = p.a + (row >= 0 ? row * p.lda + (i % (BK / 8)) * 8 : 0);
+        a_none[n] = row < 0;
     }
     const unsigned char* b_src[B_PER];
-    int b_kb[B_PER];
+    bool b_none[B_PER];
 #pragma unroll
     for (int n = 0; n < B_PER; ++n) {
         const int i = threadIdx.x + n * THREADS;
-        const int nb = i / (KBS * 16), chunk = i % 16;
-        b_kb[n] = (i / 16) % KBS;
+        const int nb = i / (KBS * 16), chunk = i % 16, kb = (i / 16) % KBS;
         const i64 row = i < B_CHUNKS ? b_rows[nb * 8] : -1;
-        b_src[n] = row >= 0 ? b + ((row / 8) * kblocks + b_kb[n]) * 256 + chunk * 16 : nullptr;
+        b_src[n] = b + (row >= 0 ? ((row / 8) * kblocks + kb) * 256 + chunk * 16 : 0);
+        b_none[n] = row < 0;
     }
-    const unsigned char* s_src = nullptr;
-    int s_kb = 0;
+    const unsigned char* s_src = bs_global;
+    bool s_none = true;
     if (threadIdx.x < S_CHUNKS) {
         const int i = threadIdx.x;
-        const int nb = i / (KBS * (SBLOCK / 16)), chunk = i % (SBLOCK / 16);
-        s_kb = (i / (SBLOCK / 16)) % KBS;
+        const int nb = i / (KBS * (SBLOCK / 16)), chunk = i % (SBLOCK / 16), kb = (i / (SBLOCK / 16)) % KBS;
         const i64 row = b_rows[nb * 8];
-        if (row >= 0) s_src = bs_global + ((row / 8) * kblocks + s_kb) * SBLOCK + chunk * 16;
+        if (row >= 0) {
+            s_src = bs_global + ((row / 8) * kblocks + kb) * SBLOCK + chunk * 16;
+            s_none = false;
+        }
     }
 
     auto load_a = [&](int stage, int kt) {
-        u16* as = As + stage * BM * LDS;
         const int k0 = kt * BK;
+        const bool full = k0 + BK <= K;
 #pragma unroll
         for (int n = 0; n < A_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
             if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
             const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
+            const u32 dst = as_base + stage * A_STAGE + (r * LDS + kc) * 2;
             const u16* src;
+            bool none;
             if constexpr (HOIST_A) {
                 src = a_src[n];
+                none = a_none[n];
             } else {
                 const i64 row = a_rows[r];
-                src = row >= 0 ? p.a + row * p.lda + kc : nullptr;
+                src = p.a + (row >= 0 ? row * p.lda + kc : 0);
+                none = row < 0;
             }
-            const bool valid = src && k0 + kc < K;
-            cp_async_16(as + r * LDS + kc, valid ? (const void*)(src + k0) : (const void*)p.a, valid);
+            // A padding row is not copied, not even as zeros: its products only reach output
+            // rows that are never stored, and at decode most of the 16 rows are padding.
+            if (none) continue;
+            if (full || k0 + kc < K)
+                cp_async_16_zfill(dst, src + k0, false);
+            else
+                cp_async_16_zfill(dst, p.a, true);
         }
     };
     auto load_b = [&](int stage, int kt) {
         // Each 8-column block of the tile is one packed row block (its columns are 8
         // consecutive rows of B: GATED tiles alternate 8 gate and 8 up rows).
-        unsigned char* bq = Bq + stage * NB * KBS * 256;
+        const i64 step = (i64)kt * KBS;
+        const bool full = (kt + 1) * KBS <= kblocks;
 #pragma unroll
         for (int n = 0; n < B_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
             if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
-            const bool valid = b_src[n] && kt * KBS + b_kb[n] < kblocks;
-            cp_async_16(bq + i * 16, valid ? (const void*)(b_src[n] + (i64)kt * KBS * 256) : (const void*)b, valid);
+            const u32 dst = bq_base + stage * B_STAGE + i * 16;
+            if (full || step + (i / 16) % KBS < kblocks)
+                cp_async_16_zfill(dst, b_src[n] + step * 256, b_none[n]);
+            else
+                cp_async_16_zfill(dst, b, true);
         }
         if (threadIdx.x < S_CHUNKS) {
-            const bool valid = s_src && kt * KBS + s_kb < kblocks;
-            cp_async_16(Sq + stage * NB * KBS * SBLOCK + threadIdx.x * 16,
-                        valid ? (const void*)(s_src + (i64)kt * KBS * SBLOCK) : (const void*)bs_global, valid);
+            const u32 dst = sq_base + stage * S_STAGE + threadIdx.x * 16;
+            const int kb = (threadIdx.x / (SBLOCK / 16)) % KBS;
+            if (full || step + kb < kblocks)
+                cp_async_16_zfill(dst, s_src + step * SBLOCK, s_none);
+            else
+                cp_async_16_zfill(dst, bs_global, true);
         }
     };
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+    // Set at load when every scale byte of the matrix is plain: no block then checks its own.
+    const bool all_plain = p.b_scales_plain != 0;
     float acc[MT][NT][4];
     zero_accumulators<MT, NT>(acc);
 
@@ -401,16 +462,21 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
             // This lane's 8 packed bytes and its row's scale bytes for each n-block of the warp.
             uint2 packed[NT];
             u32 raw[NT];
-            bool plain = true;
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const int nb = (wn * WTN) / 8 + j;
                 packed[j] = *(const uint2*)(bq + (nb * KBS + kb) * 256 + lane * 8);
                 const unsigned char* s = sq + (nb * KBS + kb) * SBLOCK + (lane / 4) * SCALES;
                 raw[j] = FMT == FMT_MXFP4 ? (u32) * (const u16*)s : *(const u32*)s;
-                plain = plain && fp4_scales_plain<FMT>(raw[j]);
             }
-            if (__all_sync(0xffffffffu, plain))
+            bool plain = all_plain;
+            if (!all_plain) {
+                plain = true;
+#pragma unroll
+                for (int j = 0; j < NT; ++j) plain = plain && fp4_scales_plain<FMT>(raw[j]);
+                plain = __all_sync(0xffffffffu, plain);
+            }
+            if (plain)
                 fp4_block_mma<FMT, MT, NT, true>(acc, as, LDS * 2, wm * WTM, kb * 64, packed, raw);
             else
                 fp4_block_mma<FMT, MT, NT, false>(acc, as, LDS * 2, wm * WTM, kb * 64, packed, raw);
@@ -473,33 +539,44 @@ extern "C" __global__ void __launch_bounds__(128)
     if (lane == 0) scales[(i64)row * groups + g] = amax / 448.0f;
 }
 
-// Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (decode),
-// m = 64 x 128. Shared memory sizes are computed in src/backend/cuda/kernels.rs.
-#define FDMOE_QTILE_s 16, 64, 1, 4
-#define FDMOE_QTILE_m 64, 128, 2, 2
-// Decode keeps few stages so that more blocks share an SM, since issue, not bytes in flight,
-// limits these blocks. H200 sweeps at DeepSeek-V3 T = 16-256, times over the bf16 floor: before
-// the copy addresses were hoisted, FP8 2 stages 0.76-0.80, 3: 0.78-0.82, 4: 0.82-0.86, 5:
-// 0.95-0.98, and FP4 3 stages the best of 3/4/6/8; after, FP8 2 stages at 8 blocks per SM
-// 0.57-0.61, at 6 (80 registers) 0.69-0.72, 3 stages 0.59-0.63.
+// Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (FP8) or
+// 16 x 128 (FP4) for decode, m = 64 x 128. Shared memory sizes are computed in
+// src/backend/cuda/kernels.rs (QuantTile).
+#define FDMOE_QTILE_fp8_s 16, 64, 1, 4
+#define FDMOE_QTILE_fp4_s 16, 128, 1, 4
+#define FDMOE_QTILE_fp8_m 64, 128, 2, 2
+#define FDMOE_QTILE_fp4_m 64, 128, 2, 2
+// Decode keeps few stages so that more blocks share an SM. H200 sweeps at DeepSeek-V3 T =
+// 16-256, times over the bf16 floor: before the copy addresses were hoisted, FP8 2 stages
+// 0.76-0.80, 3: 0.78-0.82, 4: 0.82-0.86, 5: 0.95-0.98, and FP4 3 stages the best of 3/4/6/8;
+// after, FP8 2 stages at 8 blocks per SM 0.57-0.61, at 6 (80 registers) 0.69-0.72, 3 stages
+// 0.59-0.63. FP4 after the decode and copy rework (2026-12-02, bitwise-equal outputs): 16 x 64
+// at 3 / 4 / 6 stages 0.48-0.51 / 0.50-0.54 / 0.50-0.54; 16 x 128 at 3 stages and 5 blocks per
+// SM 0.41-0.45, at 2 (6 blocks) 0.44-0.47, at 4 (4 blocks) 0.43-0.47. The wide tile halves the
+// activation reads per weight: every warp reads the whole A tile from shared memory, which at
+// the 16 x 64 tile came to ~3.5 shared bytes per weight, near the SM's shared bandwidth at FP4
+// rates (what 27% fewer instructions, then hardly faster, pointed at).
 #define FDMOE_QSTAGES_fp8_s 2
 #define FDMOE_QSTAGES_fp8_m 4
 #define FDMOE_QSTAGES_fp4_s 3
 #define FDMOE_QSTAGES_fp4_m 4
 
 // FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).
-// Blocks per SM the FP8 tiles are compiled for: the decode tile at 8 (64 registers, no spills)
-// instead of the 6 its 80 registers allowed: 16% faster on the H200 (DeepSeek-V3 T = 16-256).
+// Blocks per SM the tiles are compiled for: the FP8 decode tile at 8 (64 registers, no spills)
+// instead of the 6 its 80 registers allowed: 16% faster on the H200 (DeepSeek-V3 T = 16-256);
+// the FP4 one at 5 (its shared memory allows 5; 114-120 registers would give 4).
 #define FDMOE_QMINBLOCKS_fp8_s 8
 #define FDMOE_QMINBLOCKS_fp8_m 1
+#define FDMOE_QMINBLOCKS_fp4_s 5
+#define FDMOE_QMINBLOCKS_fp4_m 1
 #define FDMOE_QGEMM_FP8(tile, name, mode, act)                                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_QMINBLOCKS_fp8_##tile) qgemm_fp8_block_##tile##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
-        grouped_gemm_fp8<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp8_##tile, m, act>(resolve_args<!weights_before_wait(m)>(p)); \
+        grouped_gemm_fp8<FDMOE_QTILE_fp8_##tile, FDMOE_QSTAGES_fp8_##tile, m, act>(resolve_args<!weights_before_wait(m)>(p)); \
     }
 #define FDMOE_QGEMM_FP4(fmt, fmt_name, tile, name, mode, act)                                           \
-    extern "C" __global__ void __launch_bounds__(128) qgemm_##fmt_name##_##tile##_##name(GemmParams p) {  \
-        grouped_gemm_fp4<FDMOE_QTILE_##tile, FDMOE_QSTAGES_fp4_##tile, fmt, mode, act>(                \
+    extern "C" __global__ void __launch_bounds__(128, FDMOE_QMINBLOCKS_fp4_##tile) qgemm_##fmt_name##_##tile##_##name(GemmParams p) { \
+        grouped_gemm_fp4<FDMOE_QTILE_fp4_##tile, FDMOE_QSTAGES_fp4_##tile, fmt, mode, act>(                \
             resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 

@@ -43,6 +43,7 @@ struct GemmParams {
     const void* b_scale;        // per format, see grouped_gemm_quant.cu
     i64 b_scale_group_stride;   // bytes per expert
     const float* b_global;      // NVFP4: [E] f32 global scales
+    i64 b_scales_plain;         // FP4: 1 when every scale byte of B is plain (fp4_scales_plain)
 };
 
 // GEMM 2 (SCALE) may copy its first weight tiles before its begin_dependent: what it reads

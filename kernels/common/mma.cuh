@@ -10,6 +10,15 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
 }
 
+// 16-byte async copy to a shared address, zero-filling instead of reading when `zero_fill`:
+// for copies whose validity is settled once per block, so that a stage issues no compare or
+// select (the predicate form; a register byte count costs address arithmetic per copy).
+__device__ __forceinline__ void cp_async_16_zfill(u32 smem_addr, const void* gmem, bool zero_fill) {
+    asm volatile(
+        "{\n .reg .pred z;\n setp.ne.b32 z, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(smem_addr),
+        "l"(gmem), "r"((int)zero_fill));
+}
+
 // 4-byte async copy (scales); `valid == false` writes zeros.
 __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
     u32 dst = (u32)__cvta_generic_to_shared(smem);
@@ -118,14 +127,19 @@ __device__ __forceinline__ void zero_accumulators(float (*acc)[NT][4]) {
             for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 }
 
-// d += a (16x16, row-major) * b (16x8, column-major)
-__device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
-#ifdef FDMOE_F16
+// d += a * b in IEEE half (16x16 row-major times 16x8 column-major), f32 accumulate.
+__device__ __forceinline__ void mma_16816_f16(float* d, const u32* a, const u32* b) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a (16x16, row-major) * b (16x8, column-major) in the element type.
+__device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) {
+#ifdef FDMOE_F16
+    mma_16816_f16(d, a, b);
 #else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -136,15 +150,39 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, const u32* b) 
 }
 
 #if __CUDA_ARCH__ >= 890
-// d += a (16x32 E4M3, row-major) * b (32x8 E4M3, column-major). The fragments hold the same
-// bytes per thread as m16n8k16's 16-bit ones, so the same ldmatrix addressing loads them.
-__device__ __forceinline__ void mma_16832_e4m3(float* d, const u32* a, const u32* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+// Two E4M3 codes, bytes 0-1 (HIGH: 2-3) of `v`, as an f16x2, exactly (E4M3 is a subset of f16).
+template <bool HIGH>
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
+    u32 r;
+    if (HIGH)
+        asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(r) : "r"(v));
+    else
+        asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(v));
+    return r;
 }
+
+// An m16n8k32 E4M3 fragment (A: 4 registers, B: 2, ldmatrix-loaded as for 16-bit types) as the
+// f16 fragments of two m16n8k16 MMAs over the same 32 k. Each E4M3 register holds 4
+// consecutive k; its low pair takes the f16 fragment's first k pair, its high pair the second
+// (k + 8). The k order inside an MMA does not change the sum as long as A and B agree, so
+// mma 0 takes A registers 0, 1 and B register 0, mma 1 registers 2, 3 and 1.
+__device__ __forceinline__ void e4m3_a_to_f16(const u32* a, u32* h) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        h[4 * m + 0] = e4m3x2_to_f16x2<false>(a[2 * m]);
+        h[4 * m + 1] = e4m3x2_to_f16x2<false>(a[2 * m + 1]);
+        h[4 * m + 2] = e4m3x2_to_f16x2<true>(a[2 * m]);
+        h[4 * m + 3] = e4m3x2_to_f16x2<true>(a[2 * m + 1]);
+    }
+}
+__device__ __forceinline__ void e4m3_b_to_f16(const u32* b, u32* h) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+        h[2 * m] = e4m3x2_to_f16x2<false>(b[m]);
+        h[2 * m + 1] = e4m3x2_to_f16x2<true>(b[m]);
+    }
+}
+
 #endif
 
 // a * b per bf16 lane, exact when the product is representable (subnormals included).

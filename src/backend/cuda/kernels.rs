@@ -40,11 +40,13 @@ pub struct GemmParams {
     pub a_arg: i64,
     pub c_arg: i64,
     /// Quantized GEMMs (a, b and strides in bytes there): FP8_BLOCK activation scales, the
-    /// weights' scales and their per-expert stride, NVFP4 global scales.
+    /// weights' scales and their per-expert stride, NVFP4 global scales; FP4: 1 when every
+    /// scale byte is plain (`QuantizedPart::scales_plain`).
     pub a_scale: DevicePtr,
     pub b_scale: DevicePtr,
     pub b_scale_group_stride: i64,
     pub b_global: DevicePtr,
+    pub b_scales_plain: i64,
 }
 
 impl Default for GemmParams {
@@ -78,6 +80,7 @@ impl Default for GemmParams {
             b_scale: 0,
             b_scale_group_stride: 0,
             b_global: 0,
+            b_scales_plain: 0,
         }
     }
 }
@@ -276,8 +279,8 @@ fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
     format!("gemm_{}_{kind}", tile.suffix())
 }
 
-/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu): 16 x 64 for
-/// decode, 64 x 128 otherwise; 4 warps each.
+/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu): 16 x 64 (FP8)
+/// or 16 x 128 (FP4) for decode, 64 x 128 otherwise; 4 warps each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantTile {
     Small,
@@ -298,10 +301,10 @@ impl QuantTile {
             QuantTile::Mid => 64,
         }
     }
-    pub fn block_n(self) -> usize {
-        match self {
-            QuantTile::Small => 64,
-            QuantTile::Mid => 128,
+    pub fn block_n(self, format: FdmoeDtype) -> usize {
+        match (self, format) {
+            (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
+            _ => 128,
         }
     }
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
@@ -320,7 +323,7 @@ impl QuantTile {
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
     pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
-        let (bm, bn, stages) = (self.block_m(), self.block_n(), self.stages(format));
+        let (bm, bn, stages) = (self.block_m(), self.block_n(format), self.stages(format));
         let rows = (bm + bn) * 8;
         match format {
             FdmoeDtype::Fp8Block => stages * (bm + bn) * (128 + 16) + stages * (bm + bn) * 4 + rows,
@@ -525,7 +528,8 @@ impl Kernels {
             .find(|((t, k), _)| *t == tile && *k == kind)
             .expect("loaded with a quantized format")
             .1;
-        let shape = (tile.block_n(), 128, tile.smem_bytes(self.weight_format));
+        let format = self.weight_format;
+        let shape = (tile.block_n(format), 128, tile.smem_bytes(format));
         launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 

@@ -576,6 +576,7 @@ impl CudaBackend {
                     b_scale: part.scales.ptr,
                     b_scale_group_stride: part.scale_stride as i64,
                     b_global: part.global_ptr(),
+                    b_scales_plain: part.scales_plain as i64,
                     ..p
                 };
                 let mut p = weights(gemm1, &q.w13);

@@ -7,9 +7,9 @@
 //!   row's scale without a per-row table (an interleaved 128-row block holds 64 gate and 64 up
 //!   rows).
 //! - MXFP4 / NVFP4: data as `[N/8][KB][256]` bytes, KB = ceil(K/64) blocks of 64 columns
-//!   (zero-padded), where lane `L` of a warp owns bytes `8L..8L+8` of a block: the nibbles of its
-//!   m16n8k16 B fragments for the block's four k16 steps, in the order the kernel's decode emits
-//!   them ([`fp4_fragment_k`]). Scales as `[N/8][KB][8 rows][G]` bytes, G = 2 UE8M0 (per 32) or
+//!   (zero-padded), where lane `L` of a warp owns bytes `8L..8L+8` of a block: the E2M1 codes of
+//!   its m16n8k16 B fragments for the block's four k16 steps ([`fp4_fragment_k`]), each at the
+//!   bits the kernel's decode takes it from ([`fp4_code_bits`]). Scales as `[N/8][KB][8 rows][G]` bytes, G = 2 UE8M0 (per 32) or
 //!   4 E4M3 (per 16) per row and block; NVFP4's global scales as `[E]` f32 per matrix.
 //!
 //! Everything is built one expert at a time and copied into one device buffer per part, so a
@@ -37,6 +37,8 @@ pub struct QuantizedPart {
     /// Bytes of one expert's data / scales.
     pub data_stride: usize,
     pub scale_stride: usize,
+    /// FP4: every scale byte is plain ([`fp4_scale_plain`]), so no block of the kernel checks.
+    pub scales_plain: bool,
 }
 
 /// Both expert matrices in a quantized format.
@@ -68,6 +70,17 @@ fn fp4_scales_per_block_row(format: FdmoeDtype) -> usize {
     }
 }
 
+/// Whether the kernel decodes with scale byte `b` by its fast path (`fp4_scales_plain` in
+/// kernels/grouped_gemm_quant.cu): a UE8M0 exponent up to 128 (MXFP4), a positive normal E4M3
+/// (NVFP4). Real checkpoints' scales all are.
+pub fn fp4_scale_plain(format: FdmoeDtype, b: u8) -> bool {
+    match format {
+        FdmoeDtype::Mxfp4 => b <= 128,
+        FdmoeDtype::Nvfp4 => b & 0x80 == 0 && b & 0x78 != 0 && b & 0x7F != 0x7F,
+        _ => false,
+    }
+}
+
 /// Device bytes of the quantized experts of `cfg`.
 pub fn device_bytes(cfg: &MoeConfig) -> usize {
     let e = cfg.num_experts;
@@ -87,10 +100,33 @@ pub fn device_bytes(cfg: &MoeConfig) -> usize {
 /// `e` (0..4) of that word: the column (within the 64-column block) of the pair's low element;
 /// the high element is the next column. Pair `e` is B-fragment register `e % 2` (b0 or b1) of
 /// k16 step `2w + e / 2`, whose low element is `k = 16 step + 2t + 8 (e % 2)` (PTX m16n8k16
-/// layout). The decode takes pair `e` from nibbles `3 - e` (low) and `7 - e` (high).
+/// layout). Where the pair's two codes sit in the word: [`fp4_code_bits`].
 pub fn fp4_fragment_k(lane: usize, w: usize, e: usize) -> usize {
     let step = 2 * w + e / 2;
     16 * step + 2 * (lane % 4) + 8 * (e % 2)
+}
+
+/// The kernel's rotations of a packed word (FP4_SIGN_ROT / FP4_MAG_ROT in
+/// kernels/grouped_gemm_quant.cu): pair `e` decodes its two sign bits from bits 15 and 31 of
+/// the word rotated right by `FP4_SIGN_ROT[e]` and its two 3-bit magnitudes from bits 6..8 and
+/// 22..24 of it rotated by `FP4_MAG_ROT[e]`, the layout with the fewest decode instructions.
+const FP4_SIGN_ROT: [u32; 4] = [14, 13, 0, 15];
+const FP4_MAG_ROT: [u32; 4] = [10, 13, 0, 3];
+
+/// Bit positions in a packed word of the sign and of the lowest magnitude bit (the magnitude
+/// takes that bit and the next two) of pair `e`'s element `h` (0: the low bf16 of the register).
+pub fn fp4_code_bits(e: usize, h: usize) -> (u32, u32) {
+    let half = 16 * h as u32;
+    (
+        (15 + half + FP4_SIGN_ROT[e]) % 32,
+        (6 + half + FP4_MAG_ROT[e]) % 32,
+    )
+}
+
+/// E2M1 `code` as element `h` of pair `e` of a packed word.
+fn place_code(e: usize, h: usize, code: u8) -> u32 {
+    let (sign, mag) = fp4_code_bits(e, h);
+    (((code >> 3) as u32 & 1) << sign) | (((code & 7) as u32) << mag)
 }
 
 /// Nibble `k` of a row in the canonical packing (two per byte, low nibble first).
@@ -135,8 +171,7 @@ fn pack_fp4(
                             } else {
                                 (0, 0)
                             };
-                            word |= (lo as u32) << (4 * (3 - e));
-                            word |= (hi as u32) << (4 * (7 - e));
+                            word |= place_code(e, 0, lo) | place_code(e, 1, hi);
                         }
                         let at = block * 256 + lane * 8 + w * 4;
                         out[at..at + 4].copy_from_slice(&word.to_le_bytes());
@@ -236,6 +271,7 @@ impl QuantizedPart {
             global: None,
             data_stride,
             scale_stride,
+            scales_plain: cfg.weight_dtype != FdmoeDtype::Fp8Block,
         })
     }
 
@@ -250,13 +286,15 @@ impl QuantizedExperts {
         let mut w13 = QuantizedPart::alloc(cfg, ExpertMatrix::W13)?;
         let mut w2 = QuantizedPart::alloc(cfg, ExpertMatrix::W2)?;
         let mut globals = (Vec::new(), Vec::new());
+        let format = cfg.weight_dtype;
         for_each_quantized_expert(cfg, src, |e, which, matrix| {
             let interleaved = which == ExpertMatrix::W13 && src.gate_up_interleaved;
             let (data, scales, global) = repack(&matrix, interleaved);
             let (part, g) = match which {
-                ExpertMatrix::W13 => (&w13, &mut globals.0),
-                ExpertMatrix::W2 => (&w2, &mut globals.1),
+                ExpertMatrix::W13 => (&mut w13, &mut globals.0),
+                ExpertMatrix::W2 => (&mut w2, &mut globals.1),
             };
+            part.scales_plain &= scales.iter().all(|&b| fp4_scale_plain(format, b));
             part.data.write_at(e * part.data_stride, &data)?;
             part.scales.write_at(e * part.scale_stride, &scales)?;
             g.extend(global);
@@ -305,8 +343,11 @@ mod tests {
                             // The kernel: scale index by word (MXFP4) or by k16 step (NVFP4).
                             let s = if per_row == 2 { w } else { 2 * w + e / 2 };
                             let scale = scales[(block * 8 + lane / 4) * per_row + s];
-                            let lo = ((word >> (4 * (3 - e))) & 0xF) as u8;
-                            let hi = ((word >> (4 * (7 - e))) & 0xF) as u8;
+                            let take = |h| {
+                                let (sign, mag) = fp4_code_bits(e, h);
+                                ((((word >> sign) & 1) << 3) | ((word >> mag) & 7)) as u8
+                            };
+                            let (lo, hi) = (take(0), take(1));
                             if k < cols {
                                 out[n * cols + k] = (lo, scale);
                                 out[n * cols + k + 1] = (hi, scale);
@@ -334,6 +375,55 @@ mod tests {
             // 16 columns per lane; the 4 lanes of a row cover all 64.
             assert_eq!(seen.iter().filter(|s| **s).count(), 16);
         }
+    }
+
+    #[test]
+    fn plain_scales_are_the_single_bf16_multipliers() {
+        // MXFP4: 2^(e - 127) times the decode's 2^126 is a normal bf16 (exponent field e + 126
+        // at most 254) exactly up to e = 128; 255 is NaN.
+        for b in 0..=255u8 {
+            let bf16_exponent = b as i32 + 126;
+            assert_eq!(
+                fp4_scale_plain(FdmoeDtype::Mxfp4, b),
+                bf16_exponent <= 254,
+                "{b}"
+            );
+        }
+        // NVFP4: the positive, finite, normal E4M3 values (at least 2^-6).
+        for b in 0..=255u8 {
+            let v = crate::quant::e4m3::decode_e4m3(b);
+            let expect = v.is_finite() && v >= 2f32.powi(-6);
+            assert_eq!(
+                fp4_scale_plain(FdmoeDtype::Nvfp4, b),
+                expect,
+                "{b:#x} = {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn fp4_codes_fill_each_word_bit_once() {
+        let mut seen = 0u64;
+        for e in 0..4 {
+            for h in 0..2 {
+                let (sign, mag) = fp4_code_bits(e, h);
+                for bit in [sign, mag, mag + 1, mag + 2] {
+                    assert!(
+                        bit < 32 && seen & (1 << bit) == 0,
+                        "pair {e} element {h} bit {bit}"
+                    );
+                    seen |= 1 << bit;
+                }
+                // What the kernel reads for the register: the rotated word's bits 15 / 31
+                // and 6..8 / 22..24.
+                let word = place_code(e, h, 0xF);
+                let sign_view = word.rotate_right(FP4_SIGN_ROT[e]);
+                let mag_view = word.rotate_right(FP4_MAG_ROT[e]);
+                assert_eq!(sign_view & 0x8000_8000, 1 << (15 + 16 * h));
+                assert_eq!(mag_view & 0x01C0_01C0, 0x1C0 << (16 * h));
+            }
+        }
+        assert_eq!(seen, 0xFFFF_FFFF);
     }
 
     #[test]
