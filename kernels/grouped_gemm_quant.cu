@@ -540,10 +540,12 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (FP8) or
-// 16 x 128 (FP4) for decode, m = 64 x 128. Shared memory sizes are computed in
+// 16 x 128 (FP4) for decode, n = 16 x 64 (FP4) for decode grids the wide tile would leave
+// underfilled, m = 64 x 128. Shared memory sizes and the choice are in
 // src/backend/cuda/kernels.rs (QuantTile).
 #define FDMOE_QTILE_fp8_s 16, 64, 1, 4
 #define FDMOE_QTILE_fp4_s 16, 128, 1, 4
+#define FDMOE_QTILE_fp4_n 16, 64, 1, 4
 #define FDMOE_QTILE_fp8_m 64, 128, 2, 2
 #define FDMOE_QTILE_fp4_m 64, 128, 2, 2
 // Decode keeps few stages so that more blocks share an SM. H200 sweeps at DeepSeek-V3 T =
@@ -559,6 +561,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_QSTAGES_fp8_s 2
 #define FDMOE_QSTAGES_fp8_m 4
 #define FDMOE_QSTAGES_fp4_s 3
+#define FDMOE_QSTAGES_fp4_n 3
 #define FDMOE_QSTAGES_fp4_m 4
 
 // FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).
@@ -568,6 +571,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_QMINBLOCKS_fp8_s 8
 #define FDMOE_QMINBLOCKS_fp8_m 1
 #define FDMOE_QMINBLOCKS_fp4_s 5
+#define FDMOE_QMINBLOCKS_fp4_n 1
 #define FDMOE_QMINBLOCKS_fp4_m 1
 #define FDMOE_QGEMM_FP8(tile, name, mode, act)                                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_QMINBLOCKS_fp8_##tile) qgemm_fp8_block_##tile##_##name(GemmParams p) { \
@@ -591,8 +595,10 @@ FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, s)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
 #endif
 #ifndef FDMOE_F16
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, n)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, s)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, m)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_NVFP4, nvfp4, n)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_NVFP4, nvfp4, s)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_NVFP4, nvfp4, m)
 #endif

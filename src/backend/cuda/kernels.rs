@@ -279,31 +279,49 @@ fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
     format!("gemm_{}_{kind}", tile.suffix())
 }
 
-/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu): 16 x 64 (FP8)
-/// or 16 x 128 (FP4) for decode, 64 x 128 otherwise; 4 warps each.
+/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu), 4 warps each:
+/// for decode 16 x 64 (FP8) or 16 x 128 (FP4), and for FP4 also 16 x 64 when the wide tile would
+/// leave the GPU underfilled; 64 x 128 otherwise. Every tile sums each output in the same order,
+/// so the choice never changes a bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantTile {
+    Narrow,
     Small,
     Mid,
 }
 
+/// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
+/// give DeepSeek-V3's GEMM 1 at most 16 * 2I / 128 = 512 blocks for 660 resident ones (5 per SM
+/// on 132 SMs). H200, T = 1: MXFP4 0.111 ms narrow against 0.118 wide, NVFP4 0.114 / 0.130.
+pub const FP4_NARROW_MAX_SLOTS: usize = 16;
+
 impl QuantTile {
-    pub fn for_rows(rows: usize) -> QuantTile {
-        if rows <= 24 {
-            QuantTile::Small
-        } else {
+    /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
+    pub fn choose(format: FdmoeDtype, rows: usize, slots: usize) -> QuantTile {
+        if rows > 24 {
             QuantTile::Mid
+        } else if format != FdmoeDtype::Fp8Block && slots <= FP4_NARROW_MAX_SLOTS {
+            QuantTile::Narrow
+        } else {
+            QuantTile::Small
+        }
+    }
+    /// The tiles a format has kernels for.
+    pub fn all(format: FdmoeDtype) -> &'static [QuantTile] {
+        match format {
+            FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Mid],
+            _ => &[QuantTile::Narrow, QuantTile::Small, QuantTile::Mid],
         }
     }
     pub fn block_m(self) -> usize {
         match self {
-            QuantTile::Small => 16,
+            QuantTile::Narrow | QuantTile::Small => 16,
             QuantTile::Mid => 64,
         }
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
+            (QuantTile::Narrow, _) | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
             _ => 128,
         }
     }
@@ -311,12 +329,13 @@ impl QuantTile {
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
             (QuantTile::Small, FdmoeDtype::Fp8Block) => 2,
-            (QuantTile::Small, _) => 3,
+            (QuantTile::Narrow | QuantTile::Small, _) => 3,
             _ => 4,
         }
     }
     fn suffix(self) -> &'static str {
         match self {
+            QuantTile::Narrow => "n",
             QuantTile::Small => "s",
             QuantTile::Mid => "m",
         }
@@ -450,7 +469,7 @@ impl Kernels {
         let mut quantize_fp8 = None;
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
-            for tile in [QuantTile::Small, QuantTile::Mid] {
+            for &tile in QuantTile::all(weight_format) {
                 for kind in [GemmKind::UpGated, GemmKind::DownScaled] {
                     let name = qgemm_name(weight_format, tile, kind, activation);
                     qgemms.push((
@@ -927,6 +946,32 @@ pub struct SortBuffers {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fp4_decode_takes_the_narrow_tile_only_for_small_grids() {
+        use FdmoeDtype::*;
+        for fmt in [Mxfp4, Nvfp4] {
+            assert_eq!(QuantTile::choose(fmt, 1, 8), QuantTile::Narrow);
+            assert_eq!(
+                QuantTile::choose(fmt, 1, FP4_NARROW_MAX_SLOTS),
+                QuantTile::Narrow
+            );
+            assert_eq!(
+                QuantTile::choose(fmt, 1, FP4_NARROW_MAX_SLOTS + 1),
+                QuantTile::Small
+            );
+            assert_eq!(QuantTile::choose(fmt, 25, 4096), QuantTile::Mid);
+            assert!(QuantTile::all(fmt).contains(&QuantTile::Narrow));
+        }
+        assert_eq!(QuantTile::choose(Fp8Block, 1, 8), QuantTile::Small);
+        assert!(!QuantTile::all(Fp8Block).contains(&QuantTile::Narrow));
+        // Every tile fits an SM's shared memory (227 KB a block on sm_90).
+        for fmt in [Fp8Block, Mxfp4, Nvfp4] {
+            for &t in QuantTile::all(fmt) {
+                assert!(t.smem_bytes(fmt) <= 227 * 1024, "{t:?} {fmt:?}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -370,7 +370,7 @@ impl CudaBackend {
         let rows_per_expert = slots.div_ceil(e.min(slots));
         let (tile, qtile) = (
             Tile::for_rows(rows_per_expert, k.hopper),
-            QuantTile::for_rows(rows_per_expert),
+            QuantTile::choose(self.config().weight_dtype, rows_per_expert, slots),
         );
         let block_m = match w.experts {
             DeviceExperts::Dense { .. } => tile.block_m(),
