@@ -27,10 +27,11 @@
 // codes are converted exactly to f16 in registers (F2FP) for chained m16n8k16 f16 MMAs. FP4's
 // decode is bit moves from a layout chosen for them (11 instructions per 8 weights), and, when
 // the matrix's scales are all plain (real checkpoints), one bf16x2 multiply per register by
-// multipliers made once per block; its decode tile is 128 wide, because every warp reads the
-// whole activation tile from shared memory, and at 64 wide those reads, not instructions, bound
-// it. On the H200 at DeepSeek-V3 T = 16-256 (BENCHMARKS.md) FP8 streams at ~1.1x its byte
-// floor, MXFP4 at ~1.6x.
+// multipliers made once per block; its decode tile is 128 wide, which halves the activation
+// tile's shared reads (every warp reads all of it) and the fixed instructions per weight. On
+// the H200 at DeepSeek-V3 T = 16-256 (BENCHMARKS.md) FP8 streams at ~1.1x its byte floor,
+// MXFP4 at ~1.6x, there with 5 warps per scheduler and 38% of cycles without an eligible one
+// (ncu): latency with too few warps, not DRAM, issue or shared bandwidth alone.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
@@ -554,10 +555,9 @@ extern "C" __global__ void __launch_bounds__(128)
 // after, FP8 2 stages at 8 blocks per SM 0.57-0.61, at 6 (80 registers) 0.69-0.72, 3 stages
 // 0.59-0.63. FP4 after the decode and copy rework (2026-12-02, bitwise-equal outputs): 16 x 64
 // at 3 / 4 / 6 stages 0.48-0.51 / 0.50-0.54 / 0.50-0.54; 16 x 128 at 3 stages and 5 blocks per
-// SM 0.41-0.45, at 2 (6 blocks) 0.44-0.47, at 4 (4 blocks) 0.43-0.47. The wide tile halves the
-// activation reads per weight: every warp reads the whole A tile from shared memory, which at
-// the 16 x 64 tile came to ~3.5 shared bytes per weight, near the SM's shared bandwidth at FP4
-// rates (what 27% fewer instructions, then hardly faster, pointed at).
+// SM 0.41-0.45, at 2 (6 blocks) 0.44-0.47, at 4 (4 blocks) 0.43-0.47. (27% fewer instructions
+// per weight at 16 x 64 had gained 0-3%; the wide tile also halves the activation tile's shared
+// reads per weight, since every warp reads all of it.)
 #define FDMOE_QSTAGES_fp8_s 2
 #define FDMOE_QSTAGES_fp8_m 4
 #define FDMOE_QSTAGES_fp4_s 3
