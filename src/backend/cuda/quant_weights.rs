@@ -9,8 +9,9 @@
 //! - MXFP4 / NVFP4: data as `[N/8][KB][256]` bytes, KB = ceil(K/64) blocks of 64 columns
 //!   (zero-padded), where lane `L` of a warp owns bytes `8L..8L+8` of a block: the E2M1 codes of
 //!   its m16n8k16 B fragments for the block's four k16 steps ([`fp4_fragment_k`]), each at the
-//!   bits the kernel's decode takes it from ([`fp4_code_bits`]). Scales as `[N/8][KB][8 rows][G]` bytes, G = 2 UE8M0 (per 32) or
-//!   4 E4M3 (per 16) per row and block; NVFP4's global scales as `[E]` f32 per matrix.
+//!   bits the kernel's decode takes it from ([`fp4_code_bits`]). Scales as `[N/8][KB][8 rows][G]`
+//!   bytes, G = 2 UE8M0 (per 32) or 4 E4M3 (per 16) per row and block; NVFP4's global scales as
+//!   `[E]` f32 per matrix.
 //!
 //! Everything is built one expert at a time and copied into one device buffer per part, so a
 //! load holds at most one expert's repacked copy on the host.
