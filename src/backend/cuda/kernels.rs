@@ -292,7 +292,7 @@ pub enum QuantTile {
 
 /// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
 /// give DeepSeek-V3's GEMM 1 at most 16 * 2I / 128 = 512 blocks for 660 resident ones (5 per SM
-/// on 132 SMs). H200, T = 1: MXFP4 0.111 ms narrow against 0.118 wide, NVFP4 0.114 / 0.130.
+/// on 132 SMs). H200, T = 1: MXFP4 0.109 ms narrow against 0.118 wide, NVFP4 0.112 / 0.130.
 pub const FP4_NARROW_MAX_SLOTS: usize = 16;
 
 impl QuantTile {
