@@ -6,7 +6,10 @@ T in 1, 8, 64, 512, 8192, on the lent GPU:
   replay ms       GPU time of one fdmoe_forward replaying the library's graph for T's bucket
                   (its argument-block writer node updated, one graph launch)
   torch graph ms  the same eager kernels captured in a torch.cuda.CUDAGraph by the caller
-  replay overhead replay ms - torch graph ms: what the library's own graph path adds
+  replay overhead median over rounds of (replay - torch graph), the two timed back to back in
+                  each round: what the library's own graph path adds. Paired, because at
+                  T = 8192 a few tens of microseconds of clock drift between two separately
+                  timed medians of ~3 ms exceed the quantity measured
   host us         CPU time of one fdmoe_forward call (ctypes call on a prebuilt argument struct,
                   no sync), eager and replay
 Medians of many calls after warm-up. Run on the device: python3 bench/graph_latency.py
@@ -27,16 +30,19 @@ SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "mixtral-8x7b": (8, 2, 4096, 143
 TOKENS = [1, 8, 64, 512, 8192]
 
 
-def gpu_ms(torch, call, reps):
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        call()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def event_ms(torch, call):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    call()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def interleaved_ms(torch, calls, reps):
+    """Each round times every call once, in turn: their medians, and the per-round times."""
+    rounds = [[event_ms(torch, c) for c in calls] for _ in range(reps)]
+    return [statistics.median(r[i] for r in rounds) for i in range(len(calls))], rounds
 
 
 def host_us(torch, call, reps):
@@ -83,18 +89,7 @@ def main():
 
             eager = lambda: call(_lib.FORWARD_FORCE_EAGER)  # noqa: E731
             replay = lambda: call(0)  # noqa: E731
-            reps = 20 if T >= 4096 else 100
-            for f in (eager, replay):
-                for _ in range(5):
-                    f()
-            torch.cuda.synchronize()
-            res = {"shape": name, "T": T,
-                   "eager_ms": gpu_ms(torch, eager, reps), "replay_ms": gpu_ms(torch, replay, reps),
-                   "eager_host_us": host_us(torch, eager, reps), "replay_host_us": host_us(torch, replay, reps)}
-            e_out = out.clone()
-            replay()
-            torch.cuda.synchronize()
-            res["replay_bitwise"] = bool(torch.equal(e_out, out))
+            reps = 50 if T >= 4096 else 200
             g = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()
             with torch.cuda.stream(side):
@@ -103,8 +98,20 @@ def main():
                     eager()
                 a.stream = stream.cuda_stream
             torch.cuda.synchronize()
-            res["torch_graph_ms"] = gpu_ms(torch, g.replay, reps)
-            res["replay_overhead_us"] = (res["replay_ms"] - res["torch_graph_ms"]) * 1e3
+            for f in (eager, replay, g.replay):
+                for _ in range(5):
+                    f()
+            eager()
+            torch.cuda.synchronize()
+            e_out = out.clone()
+            replay()
+            torch.cuda.synchronize()
+            bitwise = bool(torch.equal(e_out, out))
+            (eager_ms, replay_ms, graph_ms), rounds = interleaved_ms(torch, (eager, replay, g.replay), reps)
+            res = {"shape": name, "T": T, "eager_ms": eager_ms, "replay_ms": replay_ms, "torch_graph_ms": graph_ms,
+                   "replay_overhead_us": statistics.median(r[1] - r[2] for r in rounds) * 1e3,
+                   "eager_host_us": host_us(torch, eager, reps), "replay_host_us": host_us(torch, replay, reps),
+                   "replay_bitwise": bitwise}
             rows.append(res)
             print(res, flush=True)
         layer.close()

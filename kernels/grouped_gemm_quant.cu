@@ -25,13 +25,15 @@
 // copy per 16 bytes; the FP8 decode tile is compiled for 8 blocks per SM and the pipelines stay
 // shallow (deeper ones cost blocks per SM and were slower). On sm_90 E4M3 has no mma.sync: its
 // codes are converted exactly to f16 in registers (F2FP) for chained m16n8k16 f16 MMAs. FP4's
-// decode is bit moves from a layout chosen for them (11 instructions per 8 weights), and, when
-// the matrix's scales are all plain (real checkpoints), one bf16x2 multiply per register by
-// multipliers made once per block; its decode tile is 128 wide, which halves the activation
-// tile's shared reads (every warp reads all of it) and the fixed instructions per weight. On
-// the H200 at DeepSeek-V3 T = 16-256 (BENCHMARKS.md) FP8 streams at ~1.1x its byte floor,
-// MXFP4 at ~1.6x, there with 5 warps per scheduler and 38% of cycles without an eligible one
-// (ncu): latency with too few warps, not DRAM, issue or shared bandwidth alone.
+// decode is bit moves from a layout chosen for them (6 masks on the integer ALU and 5 shifts
+// as multiplies on the FMA pipe per 8 weights), and, when the matrix's scales are all plain
+// (real checkpoints), one bf16x2 multiply per register by multipliers made once per block; its
+// decode tile is 128 wide, which halves the activation tile's shared reads (every warp reads
+// all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
+// (BENCHMARKS.md) FP8 streams at ~1.1x its byte floor, MXFP4 at ~1.6x, there with 5 warps per
+// scheduler and 38% of cycles without an eligible one (ncu): latency with too few warps, not
+// DRAM, issue or shared bandwidth alone. Moving the decode's shifts off the ALU pipe, whose
+// throttle was its largest stall, gained only 2-3%.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
@@ -190,23 +192,45 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
 // The 4 bf16x2 B-fragment registers one packed word holds, each the exact weights times
 // 2^-126. Register e's two sign bits are the word's bits 15 and 31 after rotating it right by
 // FP4_SIGN_ROT[e], its two 3-bit magnitudes bits 6-8 and 22-24 after rotating by FP4_MAG_ROT[e]:
-// the repack (src/backend/cuda/quant_weights.rs, same tables) put them there so that one
-// register is a mask, one a rotate and a mask, two a rotate each, two masks and a merge: 11
-// instructions a word instead of 15 for nibbles in order (of the layouts of a sign bit and a
-// 3-bit field per weight, none lets every register be one rotation).
-#define FP4_SIGN_ROT {14, 13, 0, 15}
-#define FP4_MAG_ROT {10, 13, 0, 3}
-__device__ __forceinline__ u32 rotate_right(u32 q, int r) { return r == 0 ? q : __funnelshift_r(q, q, r); }
+// the repack (src/backend/cuda/quant_weights.rs, same tables) put them there. The decode is
+// bound by the integer ALU pipe (H200 ncu: its throttle the largest stall, LOP3 and SHF 42% of
+// the instructions), which issues at half rate, so the layout is the one whose rotations never
+// wrap the bits kept: each is then a shift, and a shift is a multiply (left) or a multiply's
+// high half (right) on the otherwise idle FMA pipe, which leaves the ALU the 6 masks a word
+// needs (of the layouts of a sign bit and a 3-bit field per weight, none needs fewer).
+#define FP4_SIGN_ROT {0, 31, 27, 26}
+#define FP4_MAG_ROT {0, 5, 29, 26}
+
+// The word rotated right by R where it matters: the bits the mask keeps of each 16-bit half,
+// LOW..HIGH, come from inside the word, so one shift gives them, done as an integer multiply.
+template <int R, int LOW, int HIGH>
+__device__ __forceinline__ u32 fp4_view(u32 q) {
+    if constexpr (R == 0) {
+        return q;
+    } else if constexpr (HIGH + 16 + R <= 31) {
+        u32 r;
+        asm("mul.hi.u32 %0, %1, %2;" : "=r"(r) : "r"(q), "n"(1u << (32 - R)));
+        return r;
+    } else {
+        static_assert(LOW + R >= 32, "the layout would wrap a kept bit");
+        u32 r;
+        asm("mul.lo.u32 %0, %1, %2;" : "=r"(r) : "r"(q), "n"(1u << (32 - R)));
+        return r;
+    }
+}
+
+template <int SIGN_ROT, int MAG_ROT>
+__device__ __forceinline__ u32 unpack_e2m1_pair(u32 q) {
+    if constexpr (SIGN_ROT == MAG_ROT) return fp4_view<SIGN_ROT, 6, 15>(q) & 0x81C081C0u;
+    return (fp4_view<SIGN_ROT, 15, 15>(q) & 0x80008000u) | (fp4_view<MAG_ROT, 6, 8>(q) & 0x01C001C0u);
+}
 
 __device__ __forceinline__ void unpack_e2m1_word(u32 q, u32* out) {
     constexpr int sign_rot[4] = FP4_SIGN_ROT, mag_rot[4] = FP4_MAG_ROT;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        if (sign_rot[e] == mag_rot[e])
-            out[e] = rotate_right(q, sign_rot[e]) & 0x81C081C0u;
-        else
-            out[e] = (rotate_right(q, sign_rot[e]) & 0x80008000u) | (rotate_right(q, mag_rot[e]) & 0x01C001C0u);
-    }
+    out[0] = unpack_e2m1_pair<sign_rot[0], mag_rot[0]>(q);
+    out[1] = unpack_e2m1_pair<sign_rot[1], mag_rot[1]>(q);
+    out[2] = unpack_e2m1_pair<sign_rot[2], mag_rot[2]>(q);
+    out[3] = unpack_e2m1_pair<sign_rot[3], mag_rot[3]>(q);
 }
 
 // Scale multipliers for one packed word: the unpacked values times `first` (then times
@@ -256,10 +280,10 @@ __device__ __forceinline__ bool fp4_scales_plain(u32 raw) {
 template <int FMT>
 __device__ __forceinline__ void fp4_plain_scales(u32 raw, u32* step_scale) {
     if (FMT == FMT_MXFP4) {
-        // (e + 126) << 7 in each half: the bf16 of 2^(e - 1).
-        const u32 x = (__byte_perm(raw, 0, 0x4140) + 0x007E007Eu) << 7;
-        step_scale[0] = step_scale[1] = __byte_perm(x, 0, 0x1010);
-        step_scale[2] = step_scale[3] = __byte_perm(x, 0, 0x3232);
+        // e << 7 into both halves by one multiply, + 126 << 7 in each: the bf16x2 of 2^(e - 1),
+        // on the FMA pipe (the ALU pipe is the decode's bottleneck).
+        step_scale[0] = step_scale[1] = __byte_perm(raw, 0, 0x4440) * 0x00800080u + 0x3F003F00u;
+        step_scale[2] = step_scale[3] = __byte_perm(raw, 0, 0x4441) * 0x00800080u + 0x3F003F00u;
     } else {
         // eeeemmm << 4 is a bf16 with exponent e and mantissa m; + 238 in the exponent field is
         // the E4M3 bias (7) undone and the 2^118 folded in.

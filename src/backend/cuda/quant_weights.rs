@@ -110,9 +110,11 @@ pub fn fp4_fragment_k(lane: usize, w: usize, e: usize) -> usize {
 /// The kernel's rotations of a packed word (FP4_SIGN_ROT / FP4_MAG_ROT in
 /// kernels/grouped_gemm_quant.cu): pair `e` decodes its two sign bits from bits 15 and 31 of
 /// the word rotated right by `FP4_SIGN_ROT[e]` and its two 3-bit magnitudes from bits 6..8 and
-/// 22..24 of it rotated by `FP4_MAG_ROT[e]`, the layout with the fewest decode instructions.
-const FP4_SIGN_ROT: [u32; 4] = [14, 13, 0, 15];
-const FP4_MAG_ROT: [u32; 4] = [10, 13, 0, 3];
+/// 22..24 of it rotated by `FP4_MAG_ROT[e]`. No rotation wraps a bit the kernel keeps, so it
+/// decodes each with one shift (as a multiply, off the integer ALU pipe) and the 6 masks a word
+/// needs at the fewest.
+const FP4_SIGN_ROT: [u32; 4] = [0, 31, 27, 26];
+const FP4_MAG_ROT: [u32; 4] = [0, 5, 29, 26];
 
 /// Bit positions in a packed word of the sign and of the lowest magnitude bit (the magnitude
 /// takes that bit and the next two) of pair `e`'s element `h` (0: the low bf16 of the register).
@@ -422,6 +424,25 @@ mod tests {
                 let mag_view = word.rotate_right(FP4_MAG_ROT[e]);
                 assert_eq!(sign_view & 0x8000_8000, 1 << (15 + 16 * h));
                 assert_eq!(mag_view & 0x01C0_01C0, 0x1C0 << (16 * h));
+                // The kernel shifts instead of rotating (right where the kept bits stay
+                // inside the word, else left): the same bits, since none wraps.
+                for (rot, kept) in [
+                    (FP4_SIGN_ROT[e], 0x8000_8000u32),
+                    (FP4_MAG_ROT[e], 0x01C0_01C0),
+                ] {
+                    let view = if rot == 0 {
+                        word
+                    } else if kept.leading_zeros() >= rot {
+                        word >> rot
+                    } else {
+                        word << (32 - rot)
+                    };
+                    assert_eq!(
+                        view & kept,
+                        word.rotate_right(rot) & kept,
+                        "pair {e} rotation {rot}"
+                    );
+                }
             }
         }
         assert_eq!(seen, 0xFFFF_FFFF);
