@@ -192,12 +192,12 @@ __device__ __forceinline__ void grouped_gemm_fp8(const GemmParams& p) {
 // The 4 bf16x2 B-fragment registers one packed word holds, each the exact weights times
 // 2^-126. Register e's two sign bits are the word's bits 15 and 31 after rotating it right by
 // FP4_SIGN_ROT[e], its two 3-bit magnitudes bits 6-8 and 22-24 after rotating by FP4_MAG_ROT[e]:
-// the repack (src/backend/cuda/quant_weights.rs, same tables) put them there. The decode is
-// bound by the integer ALU pipe (H200 ncu: its throttle the largest stall, LOP3 and SHF 42% of
-// the instructions), which issues at half rate, so the layout is the one whose rotations never
+// the repack (src/backend/cuda/quant_weights.rs, same tables) put them there. The integer
+// ALU pipe issues a warp every other cycle, and its throttle was the decode's largest stall
+// (H200 ncu: LOP3 and SHF 42% of the instructions), so the layout is one whose rotations never
 // wrap the bits kept: each is then a shift, and a shift is a multiply (left) or a multiply's
-// high half (right) on the otherwise idle FMA pipe, which leaves the ALU the 6 masks a word
-// needs (of the layouts of a sign bit and a 3-bit field per weight, none needs fewer).
+// high half (right) on the FMA pipe, which leaves the ALU the 6 masks a word needs (of the
+// layouts of a sign bit and a 3-bit field per weight, none needs fewer). Gained 2-3%.
 #define FP4_SIGN_ROT {0, 31, 27, 26}
 #define FP4_MAG_ROT {0, 5, 29, 26}
 
@@ -281,7 +281,7 @@ template <int FMT>
 __device__ __forceinline__ void fp4_plain_scales(u32 raw, u32* step_scale) {
     if (FMT == FMT_MXFP4) {
         // e << 7 into both halves by one multiply, + 126 << 7 in each: the bf16x2 of 2^(e - 1),
-        // on the FMA pipe (the ALU pipe is the decode's bottleneck).
+        // on the FMA pipe (the ALU pipe is the decode's busiest).
         step_scale[0] = step_scale[1] = __byte_perm(raw, 0, 0x4440) * 0x00800080u + 0x3F003F00u;
         step_scale[2] = step_scale[3] = __byte_perm(raw, 0, 0x4441) * 0x00800080u + 0x3F003F00u;
     } else {
