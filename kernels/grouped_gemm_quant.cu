@@ -32,8 +32,7 @@
 // all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
 // (BENCHMARKS.md) FP8 streams at ~1.1x its byte floor, MXFP4 at ~1.6x, there with 5 warps per
 // scheduler and 38% of cycles without an eligible one (ncu): latency with too few warps, not
-// DRAM, issue or shared bandwidth alone. Moving the decode's shifts off the ALU pipe, whose
-// throttle was its largest stall, gained only 2-3%.
+// DRAM, issue or shared bandwidth alone.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
