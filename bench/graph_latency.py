@@ -11,7 +11,7 @@ T in 1, 8, 64, 512, 8192, on the lent GPU:
                   T = 8192 a few tens of microseconds of clock drift between two separately
                   timed medians of ~3 ms exceed the quantity measured
   host us         CPU time of one fdmoe_forward call (ctypes call on a prebuilt argument struct,
-                  no sync), eager and replay
+                  into an idle stream), eager and replay: median of many
 Medians of many calls after warm-up. Run on the device: python3 bench/graph_latency.py
 """
 import argparse
@@ -46,13 +46,17 @@ def interleaved_ms(torch, calls, reps):
 
 
 def host_us(torch, call, reps):
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    """Median CPU time of one call into an idle stream. Timing a loop of calls instead would
+    count the wait for a free slot once the GPU falls behind: at Qwen3 T = 512 (six launches
+    per eager forward, 0.7 ms each) 200 calls fill the launch queue and read ~100 us a call."""
+    times = []
     for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         call()
-    t1 = time.perf_counter()
+        times.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    return (t1 - t0) / reps * 1e6
+    return statistics.median(times) * 1e6
 
 
 def main():

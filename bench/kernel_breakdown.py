@@ -55,10 +55,11 @@ def main() -> int:
     layer, given = build_layer(args, torch, fdmoe, A)
     T = args.tokens
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    kw = {}
+    kw, active = {}, ""
     if given:
         w, ids = torch.topk(torch.softmax(torch.randn(T, E, device="cuda"), -1), k, -1)
         kw = dict(topk_ids=ids.to(torch.int32), topk_weights=(w / w.sum(-1, keepdim=True)).float())
+        active = f", {ids.unique().numel()} experts active"
     layer.capture_graphs(token_counts=[T])
     for _ in range(10):
         layer.forward(x, **kw)
@@ -82,7 +83,7 @@ def main() -> int:
         spans.append(call[-1].time_range.end - call[0].time_range.start)
         busy.append(sum(e.time_range.end - e.time_range.start for e in call))
     print(f"# {torch.cuda.get_device_name()}: {args.shape} T={T} format={args.format} "
-          f"{'given' if given else 'routed'}, {per_call} kernels per forward, {args.iters} forwards")
+          f"{'given' if given else 'routed'}{active}, {per_call} kernels per forward, {args.iters} forwards")
     print("| # | kernel | median us |\n|---|---|---|")
     for (j, name), d in sorted(durations.items()):
         print(f"| {j} | {name[:60]} | {statistics.median(d):.1f} |")
