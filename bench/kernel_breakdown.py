@@ -3,9 +3,9 @@
 
 Runs one layer of a SPEC §8 shape (the layer's own routing as gpu_bench's fdmoe+routing column,
 or routing="given" with --given, or a quantized format with --format) under the library's graph
-replay, `--iters` times inside torch.profiler (CUPTI sees the kernels of replayed graphs), and
-prints for each kernel its median duration, then the median span of a whole forward (first
-kernel start to last kernel end) and how much of it no kernel ran.
+replay (or eagerly, with --eager), `--iters` times inside torch.profiler (CUPTI sees the kernels
+of replayed graphs), and prints for each kernel its median duration, then the median span of a
+whole forward (first kernel start to last kernel end) and how much of it no kernel ran.
 
     python3 bench/kernel_breakdown.py --shape qwen3-30b-a3b --tokens 1
     python3 bench/kernel_breakdown.py --shape deepseek-v3 --tokens 64 --format mxfp4
@@ -42,6 +42,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=1)
     ap.add_argument("--format", default="bfloat16")
     ap.add_argument("--given", action="store_true", help="routing='given' (bf16 only)")
+    ap.add_argument("--eager", action="store_true", help="no library graphs: the eager forward")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--library", default="./.device/libfdmoe.so")
     args = ap.parse_args()
@@ -60,7 +61,8 @@ def main() -> int:
         w, ids = torch.topk(torch.softmax(torch.randn(T, E, device="cuda"), -1), k, -1)
         kw = dict(topk_ids=ids.to(torch.int32), topk_weights=(w / w.sum(-1, keepdim=True)).float())
         active = f", {ids.unique().numel()} experts active"
-    layer.capture_graphs(token_counts=[T])
+    if not args.eager:
+        layer.capture_graphs(token_counts=[T])
     for _ in range(10):
         layer.forward(x, **kw)
     torch.cuda.synchronize()
@@ -83,7 +85,8 @@ def main() -> int:
         spans.append(call[-1].time_range.end - call[0].time_range.start)
         busy.append(sum(e.time_range.end - e.time_range.start for e in call))
     print(f"# {torch.cuda.get_device_name()}: {args.shape} T={T} format={args.format} "
-          f"{'given' if given else 'routed'}{active}, {per_call} kernels per forward, {args.iters} forwards")
+          f"{'given' if given else 'routed'}{active}, {'eager' if args.eager else 'replay'}, "
+          f"{per_call} kernels per forward, {args.iters} forwards")
     print("| # | kernel | median us |\n|---|---|---|")
     for (j, name), d in sorted(durations.items()):
         print(f"| {j} | {name[:60]} | {statistics.median(d):.1f} |")
