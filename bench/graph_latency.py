@@ -47,8 +47,8 @@ def interleaved_ms(torch, calls, reps):
 
 def host_us(torch, call, reps):
     """Median CPU time of one call into an idle stream. Timing a loop of calls instead would
-    count the wait for a free slot once the GPU falls behind: at Qwen3 T = 512 (six launches
-    per eager forward, 0.7 ms each) 200 calls fill the launch queue and read ~100 us a call."""
+    count the wait for a free slot once the GPU falls behind: at Qwen3 T = 512 (an eager
+    forward is six launches and 0.7 ms) 200 calls fill the launch queue and read ~100 us each."""
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
