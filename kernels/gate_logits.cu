@@ -1,24 +1,34 @@
 // Router logits: logits[t][e] = sum_k x[t][k] * gate_t[k][e], in f32.
 //
 // The gate runs on the full hidden x (before any latent projection) with the f32 gate weight
-// stored transposed, [H, E], so the 32 lanes of a warp (32 consecutive experts) read one
-// 128-byte line of it per k while the x values they multiply are shared-memory broadcasts;
-// each gate value loaded feeds TOKENS FMAs. H is cut in rounds of 8 * 64: warp w sums the
-// w-th 64-wide chunk of a round, the 8 warp sums are added in warp order into the round's
-// partial, and a logit is the sum of the round partials in round order. That order is fixed by
-// H alone, so a token's logits are bitwise the same whatever batch, bucket or grid computes
-// them, and no atomics are used.
+// stored transposed, [H, E], so consecutive experts are consecutive floats. Every variant sums
+// a logit in one fixed order: H is cut in rounds of 8 chunks of 64; a chunk's sum is an fmaf
+// chain from 0 over its 64 products in k order, a round's sum adds its chunks in order to 0,
+// and a logit is the round sums added in round order. That order is fixed by H alone, so a
+// token's logits are bitwise the same whatever batch, bucket, grid or variant computes them,
+// and no atomics are used.
 //
-// Two variants keep that order. Prefill (gate_logits_t16) sums every round in one block: it
-// is bound by the FMAs. Decode (gate_logits_split, T <= 64) gives each round its own block
-// (grid z) and writes the round partials, [rounds][T][E], which route_topk adds in round
-// order: one token's gate is then read by E/32 x rounds blocks instead of E/32, each with its
-// 64 values a lane loaded at once, since a decode gate read is bound by load latency, not
-// bandwidth (Qwen3 T = 1: 16 blocks instead of 4).
+// Three variants keep that order:
+//   - decode (gate_logits_split, T <= 64) gives each round its own block (grid z) and writes
+//     the round sums, [rounds][T][E], which route_topk adds in round order: one token's gate is
+//     then read by E/32 x rounds blocks instead of E/32, each with its 64 values a lane loaded
+//     at once, since a decode gate read is bound by load latency, not bandwidth (Qwen3 T = 1:
+//     16 blocks instead of 4). Warp w sums the w-th chunk of the round for 32 experts (a lane
+//     each) and the 8 warp sums are added in warp order.
+//   - prefill, mid-sized batches (gate_logits_t16): the same block shape over 16 tokens, every
+//     round in one block; x is staged [k][token] so a lane's 16 x values of one k are four
+//     16-byte shared broadcasts (one shared load per FMA before).
+//   - prefill, grids that fill the GPU (gate_logits_tiled): a plain tiled SGEMM, 64 tokens x 32
+//     experts per block and 4 x 4 per thread over all of H, x and the gate staged through
+//     shared memory 32 of k at a time, so each gate value read from L2 feeds 64 tokens and each
+//     x value 32 experts (16 and 32 in t16, whose gate reads L2 bandwidth bounds), and a thread
+//     runs the chunk chains, round sums and round order itself.
 //
-// Grid: (ceil(T / TOKENS), ceil(E / 32), split ? rounds : 1); block 256 (8 warps).
+// Grid: (ceil(T / TOKENS), ceil(E / 32), split ? rounds : 1); block 256 (8 warps); tiled:
+// (ceil(T / 64), ceil(E / 32)), block 128.
 #include "common/routing.cuh"
 #include "common/sort.cuh"
+#include "common/mma.cuh"
 
 #define GATE_WARPS 8
 #define GATE_CHUNK 64
@@ -29,10 +39,11 @@ template <int TOKENS, bool SPLIT>
 __device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restrict__ gate_t,
                                  float* __restrict__ logits, i64 slice_stride, const int* num_tokens_dev,
                                  int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    static_assert(TOKENS % 4 == 0, "x is read four tokens at a time");
     begin_dependent();
     FDMOE_TRACE_START();
     x = forward_arg(args_block, ARG_X, x);
-    __shared__ float xs[TOKENS][GATE_ROUND];
+    __shared__ __align__(16) float xs[GATE_ROUND][TOKENS];  // [k][token]: a k's tokens in 16-byte loads
     __shared__ float partial[GATE_WARPS][TOKENS][32];
     constexpr int OUTS = (TOKENS * 32 + 255) / 256;  // (token, expert) outputs per thread
     const int T = token_count(num_tokens_dev, num_tokens);
@@ -72,32 +83,39 @@ __device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restr
 #pragma unroll
             for (int n = 0; n < X_PER; ++n) {
                 const int i = threadIdx.x + n * 256;
-                xs[i / GATE_ROUND][i % GATE_ROUND] = elem_to_float(xv[n]);
+                xs[i % GATE_ROUND][i / GATE_ROUND] = elem_to_float(xv[n]);
             }
         } else {
+            // Consecutive threads take consecutive tokens: conflict-free stores.
             for (int i = threadIdx.x; i < TOKENS * GATE_ROUND; i += 256) {
-                const int t = i / GATE_ROUND, kk = i % GATE_ROUND;
+                const int t = i % TOKENS, kk = i / TOKENS;
                 const int tok = t0 + t, k = k0 + kk;
-                xs[t][kk] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
+                xs[kk][t] = (tok < T && k < hidden) ? elem_to_float(x[(i64)tok * hidden + k]) : 0.0f;
             }
         }
         __syncthreads();
         float acc[TOKENS];
 #pragma unroll
         for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
+        // A k's x values for the block's tokens, as 16-byte broadcasts.
+        auto fma_k = [&](int kk, float wk) {
+            const float4* xk = (const float4*)xs[warp * GATE_CHUNK + kk];
+#pragma unroll
+            for (int q = 0; q < TOKENS / 4; ++q) {
+                const float4 v = xk[q];
+                acc[4 * q] = fmaf(v.x, wk, acc[4 * q]);
+                acc[4 * q + 1] = fmaf(v.y, wk, acc[4 * q + 1]);
+                acc[4 * q + 2] = fmaf(v.z, wk, acc[4 * q + 2]);
+                acc[4 * q + 3] = fmaf(v.w, wk, acc[4 * q + 3]);
+            }
+        };
         if (SPLIT) {
 #pragma unroll
             for (int kk = 0; kk < GATE_CHUNK; ++kk)
-                if (kk < kn)
-#pragma unroll
-                    for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], w[kk], acc[t]);
+                if (kk < kn) fma_k(kk, w[kk]);
         } else if (e < num_experts) {
 #pragma unroll 8
-            for (int kk = 0; kk < kn; ++kk) {
-                const float wk = g[(i64)kk * num_experts];
-#pragma unroll
-                for (int t = 0; t < TOKENS; ++t) acc[t] = fmaf(xs[t][warp * GATE_CHUNK + kk], wk, acc[t]);
-            }
+            for (int kk = 0; kk < kn; ++kk) fma_k(kk, g[(i64)kk * num_experts]);
         }
 #pragma unroll
         for (int t = 0; t < TOKENS; ++t) partial[warp][t][lane] = acc[t];
@@ -152,22 +170,6 @@ struct FusedRouting {
     int* counters;
 };
 
-__device__ __forceinline__ int atomic_add_acq_rel_gpu(int* counter, int v) {
-    int old;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(counter), "r"(v) : "memory");
-    return old;
-}
-
-// Whether this block is the last of `expected` to arrive at `counter` (every thread gets the
-// answer); when it is, the others' results are visible to all its threads.
-__device__ __forceinline__ bool block_arrive(int* counter, int expected) {
-    __shared__ bool last;
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomic_add_acq_rel_gpu(counter, 1) == expected - 1;
-    __syncthreads();
-    return last;
-}
-
 extern "C" __global__ void __launch_bounds__(256)
     gate_route_sort(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
                     int num_tokens, int hidden, int num_experts, const u64* args_block, FusedRouting f) {
@@ -203,4 +205,141 @@ extern "C" __global__ void __launch_bounds__(256)
                     int num_tokens, int hidden, int num_experts, const u64* args_block) {
     gate_logits_impl<16, false>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
                                 args_block);
+}
+
+// Prefill when the grid fills the GPU (Kernels::gate_logits). Block: 64 tokens x 32 experts, 128
+// threads; thread (ty, tx) owns tokens 4ty.. and experts 4tx.. . Each step stages one chunk (64
+// of k): x converted to f32 as [k][token] (each thread 32 values of one token, four 16-byte
+// loads held in registers over the step's FMAs) and the gate as [k][expert] by cp.async,
+// double-buffered, so a step's loads are in flight while the previous step's 1024 FMAs per
+// thread run. A round ends every eighth step (or at H).
+#define TILED_TOKENS 64
+#define TILED_EXPERTS 32
+#define TILED_K GATE_CHUNK  // a step is a chunk: its end needs no test
+
+extern "C" __global__ void __launch_bounds__(128)
+    gate_logits_tiled(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
+                      int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    begin_dependent();
+    x = forward_arg(args_block, ARG_X, x);
+    __shared__ __align__(16) float xs[2][TILED_K][TILED_TOKENS];
+    __shared__ __align__(16) float gs[2][TILED_K][TILED_EXPERTS];
+    const int T = token_count(num_tokens_dev, num_tokens);
+    const int t0 = blockIdx.x * TILED_TOKENS, e0 = blockIdx.y * TILED_EXPERTS;
+    if (t0 >= T) return;
+    const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+    const int steps = (hidden + TILED_K - 1) / TILED_K;
+
+    // Staging roles: x token xt's 32 values from k = 32 xh; the gate's rows gk and gk + 32, 8
+    // experts from ge.
+    const int xt = threadIdx.x % TILED_TOKENS, xh = threadIdx.x / TILED_TOKENS;
+    const bool x_row = t0 + xt < T;
+    const u16* x_src = x + (i64)(x_row ? t0 + xt : 0) * hidden + xh * 32;
+    const int gk = threadIdx.x / 4, ge = (threadIdx.x % 4) * 8;
+    uint4 xv[4];
+    auto fetch_x = [&](int step) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int k = step * TILED_K + xh * 32 + j * 8;  // H is a multiple of 8
+            xv[j] = x_row && k < hidden ? *(const uint4*)(x_src + step * TILED_K + j * 8) : make_uint4(0, 0, 0, 0);
+        }
+    };
+    auto store_x = [&](int buf) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 w[4] = {xv[j].x, xv[j].y, xv[j].z, xv[j].w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                xs[buf][xh * 32 + j * 8 + 2 * q][xt] = elem_to_float((u16)(w[q] & 0xFFFFu));
+                xs[buf][xh * 32 + j * 8 + 2 * q + 1][xt] = elem_to_float((u16)(w[q] >> 16));
+            }
+        }
+    };
+    // Zeros past H and E. Rows of a gate whose E is a multiple of 4 are 16-byte aligned (two
+    // copies a step); any other E takes 4-byte copies.
+    const bool rows_aligned = num_experts % 4 == 0;
+    auto load_g = [&](int buf, int step) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = gk + 32 * h, k = step * TILED_K + row;
+            const float* src = gate_t + (i64)k * num_experts + e0 + ge;
+            if (rows_aligned) {
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const bool ok = k < hidden && e0 + ge + 4 * c < num_experts;
+                    cp_async_16(&gs[buf][row][ge + 4 * c], ok ? (const void*)(src + 4 * c) : (const void*)gate_t, ok);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    const bool ok = k < hidden && e0 + ge + j < num_experts;
+                    cp_async_4(&gs[buf][row][ge + j], ok ? (const void*)(src + j) : (const void*)gate_t, ok);
+                }
+            }
+        }
+        cp_async_commit();
+    };
+
+    float chunk[4][4], round[4][4], total[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) chunk[i][j] = round[i][j] = total[i][j] = 0.0f;
+    load_g(0, 0);
+    fetch_x(0);
+    store_x(0);
+    for (int step = 0; step < steps; ++step) {
+        const int buf = step & 1;
+        const bool more = step + 1 < steps;
+        if (more) {
+            load_g(buf ^ 1, step + 1);
+            fetch_x(step + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TILED_K; ++kk) {
+            const float4 xa = *(const float4*)&xs[buf][kk][ty * 4];
+            const float4 ga = *(const float4*)&gs[buf][kk][tx * 4];
+            const float xr[4] = {xa.x, xa.y, xa.z, xa.w}, gr[4] = {ga.x, ga.y, ga.z, ga.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) chunk[i][j] = fmaf(xr[i], gr[j], chunk[i][j]);
+        }
+        // Zero-filled k past H added +0 to each chain: a chain from +0 is never -0, so no bit
+        // changed.
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                round[i][j] += chunk[i][j];
+                chunk[i][j] = 0.0f;
+            }
+        const int k_end = (step + 1) * TILED_K;
+        if (k_end % GATE_ROUND == 0 || !more) {
+            const bool first = k_end <= GATE_ROUND;
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    total[i][j] = first ? round[i][j] : total[i][j] + round[i][j];
+                    round[i][j] = 0.0f;
+                }
+        }
+        __syncthreads();  // every thread is done with buffer buf ^ 1's previous contents
+        if (more) store_x(buf ^ 1);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int tok = t0 + ty * 4 + i;
+        if (tok >= T) break;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int e = e0 + tx * 4 + j;
+            if (e < num_experts) logits[(i64)tok * num_experts + e] = total[i][j];
+        }
+    }
 }

@@ -27,6 +27,78 @@ extern "C" __global__ void __launch_bounds__(SORT_THREADS)
     sort_slots<SORT_THREADS>(p, warp_counts);  // E <= 1024 (checked at create)
 }
 
+// The same sort for many slots (Kernels::sort: more than SORT_CHUNK), over one block per
+// SORT_CHUNK slots in two launches, since one block walking every slot was most of a prefill's
+// routing (Qwen3 T = 8192: 133 us for 65536 slots on the H200). sort_count_blocks: block b
+// counts its chunk per expert into starts[b][E] (per-warp counts, as above), then the last block
+// to finish (block_arrive) turns the counts into each block's start within its expert (blocks
+// in order) and writes the experts' offsets and tiles, as sort_by_expert does. sort_place_blocks:
+// block b re-counts its chunk per warp, so warp w of block b starts an expert's slots at
+// offset + starts[b] + the counts of the warps before it, and places them in slot order. The
+// positions are the one-block sort's, bit for bit: ordered by (expert, slot).
+// starts: [1 + blocks * E] ints, starts[0] the arrival counter (zero between launches).
+#define SORT_CHUNK 2048
+
+extern "C" __global__ void __launch_bounds__(SORT_THREADS) sort_count_blocks(SortParams p, int* starts) {
+    extern __shared__ int warp_counts[];  // [SORT_THREADS / 32][E]
+    __shared__ int scan_scratch[SORT_THREADS / 32];
+    constexpr int PER_WARP = SORT_CHUNK / (SORT_THREADS / 32);
+    begin_dependent();
+    const int slots = token_count(p.num_tokens_dev, p.num_tokens) * p.top_k;
+    const int E = p.num_experts, warp = threadIdx.x / 32;
+    const int begin = blockIdx.x * SORT_CHUNK + warp * PER_WARP;
+    count_warp_chunks<SORT_THREADS>(p, begin, min(slots, begin + PER_WARP), warp_counts);
+    int* block_counts = starts + 1;
+    const int e = threadIdx.x;  // E <= SORT_THREADS
+    if (e < E) {
+        int n = 0;
+        for (int w = 0; w < SORT_THREADS / 32; ++w) n += warp_counts[w * E + e];
+        block_counts[blockIdx.x * E + e] = n;
+    }
+    if (!block_arrive(starts, gridDim.x)) return;
+    int expert_rows = 0, expert_tiles = 0;
+    if (e < E) {
+#pragma unroll 8
+        for (int b = 0; b < (int)gridDim.x; ++b) {
+            const int n = block_counts[b * E + e];
+            block_counts[b * E + e] = expert_rows;
+            expert_rows += n;
+        }
+        expert_tiles = (expert_rows + p.block_m - 1) / p.block_m;
+    }
+    int total_rows, total_tiles;
+    const int row_start = block_exclusive_scan<SORT_THREADS / 32>(expert_rows, scan_scratch, &total_rows);
+    const int tile_start = block_exclusive_scan<SORT_THREADS / 32>(expert_tiles, scan_scratch, &total_tiles);
+    if (e < E) write_expert_tiles(p, e, row_start, tile_start, expert_tiles);
+    if (threadIdx.x == 0) {
+        p.expert_offsets[E] = total_rows;
+        *p.num_tiles = total_tiles;
+        starts[0] = 0;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SORT_THREADS) sort_place_blocks(SortParams p, const int* starts) {
+    extern __shared__ int warp_counts[];  // [SORT_THREADS / 32][E]
+    constexpr int PER_WARP = SORT_CHUNK / (SORT_THREADS / 32);
+    begin_dependent();
+    const int slots = token_count(p.num_tokens_dev, p.num_tokens) * p.top_k;
+    const int E = p.num_experts, warp = threadIdx.x / 32;
+    if (blockIdx.x * SORT_CHUNK >= slots) return;
+    const int begin = blockIdx.x * SORT_CHUNK + warp * PER_WARP, end = min(slots, begin + PER_WARP);
+    count_warp_chunks<SORT_THREADS>(p, begin, end, warp_counts);
+    const int e = threadIdx.x;
+    if (e < E) {
+        int running = p.expert_offsets[e] + starts[1 + blockIdx.x * E + e];
+        for (int w = 0; w < SORT_THREADS / 32; ++w) {
+            const int n = warp_counts[w * E + e];
+            warp_counts[w * E + e] = running;
+            running += n;
+        }
+    }
+    __syncthreads();
+    place_warp_chunk(p, begin, end, warp_counts + warp * E);
+}
+
 // Given routing at decode (T <= 64, Kernels::given_sort_applies): given_topk's copy and the
 // sort in one launch, since at that size each launch is mostly its start-up (the two were
 // 5.4 us of a 38.7 us Qwen3 T = 1 forward on the H200); 256 threads when E <= 256, as the

@@ -263,8 +263,9 @@ fn replay_is_bitwise_equal_to_eager() {
 #[test]
 fn routing_of_a_token_does_not_depend_on_the_batch() {
     // The gate kernel has a decode variant (T <= 64: one block per 512 of H, partials added by
-    // the routing) and a prefill one (all of H in a block); both sum in the same order, so the
-    // first tokens route bitwise the same in batches of 1, 40 and 300. H = 1288 is two full
+    // the routing) and two prefill ones (all of H in a block: 16 tokens, or 64 tokens tiled once
+    // the grid has 128 blocks, here from T = 2689); all sum in the same order, so the first
+    // tokens route bitwise the same in batches of 1, 40, 300 and 2700. H = 1288 is two full
     // rounds and a partial one; E = 72 leaves the last expert tile partial.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
@@ -272,11 +273,11 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
     let c = MoeConfig {
         num_experts: 72,
         hidden_size: 1288,
-        ..cfg(300)
+        ..cfg(2700)
     };
     let mut l = layer(&c, 21, true);
-    let inp = inputs(&c, 300, 4);
-    let batches = [1usize, 40, 300];
+    let inp = inputs(&c, 2700, 4);
+    let batches = [1usize, 40, 300, 2700];
     let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
     for (&t, out) in batches.iter().zip(&outs) {
         unsafe {
@@ -293,19 +294,19 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
         }
     }
     stream.synchronize().unwrap();
-    let all = outs[2].host(&c, 300);
-    for (&t, out) in batches[..2].iter().zip(&outs) {
+    let all = outs[3].host(&c, 2700);
+    for (&t, out) in batches[..3].iter().zip(&outs) {
         let (_, ids, weights) = out.host(&c, t);
         let n = t * c.top_k;
         assert_eq!(
             ids[..],
             all.1[..n],
-            "experts differ between T = {t} and T = 300"
+            "experts differ between T = {t} and T = 2700"
         );
         assert_eq!(
             weights[..],
             all.2[..n],
-            "weights differ between T = {t} and T = 300"
+            "weights differ between T = {t} and T = 2700"
         );
     }
 }
@@ -565,9 +566,50 @@ fn offsets_past_two_to_the_31() {
 fn invalid_ids_and_non_finite_logits() {
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
-    let mut c = cfg(64);
-    c.routing = FdmoeRouting::Given;
+    // T = 700 (2800 slots) sorts over two blocks (the multi-block sort), T = 40 in one.
+    for t in [40, 700] {
+        given_invalid_ids_are_skipped(t);
+    }
     let t = 40;
+    let inp = inputs(&cfg(64), t, 8);
+    // Non-finite logits: ids stay in range.
+    let c = cfg(64);
+    let mut l = layer(&c, 3, false);
+    let mut logits = Rng(5).vec(t * c.num_experts, 1.0);
+    for (i, v) in logits.iter_mut().enumerate() {
+        match i % 5 {
+            0 => *v = f32::NAN,
+            1 => *v = f32::INFINITY,
+            2 => *v = f32::NEG_INFINITY,
+            _ => {}
+        }
+    }
+    for tok in 0..4 {
+        logits[tok * c.num_experts..(tok + 1) * c.num_experts]
+            .iter_mut()
+            .for_each(|v| *v = f32::NAN);
+    }
+    let dl = DeviceBuffer::from_host(&logits, "logits").unwrap();
+    let o = Outputs::new(&c, t);
+    let mut a = args(t, &inp, &o, Source::Logits, std::ptr::null_mut(), false);
+    a.router_logits = dl.ptr as *const f32;
+    unsafe { l.moe.forward(&a).unwrap() };
+    let (_, rec, _) = o.host(&c, t);
+    assert!(
+        rec.iter().all(|&i| (0..c.num_experts as i32).contains(&i)),
+        "ids out of range: {rec:?}"
+    );
+    println!(
+        "non-finite logits: all {} recorded ids in [0, E)",
+        rec.len()
+    );
+}
+
+/// Given ids outside [0, E) (every 7th slot) are skipped: the output equals the CPU's with those
+/// slots at expert 0 and weight 0.
+fn given_invalid_ids_are_skipped(t: usize) {
+    let mut c = cfg(700);
+    c.routing = FdmoeRouting::Given;
     let mut g = layer(&c, 21, false);
     let inp = inputs(&c, t, 8);
     let mut ids = vec![0i32; t * c.top_k];
@@ -614,40 +656,10 @@ fn invalid_ids_and_non_finite_logits() {
         den += w * w;
     }
     let err = (num / den).sqrt();
-    println!("invalid given ids skipped: rel err vs CPU with zero-weight slots {err:.2e}");
-    assert!(err < 1e-2);
-
-    // Non-finite logits: ids stay in range.
-    let c = cfg(64);
-    let mut l = layer(&c, 3, false);
-    let mut logits = Rng(5).vec(t * c.num_experts, 1.0);
-    for (i, v) in logits.iter_mut().enumerate() {
-        match i % 5 {
-            0 => *v = f32::NAN,
-            1 => *v = f32::INFINITY,
-            2 => *v = f32::NEG_INFINITY,
-            _ => {}
-        }
-    }
-    for tok in 0..4 {
-        logits[tok * c.num_experts..(tok + 1) * c.num_experts]
-            .iter_mut()
-            .for_each(|v| *v = f32::NAN);
-    }
-    let dl = DeviceBuffer::from_host(&logits, "logits").unwrap();
-    let o = Outputs::new(&c, t);
-    let mut a = args(t, &inp, &o, Source::Logits, std::ptr::null_mut(), false);
-    a.router_logits = dl.ptr as *const f32;
-    unsafe { l.moe.forward(&a).unwrap() };
-    let (_, rec, _) = o.host(&c, t);
-    assert!(
-        rec.iter().all(|&i| (0..c.num_experts as i32).contains(&i)),
-        "ids out of range: {rec:?}"
-    );
     println!(
-        "non-finite logits: all {} recorded ids in [0, E)",
-        rec.len()
+        "invalid given ids skipped (T = {t}): rel err vs CPU with zero-weight slots {err:.2e}"
     );
+    assert!(err < 1e-2);
 }
 
 /// FP8 pre-dispatch on device memory is bitwise equal to the host reference, padding included,

@@ -1,7 +1,7 @@
 // The stable counting sort of sort_by_expert.cu as a device function of THREADS threads, so
 // the decode gate kernel's last block can run it in place of a launch (gate_logits.cu).
 #pragma once
-#include "common/types.cuh"
+#include "common/block_arrive.cuh"
 
 struct SortParams {
     const int* topk_ids;
@@ -97,21 +97,13 @@ __device__ __forceinline__ u32 place_slot(const SortParams& p, int slot, bool in
     return peers;
 }
 
-// warp_counts: [THREADS / 32][E] ints of shared memory. E <= THREADS (checked by the caller).
+// Pass 1 of the sort: warp w counts the slots [begin, end) of its chunk per expert into
+// warp_counts[w][E] (zeroed here), __match_any_sync grouping equal ids, so no atomics.
 template <int THREADS>
-__device__ void sort_slots(const SortParams& p, int* warp_counts) {
-    constexpr int WARPS = THREADS / 32;
-    __shared__ int scan_scratch[WARPS];
-    const int T = token_count(p.num_tokens_dev, p.num_tokens);
-    const int slots = T * p.top_k;
-    const int E = p.num_experts, block_m = p.block_m;
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int chunk = ((slots + WARPS - 1) / WARPS + 31) / 32 * 32;
-    const int begin = warp * chunk;
-    const int end = min(slots, begin + chunk);
-    int* my_counts = warp_counts + warp * E;
-
-    for (int i = threadIdx.x; i < WARPS * E; i += THREADS) warp_counts[i] = 0;
+__device__ void count_warp_chunks(const SortParams& p, int begin, int end, int* warp_counts) {
+    const int E = p.num_experts, lane = threadIdx.x % 32;
+    int* my_counts = warp_counts + (threadIdx.x / 32) * E;
+    for (int i = threadIdx.x; i < THREADS / 32 * E; i += THREADS) warp_counts[i] = 0;
     __syncthreads();
     for (int base = begin; base < end; base += 32) {
         const int slot = base + lane;
@@ -123,6 +115,38 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
         __syncwarp();
     }
     __syncthreads();
+}
+
+// Pass 2: the warp re-walks its chunk in slot order and places each slot at its expert's next
+// position, my_counts[id] (the warp's start for that expert, advanced as slots are placed).
+__device__ __forceinline__ void place_warp_chunk(const SortParams& p, int begin, int end, int* my_counts) {
+    const int E = p.num_experts, lane = threadIdx.x % 32;
+    for (int base = begin; base < end; base += 32) {
+        const int slot = base + lane;
+        const int id = slot < end ? p.topk_ids[slot] : -1;
+        const bool valid = id >= 0 && id < E;
+        const u32 peers = place_slot(p, slot, slot < end, id, valid, my_counts);
+        __syncwarp();
+        if (valid && lane == __ffs(peers) - 1) my_counts[id] += __popc(peers);
+        __syncwarp();
+    }
+}
+
+// warp_counts: [THREADS / 32][E] ints of shared memory. E <= THREADS (checked by the caller).
+template <int THREADS>
+__device__ void sort_slots(const SortParams& p, int* warp_counts) {
+    constexpr int WARPS = THREADS / 32;
+    __shared__ int scan_scratch[WARPS];
+    const int T = token_count(p.num_tokens_dev, p.num_tokens);
+    const int slots = T * p.top_k;
+    const int E = p.num_experts, block_m = p.block_m;
+    const int warp = threadIdx.x / 32;
+    const int chunk = ((slots + WARPS - 1) / WARPS + 31) / 32 * 32;
+    const int begin = warp * chunk;
+    const int end = min(slots, begin + chunk);
+    int* my_counts = warp_counts + warp * E;
+
+    count_warp_chunks<THREADS>(p, begin, end, warp_counts);
     FDMOE_TRACE(8);
 
     // Per expert: total rows, then each warp's start in the sorted order; tiles of block_m rows.
@@ -151,15 +175,7 @@ __device__ void sort_slots(const SortParams& p, int* warp_counts) {
     __syncthreads();
     FDMOE_TRACE(9);
 
-    for (int base = begin; base < end; base += 32) {
-        const int slot = base + lane;
-        const int id = slot < end ? p.topk_ids[slot] : -1;
-        const bool valid = id >= 0 && id < E;
-        const u32 peers = place_slot(p, slot, slot < end, id, valid, my_counts);
-        __syncwarp();
-        if (valid && lane == __ffs(peers) - 1) my_counts[id] += __popc(peers);
-        __syncwarp();
-    }
+    place_warp_chunk(p, begin, end, my_counts);
 }
 
 // The same sort when there are at most 32 slots (decode, T * k <= 32), by one warp: lane s

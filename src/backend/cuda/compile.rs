@@ -48,7 +48,7 @@ pub const ALL_FILES: [KernelFile; 7] = [
     PRE_DISPATCH_FP8,
 ];
 
-const HEADERS: [(&str, &str); 8] = [
+const HEADERS: [(&str, &str); 9] = [
     (
         "common/gemm_tile.cuh",
         include_str!("../../../kernels/common/gemm_tile.cuh"),
@@ -80,6 +80,10 @@ const HEADERS: [(&str, &str); 8] = [
     (
         "common/sort.cuh",
         include_str!("../../../kernels/common/sort.cuh"),
+    ),
+    (
+        "common/block_arrive.cuh",
+        include_str!("../../../kernels/common/block_arrive.cuh"),
     ),
 ];
 

@@ -376,8 +376,22 @@ const GATE_ROUND: usize = 512;
 const GATE_SPLIT_MAX_TOKENS: usize = 64;
 /// Tokens per block of the decode gate kernels (their TOKENS): one routing group of the fused one.
 const GATE_DECODE_TOKENS: usize = 4;
-/// Threads of every gate kernel (the fused sort's too).
+/// Threads of every gate kernel (the fused sort's too) but the tiled one.
 const GATE_THREADS: u32 = 256;
+/// The tiled prefill gate (kernels/gate_logits.cu): tokens and experts per block, threads, and
+/// the fewest blocks for which it replaces the 16-token one (about one per SM of a Hopper
+/// GPU: with fewer, the 16-token kernel's warps that split H keep more SMs busy).
+const GATE_TILED_TOKENS: usize = 64;
+const GATE_TILED_EXPERTS: usize = 32;
+const GATE_TILED_THREADS: u32 = 128;
+const GATE_TILED_MIN_BLOCKS: usize = 128;
+
+/// Whether the prefill gate for `num_tokens` tokens runs tiled.
+fn gate_runs_tiled(num_tokens: usize, num_experts: usize) -> bool {
+    num_tokens > GATE_SPLIT_MAX_TOKENS
+        && num_tokens.div_ceil(GATE_TILED_TOKENS) * num_experts.div_ceil(GATE_TILED_EXPERTS)
+            >= GATE_TILED_MIN_BLOCKS
+}
 
 /// How many slices of `T * E` floats the gate leaves for `num_tokens` tokens.
 pub fn gate_slices(num_tokens: usize, hidden: usize) -> usize {
@@ -395,6 +409,15 @@ pub fn gate_logits_floats(max_tokens: usize, hidden: usize, num_experts: usize) 
     num_experts * max_tokens.max(decode * gate_slices(decode, hidden))
 }
 pub const SORT_THREADS: u32 = 1024;
+/// Slots per block of the multi-block sort (SORT_CHUNK in kernels/sort_by_expert.cu); more
+/// slots than this sort over ceil(slots / SORT_CHUNK) blocks.
+const SORT_CHUNK: usize = 2048;
+
+/// Ints of the multi-block sort's workspace for up to `max_slots` slots: its arrival counter,
+/// then each block's start per expert.
+pub fn sort_starts_ints(max_slots: usize, num_experts: usize) -> usize {
+    1 + max_slots.div_ceil(SORT_CHUNK) * num_experts
+}
 
 /// Every kernel a backend launches, loaded once at create.
 pub struct Kernels {
@@ -404,6 +427,7 @@ pub struct Kernels {
     gate_split: Function,
     gate_fused: Function,
     gate_t16: Function,
+    gate_tiled: Function,
     route: Function,
     given: Function,
     /// Given routing and the sort in one launch: 1024 threads, or 256 for E <= 256.
@@ -411,6 +435,8 @@ pub struct Kernels {
     given_sort_256: Function,
     set_args: Function,
     sort: Function,
+    sort_count: Function,
+    sort_place: Function,
     combine: Function,
     gemms: Vec<((Tile, GemmKind), Function)>,
     /// Quantized experts: the expert GEMMs of the format, and the FP8 activation quantizer.
@@ -456,11 +482,20 @@ impl Kernels {
         let gate_split = gate.function("gate_logits_split", 0)?;
         let gate_fused = gate.function("gate_route_sort", 0)?;
         let gate_t16 = gate.function("gate_logits_t16", 0)?;
+        let gate_tiled = gate.function("gate_logits_tiled", 0)?;
         let route_fn = route.function("route_topk", 0)?;
         let given = route.function("given_topk", 0)?;
         let set_args = route.function("set_forward_args", 0)?;
         let sort_fn =
             sort.function("sort_by_expert", sort_smem_bytes(SORT_THREADS, num_experts))?;
+        let sort_count = sort.function(
+            "sort_count_blocks",
+            sort_smem_bytes(SORT_THREADS, num_experts),
+        )?;
+        let sort_place = sort.function(
+            "sort_place_blocks",
+            sort_smem_bytes(SORT_THREADS, num_experts),
+        )?;
         let given_sort = sort.function("given_sort", sort_smem_bytes(SORT_THREADS, num_experts))?;
         let given_sort_256 = sort.function("given_sort_256", sort_smem_bytes(256, num_experts))?;
         let combine_fn = combine.function("combine_slots", 0)?;
@@ -490,12 +525,15 @@ impl Kernels {
             gate_split,
             gate_fused,
             gate_t16,
+            gate_tiled,
             route: route_fn,
             given,
             given_sort,
             given_sort_256,
             set_args,
             sort: sort_fn,
+            sort_count,
+            sort_place,
             combine: combine_fn,
             gemms,
             hopper,
@@ -632,14 +670,22 @@ impl Kernels {
         stream: Stream,
     ) -> Result<()> {
         let slices = gate_slices(num_tokens, hidden);
-        let (f, tokens_per_block) = match (slices > 1, fused.is_some()) {
-            (true, true) => (&self.gate_fused, GATE_DECODE_TOKENS),
-            (true, false) => (&self.gate_split, GATE_DECODE_TOKENS),
-            _ => (&self.gate_t16, 16),
-        };
+        let tiled = gate_runs_tiled(num_tokens, num_experts);
+        let (f, tokens_per_block, experts_per_block, threads) =
+            match (slices > 1, fused.is_some(), tiled) {
+                (true, true, _) => (&self.gate_fused, GATE_DECODE_TOKENS, 32, GATE_THREADS),
+                (true, false, _) => (&self.gate_split, GATE_DECODE_TOKENS, 32, GATE_THREADS),
+                (false, _, true) => (
+                    &self.gate_tiled,
+                    GATE_TILED_TOKENS,
+                    GATE_TILED_EXPERTS,
+                    GATE_TILED_THREADS,
+                ),
+                (false, _, false) => (&self.gate_t16, 16, 32, GATE_THREADS),
+            };
         let grid = (
             num_tokens.div_ceil(tokens_per_block) as u32,
-            num_experts.div_ceil(32) as u32,
+            num_experts.div_ceil(experts_per_block) as u32,
             slices as u32,
         );
         let (mut x, mut g, mut l, mut nd, mut ab) = (x, gate_t, logits, num_tokens_dev, args_block);
@@ -676,7 +722,7 @@ impl Kernels {
             }
             None => (9, 0),
         };
-        f.launch(grid, GATE_THREADS, smem, stream, &mut args[..n_args])
+        f.launch(grid, threads, smem, stream, &mut args[..n_args])
     }
 
     /// Whether `gate_logits` runs the routing and the sort itself for `num_tokens` tokens.
@@ -758,9 +804,33 @@ impl Kernels {
         )
     }
 
+    /// The stable sort by expert and the GEMMs' tile table: one block, or above `SORT_CHUNK`
+    /// slots a count and a place launch over a block per chunk.
+    ///
     /// # Safety
-    /// Pointers cover the sort outputs for `num_tokens * top_k` slots and `max_tiles` tiles.
-    pub unsafe fn sort(&self, p: &SortParams, stream: Stream) -> Result<()> {
+    /// Pointers cover the sort outputs for `num_tokens * top_k` slots and `max_tiles` tiles,
+    /// `starts` `sort_starts_ints(num_tokens * top_k, num_experts)` ints, the first zero.
+    pub unsafe fn sort(&self, p: &SortParams, starts: DevicePtr, stream: Stream) -> Result<()> {
+        let smem = sort_smem_bytes(SORT_THREADS, p.num_experts as usize);
+        let slots = p.num_tokens as usize * p.top_k as usize;
+        if slots > SORT_CHUNK {
+            let grid = (slots.div_ceil(SORT_CHUNK) as u32, 1, 1);
+            let (mut params, mut s) = (*p, starts);
+            self.sort_count.launch(
+                grid,
+                SORT_THREADS,
+                smem,
+                stream,
+                &mut [arg(&mut params), arg(&mut s)],
+            )?;
+            return self.sort_place.launch(
+                grid,
+                SORT_THREADS,
+                smem,
+                stream,
+                &mut [arg(&mut params), arg(&mut s)],
+            );
+        }
         let mut p = *p;
         let o = &mut p.out;
         let (mut ids, mut nd) = (p.topk_ids, p.num_tokens_dev);
@@ -768,7 +838,7 @@ impl Kernels {
         self.sort.launch(
             (1, 1, 1),
             SORT_THREADS,
-            sort_smem_bytes(SORT_THREADS, p.num_experts as usize),
+            smem,
             stream,
             &mut [
                 arg(&mut ids),
@@ -1010,6 +1080,23 @@ mod tests {
             !Kernels::fused_routing_applies(1, 512, 8),
             "one round: no partials"
         );
+    }
+
+    #[test]
+    fn multi_block_sort_keeps_a_start_per_block_and_expert() {
+        assert_eq!(sort_starts_ints(2048, 128), 1 + 128);
+        assert_eq!(sort_starts_ints(2049, 128), 1 + 2 * 128);
+        assert_eq!(sort_starts_ints(16384 * 8, 256), 1 + 64 * 256);
+    }
+
+    #[test]
+    fn prefill_gate_runs_tiled_once_its_grid_fills_the_gpu() {
+        assert!(!gate_runs_tiled(64, 4096), "decode splits H instead");
+        assert!(!gate_runs_tiled(1024, 128), "Qwen3 T = 1024: 64 blocks");
+        assert!(gate_runs_tiled(2048, 128));
+        assert!(gate_runs_tiled(1024, 256), "DeepSeek-V3 T = 1024");
+        assert!(!gate_runs_tiled(4096, 8), "Mixtral T = 4096: 64 blocks");
+        assert!(gate_runs_tiled(2689, 72) && !gate_runs_tiled(2688, 72));
     }
 
     #[test]

@@ -23,8 +23,9 @@ use self::driver::{
 };
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    gate_logits_floats, gate_slices, FusedRouting, GemmKind, GemmParams, GivenSlots, Kernels,
-    QuantTile, RouteParams, SortBuffers, SortParams, Tile, ARG_OUT, ARG_X, ROUTING_COUNTERS,
+    gate_logits_floats, gate_slices, sort_starts_ints, FusedRouting, GemmKind, GemmParams,
+    GivenSlots, Kernels, QuantTile, RouteParams, SortBuffers, SortParams, Tile, ARG_OUT, ARG_X,
+    ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
@@ -129,11 +130,13 @@ struct Workspace {
     act_fp8_scales: DeviceBuffer,
     /// The fused decode routing's counters (zero between launches).
     routing_counters: DeviceBuffer,
+    /// The multi-block sort's arrival counter (zero between launches) and block starts.
+    sort_starts: DeviceBuffer,
 }
 
 impl Workspace {
     /// (bytes, purpose) of every buffer, in field order.
-    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 20] {
+    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 21] {
         let (t, e, k, h, i, l) = (
             cfg.max_tokens,
             cfg.num_experts,
@@ -174,6 +177,7 @@ impl Workspace {
                 "FP8 expert activation scales",
             ),
             (ROUTING_COUNTERS * 4, "routing counters"),
+            (sort_starts_ints(slots, e) * 4, "sort block starts"),
         ]
     }
 
@@ -181,7 +185,7 @@ impl Workspace {
         let mut bufs = Self::sizes(cfg)
             .into_iter()
             .map(|(b, what)| DeviceBuffer::alloc(b, what));
-        let mut next = || bufs.next().expect("20 buffers");
+        let mut next = || bufs.next().expect("21 buffers");
         Ok(Workspace {
             logits: next()?,
             topk_ids: next()?,
@@ -206,6 +210,11 @@ impl Workspace {
                 let counters = next()?;
                 driver::copy_to_device(counters.ptr, &[0i32; ROUTING_COUNTERS])?;
                 counters
+            },
+            sort_starts: {
+                let starts = next()?;
+                driver::copy_to_device(starts.ptr, &[0i32])?;
+                starts
             },
         })
     }
@@ -516,7 +525,7 @@ impl CudaBackend {
 
         // 3. Sort slots by expert; tiles of the grouped GEMMs.
         if !sorted {
-            k.sort(&sort, stream)?;
+            k.sort(&sort, ws.sort_starts.ptr, stream)?;
         }
         let max_tiles = slots.div_ceil(block_m) + e.min(slots);
         let grouped = GemmParams {
