@@ -18,14 +18,14 @@
 //   - prefill, mid-sized batches (gate_logits_t16): the same block shape over 16 tokens, every
 //     round in one block; x is staged [k][token] so a lane's 16 x values of one k are four
 //     16-byte shared broadcasts (one shared load per FMA before).
-//   - prefill, grids that fill the GPU (gate_logits_tiled): a plain tiled SGEMM, 64 tokens x 32
-//     experts per block and 4 x 4 per thread over all of H, x and the gate staged through
-//     shared memory 32 of k at a time, so each gate value read from L2 feeds 64 tokens and each
-//     x value 32 experts (16 and 32 in t16, whose gate reads L2 bandwidth bounds), and a thread
+//   - prefill, grids that fill the GPU (gate_logits_tiled): a plain tiled SGEMM, 64 tokens x 64
+//     experts per block and 4 x 8 per thread over all of H, x and the gate staged through
+//     shared memory a chunk at a time, so each gate value read from L2 feeds 64 tokens and each
+//     x value 64 experts (16 and 32 in t16, whose gate reads L2 bandwidth bounds), and a thread
 //     runs the chunk chains, round sums and round order itself.
 //
 // Grid: (ceil(T / TOKENS), ceil(E / 32), split ? rounds : 1); block 256 (8 warps); tiled:
-// (ceil(T / 64), ceil(E / 32)), block 128.
+// (ceil(T / 64), ceil(E / 64)), block 128.
 #include "common/routing.cuh"
 #include "common/sort.cuh"
 #include "common/mma.cuh"
@@ -207,35 +207,40 @@ extern "C" __global__ void __launch_bounds__(256)
                                 args_block);
 }
 
-// Prefill when the grid fills the GPU (Kernels::gate_logits). Block: 64 tokens x 32 experts, 128
-// threads; thread (ty, tx) owns tokens 4ty.. and experts 4tx.. . Each step stages one chunk (64
-// of k): x converted to f32 as [k][token] (each thread 32 values of one token, four 16-byte
+// Prefill when the grid fills the GPU (Kernels::gate_logits). Block: 64 tokens x 64 experts, 128
+// threads; thread (ty, tx) owns tokens 4ty.. and experts 4tx.. and 32 + 4tx.. (so a warp's
+// 16-byte gate loads cover 128 consecutive bytes: no bank conflict). Each step stages one chunk
+// (64 of k): x converted to f32 as [k][token] (each thread 32 values of one token, four 16-byte
 // loads held in registers over the step's FMAs) and the gate as [k][expert] by cp.async,
-// double-buffered, so a step's loads are in flight while the previous step's 1024 FMAs per
-// thread run. A round ends every eighth step (or at H).
+// double-buffered, so a step's loads are in flight while the previous step's 2048 FMAs per
+// thread run; per k a thread issues 3 shared loads for 32 FMAs. A round ends every eighth step
+// (or at H). Dynamic smem: gate_tiled_smem_bytes (kernels.rs), 64 KiB.
 #define TILED_TOKENS 64
-#define TILED_EXPERTS 32
+#define TILED_EXPERTS 64
 #define TILED_K GATE_CHUNK  // a step is a chunk: its end needs no test
 
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(128, 3)
     gate_logits_tiled(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
                       int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    constexpr int GROUPS = TILED_EXPERTS / 32;  // of 4 experts per thread, 32 apart
     begin_dependent();
     x = forward_arg(args_block, ARG_X, x);
-    __shared__ __align__(16) float xs[2][TILED_K][TILED_TOKENS];
-    __shared__ __align__(16) float gs[2][TILED_K][TILED_EXPERTS];
+    extern __shared__ __align__(16) float tiled_smem[];
+    float(*xs)[TILED_K][TILED_TOKENS] = (float(*)[TILED_K][TILED_TOKENS])tiled_smem;               // [2]
+    float(*gs)[TILED_K][TILED_EXPERTS] = (float(*)[TILED_K][TILED_EXPERTS])(tiled_smem + 2 * TILED_K * TILED_TOKENS);
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t0 = blockIdx.x * TILED_TOKENS, e0 = blockIdx.y * TILED_EXPERTS;
     if (t0 >= T) return;
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     const int steps = (hidden + TILED_K - 1) / TILED_K;
 
-    // Staging roles: x token xt's 32 values from k = 32 xh; the gate's rows gk and gk + 32, 8
-    // experts from ge.
+    // Staging roles: x token xt's 32 values from k = 32 xh; the gate's rows gk and gk + 32,
+    // TILED_EXPERTS / 4 experts from ge.
+    constexpr int G_PER_ROW = TILED_EXPERTS / 4;
     const int xt = threadIdx.x % TILED_TOKENS, xh = threadIdx.x / TILED_TOKENS;
     const bool x_row = t0 + xt < T;
     const u16* x_src = x + (i64)(x_row ? t0 + xt : 0) * hidden + xh * 32;
-    const int gk = threadIdx.x / 4, ge = (threadIdx.x % 4) * 8;
+    const int gk = threadIdx.x / 4, ge = (threadIdx.x % 4) * G_PER_ROW;
     uint4 xv[4];
     auto fetch_x = [&](int step) {
 #pragma unroll
@@ -255,8 +260,8 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
     };
-    // Zeros past H and E. Rows of a gate whose E is a multiple of 4 are 16-byte aligned (two
-    // copies a step); any other E takes 4-byte copies.
+    // Zeros past H and E. Rows of a gate whose E is a multiple of 4 are 16-byte aligned;
+    // any other E takes 4-byte copies.
     const bool rows_aligned = num_experts % 4 == 0;
     auto load_g = [&](int buf, int step) {
 #pragma unroll
@@ -265,13 +270,13 @@ extern "C" __global__ void __launch_bounds__(128)
             const float* src = gate_t + (i64)k * num_experts + e0 + ge;
             if (rows_aligned) {
 #pragma unroll
-                for (int c = 0; c < 2; ++c) {
+                for (int c = 0; c < G_PER_ROW / 4; ++c) {
                     const bool ok = k < hidden && e0 + ge + 4 * c < num_experts;
                     cp_async_16(&gs[buf][row][ge + 4 * c], ok ? (const void*)(src + 4 * c) : (const void*)gate_t, ok);
                 }
             } else {
 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
+                for (int j = 0; j < G_PER_ROW; ++j) {
                     const bool ok = k < hidden && e0 + ge + j < num_experts;
                     cp_async_4(&gs[buf][row][ge + j], ok ? (const void*)(src + j) : (const void*)gate_t, ok);
                 }
@@ -280,11 +285,12 @@ extern "C" __global__ void __launch_bounds__(128)
         cp_async_commit();
     };
 
-    float chunk[4][4], round[4][4], total[4][4];
+    constexpr int TE = 4 * GROUPS;
+    float chunk[4][TE], round[4][TE], total[4][TE];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) chunk[i][j] = round[i][j] = total[i][j] = 0.0f;
+        for (int j = 0; j < TE; ++j) chunk[i][j] = round[i][j] = total[i][j] = 0.0f;
     load_g(0, 0);
     fetch_x(0);
     store_x(0);
@@ -302,19 +308,24 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
         for (int kk = 0; kk < TILED_K; ++kk) {
             const float4 xa = *(const float4*)&xs[buf][kk][ty * 4];
-            const float4 ga = *(const float4*)&gs[buf][kk][tx * 4];
-            const float xr[4] = {xa.x, xa.y, xa.z, xa.w}, gr[4] = {ga.x, ga.y, ga.z, ga.w};
+            const float xr[4] = {xa.x, xa.y, xa.z, xa.w};
+            float gr[TE];
+#pragma unroll
+            for (int g = 0; g < GROUPS; ++g) {
+                const float4 ga = *(const float4*)&gs[buf][kk][g * 32 + tx * 4];
+                gr[4 * g] = ga.x, gr[4 * g + 1] = ga.y, gr[4 * g + 2] = ga.z, gr[4 * g + 3] = ga.w;
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) chunk[i][j] = fmaf(xr[i], gr[j], chunk[i][j]);
+                for (int j = 0; j < TE; ++j) chunk[i][j] = fmaf(xr[i], gr[j], chunk[i][j]);
         }
         // Zero-filled k past H added +0 to each chain: a chain from +0 is never -0, so no bit
         // changed.
 #pragma unroll
         for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int j = 0; j < TE; ++j) {
                 round[i][j] += chunk[i][j];
                 chunk[i][j] = 0.0f;
             }
@@ -324,7 +335,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
+                for (int j = 0; j < TE; ++j) {
                     total[i][j] = first ? round[i][j] : total[i][j] + round[i][j];
                     round[i][j] = 0.0f;
                 }
@@ -337,8 +348,8 @@ extern "C" __global__ void __launch_bounds__(128)
         const int tok = t0 + ty * 4 + i;
         if (tok >= T) break;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int e = e0 + tx * 4 + j;
+        for (int j = 0; j < TE; ++j) {
+            const int e = e0 + (j / 4) * 32 + tx * 4 + j % 4;
             if (e < num_experts) logits[(i64)tok * num_experts + e] = total[i][j];
         }
     }

@@ -264,8 +264,8 @@ fn replay_is_bitwise_equal_to_eager() {
 fn routing_of_a_token_does_not_depend_on_the_batch() {
     // The gate kernel has a decode variant (T <= 64: one block per 512 of H, partials added by
     // the routing) and two prefill ones (all of H in a block: 16 tokens, or 64 tokens tiled once
-    // the grid has 128 blocks, here from T = 2689); all sum in the same order, so the first
-    // tokens route bitwise the same in batches of 1, 40, 300 and 2700. H = 1288 is two full
+    // the grid has 128 blocks, here from T = 4033); all sum in the same order, so the first
+    // tokens route bitwise the same in batches of 1, 40, 300 and 4100. H = 1288 is two full
     // rounds and a partial one; E = 72 leaves the last expert tile partial.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
@@ -273,11 +273,11 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
     let c = MoeConfig {
         num_experts: 72,
         hidden_size: 1288,
-        ..cfg(2700)
+        ..cfg(4100)
     };
     let mut l = layer(&c, 21, true);
-    let inp = inputs(&c, 2700, 4);
-    let batches = [1usize, 40, 300, 2700];
+    let inp = inputs(&c, 4100, 4);
+    let batches = [1usize, 40, 300, 4100];
     let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
     for (&t, out) in batches.iter().zip(&outs) {
         unsafe {
@@ -294,19 +294,19 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
         }
     }
     stream.synchronize().unwrap();
-    let all = outs[3].host(&c, 2700);
+    let all = outs[3].host(&c, 4100);
     for (&t, out) in batches[..3].iter().zip(&outs) {
         let (_, ids, weights) = out.host(&c, t);
         let n = t * c.top_k;
         assert_eq!(
             ids[..],
             all.1[..n],
-            "experts differ between T = {t} and T = 2700"
+            "experts differ between T = {t} and T = 4100"
         );
         assert_eq!(
             weights[..],
             all.2[..n],
-            "weights differ between T = {t} and T = 2700"
+            "weights differ between T = {t} and T = 4100"
         );
     }
 }

@@ -72,24 +72,34 @@ struct TileRange {
 // Returns false when the block has no work (past the real T or the real tile count). Fills
 // a_rows[BM] with each tile row's source row of A (the token under GATHER) and b_rows[BN] with
 // each tile column's row of B; -1 where there is none.
+//
+// The grid is one-dimensional, column tiles fastest: a row tile's column tiles run together,
+// so its rows of A are read from DRAM once and from L2 by the rest, and an expert's weights
+// stream in one sweep. Row tiles fastest (the previous order) swept every expert's rows once
+// per column tile, and with the weights streaming through L2 those rows were evicted between
+// sweeps: H200 ncu, FP8 DeepSeek-V3 T = 256 down-projection, 3.98 GB from DRAM against 3.76 GB
+// of weights.
 template <int BM, int BN, int THREADS, int MODE>
 __device__ __forceinline__ bool setup_tile(const GemmParams& p, i64* a_rows, i64* b_rows, TileRange& tr) {
+    const int N = (int)p.n;
+    constexpr int COLS = (MODE & MODE_GATED) ? BN / 2 : BN;  // output columns per tile
+    const int col_tiles = (N + COLS - 1) / COLS;
+    const int tile = (int)(blockIdx.x / col_tiles), col_tile = (int)(blockIdx.x % col_tiles);
     tr.expert = 0;
     if (MODE & MODE_DENSE) {
         const int T = token_count(p.num_tokens_dev, (int)p.num_tokens);
-        tr.row0 = blockIdx.x * BM;
+        tr.row0 = tile * BM;
         if (tr.row0 >= T) return false;
         tr.rows = min(BM, T - tr.row0);
     } else {
-        if ((int)blockIdx.x >= *p.num_tiles) return false;
-        tr.expert = p.tile_expert[blockIdx.x];
-        tr.row0 = p.tile_row[blockIdx.x];
+        if (tile >= *p.num_tiles) return false;
+        tr.expert = p.tile_expert[tile];
+        tr.row0 = p.tile_row[tile];
         tr.rows = min(BM, p.expert_offsets[tr.expert + 1] - tr.row0);
     }
-    const int N = (int)p.n;
     // Accumulator column c of this tile -> output column / B row.
     //   GATED: columns come in 16s: 8 gate then the matching 8 up columns.
-    tr.col_base = (MODE & MODE_GATED) ? blockIdx.y * (BN / 2) : blockIdx.y * BN;
+    tr.col_base = col_tile * COLS;
     for (int r = threadIdx.x; r < BM; r += THREADS) {
         i64 off = -1;
         if (r < tr.rows) {
