@@ -30,7 +30,7 @@
 // (real checkpoints), one bf16x2 multiply per register by multipliers made once per block; its
 // decode tile is 128 wide, which halves the activation tile's shared reads (every warp reads
 // all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
-// (BENCHMARKS.md) FP8 streams at 1.10-1.19x its byte floor, MXFP4 at ~1.45x, there with 5 warps
+// (BENCHMARKS.md) FP8 streams at 1.09-1.13x its byte floor, MXFP4 at ~1.45x, there with 5 warps
 // per scheduler, 65% of issue slots busy and its two decode pipes (integer ALU, FMA) about
 // evenly loaded (ncu): bound by the decode's instructions per weight at that occupancy.
 #include "common/gemm_tile.cuh"

@@ -59,10 +59,11 @@ for t in ${FDMOE_GPU_TESTS-cuda_graphs cuda_vs_cpu}; do
 done
 
 if [ -n "${FDMOE_SANITIZE:-}" ]; then
+  # routing_of_a_token runs the three gate variants, invalid_ids the multi-block sort.
   step memcheck-graphs 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
-    .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside routing_of_a_token
-  step racecheck-graphs 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    .device/bin/cuda_graphs --test-threads=1 forward_inside routing_of_a_token
+    .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside routing_of_a_token invalid_ids
+  step racecheck-graphs 180 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    .device/bin/cuda_graphs --test-threads=1 forward_inside routing_of_a_token invalid_ids
   step memcheck-cpu-compare 150 env FDMOE_GPU_QUICK=1 FDMOE_GPU_CASES="gate rounds,qwen-like,odd,grouped" \
     compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/cuda_vs_cpu
 fi
