@@ -1,5 +1,6 @@
 // Stable counting sort of the T·k routed slots by expert, and the tile table of the grouped
-// GEMMs, in one block of 1024 threads (one launch, no host sync, deterministic).
+// GEMMs, in one block of 1024 threads (one launch, no host sync, deterministic); above
+// SORT_CHUNK slots the same passes over a block per chunk (sort_count_blocks below).
 //
 // Warp w owns a contiguous chunk of slots. Pass 1 counts, per warp, how many of its slots go
 // to each expert (__match_any_sync groups equal ids among 32 slots, so no atomics). A block scan

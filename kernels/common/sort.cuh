@@ -1,5 +1,6 @@
 // The stable counting sort of sort_by_expert.cu as a device function of THREADS threads, so
-// the decode gate kernel's last block can run it in place of a launch (gate_logits.cu).
+// the decode gate kernel's last block can run it in place of a launch (gate_logits.cu), and its
+// two passes, which the multi-block sort (sort_count_blocks, sort_place_blocks) runs per block.
 #pragma once
 #include "common/block_arrive.cuh"
 
