@@ -213,12 +213,16 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
 #endif
 
 // Entry points: one per (tile config, mode, activation). Names: gemm_<tile>_<mode>[_<act>].
-// Tile configs: s = decode (16 rows), m = mid (64), l = prefill (128); w = prefill with wgmma
+// Tile configs: s = decode (16 rows), d = decode at 13-24 rows per expert (32: one tile where
+// 16-row tiles would read about 40% of the experts' weights twice, with as many blocks), m =
+// mid (64), l = prefill (128); w = prefill with wgmma
 // and v = 64-row wgmma (sm_90a builds only). Shared memory sizes are computed in src/backend/cuda/kernels.rs.
 #define FDMOE_TILE_s 16, 64, 64, 1, 4, 4
+#define FDMOE_TILE_d 32, 64, 64, 2, 2, 4
 #define FDMOE_TILE_m 64, 128, 32, 2, 2, 4
 #define FDMOE_TILE_l 128, 128, 32, 2, 4, 4
 #define FDMOE_THREADS_s 128
+#define FDMOE_THREADS_d 128
 #define FDMOE_THREADS_m 128
 #define FDMOE_THREADS_l 256
 
@@ -229,11 +233,13 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     }
 // Bodies that call begin_dependent themselves when weights_before_wait (the mma.sync ones).
 #define FDMOE_WAITS_LATE_s 1
+#define FDMOE_WAITS_LATE_d 1
 #define FDMOE_WAITS_LATE_m 1
 #define FDMOE_WAITS_LATE_l 1
 #define FDMOE_WAITS_LATE_w 0
 #define FDMOE_WAITS_LATE_v 0
 #define FDMOE_BODY_s grouped_gemm_body
+#define FDMOE_BODY_d grouped_gemm_body
 #define FDMOE_BODY_m grouped_gemm_body
 #define FDMOE_BODY_l grouped_gemm_body
 #define FDMOE_BODY_w grouped_gemm_wgmma
@@ -256,6 +262,7 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     FDMOE_GEMM(tile, dense_swigluoai, MODE_DENSE | MODE_GATED, FDMOE_ACT_SWIGLUOAI)
 
 FDMOE_GEMM_TILE(s)
+FDMOE_GEMM_TILE(d)
 FDMOE_GEMM_TILE(m)
 FDMOE_GEMM_TILE(l)
 #ifdef FDMOE_SM90A

@@ -154,6 +154,9 @@ pub enum Tile {
     /// 16 x 64 x 64, 4 warps, 4 stages: decode (many blocks to stream the weights; 4 stages
     /// let 4 blocks share an SM, so DeepSeek-V3's 512 blocks at T = 1 run in one wave).
     Small,
+    /// 32 x 64 x 64, 4 warps (2 x 2), 4 stages: decode at 13-24 rows per expert, where 16-row
+    /// tiles would give a second tile to ~40% of the experts and read their weights twice.
+    Decode32,
     /// 64 x 128 x 32, 4 warps.
     Mid,
     /// 128 x 128 x 32, 8 warps: prefill on sm_80.
@@ -165,8 +168,9 @@ pub enum Tile {
 }
 
 impl Tile {
-    pub const ALL: [Tile; 5] = [
+    pub const ALL: [Tile; 6] = [
         Tile::Small,
+        Tile::Decode32,
         Tile::Mid,
         Tile::Large,
         Tile::WgmmaMid,
@@ -180,13 +184,14 @@ impl Tile {
     pub fn block_m(self) -> usize {
         match self {
             Tile::Small => 16,
+            Tile::Decode32 => 32,
             Tile::Mid | Tile::WgmmaMid => 64,
             Tile::Large | Tile::Wgmma => 128,
         }
     }
     pub fn block_n(self) -> usize {
         match self {
-            Tile::Small => 64,
+            Tile::Small | Tile::Decode32 => 64,
             Tile::Wgmma | Tile::WgmmaMid => 256,
             _ => 128,
         }
@@ -201,6 +206,7 @@ impl Tile {
         let offsets = (self.block_m() + self.block_n()) * 8;
         match self {
             Tile::Small => 4 * (16 + 64) * (64 + 8) * 2 + offsets,
+            Tile::Decode32 => 4 * (32 + 64) * (64 + 8) * 2 + offsets,
             Tile::Mid => 4 * (64 + 128) * (32 + 8) * 2 + offsets,
             Tile::Large => 4 * (128 + 128) * (32 + 8) * 2 + offsets,
             // Swizzled stages need 1024-byte alignment: one extra KiB to align the base.
@@ -211,6 +217,7 @@ impl Tile {
     fn suffix(self) -> &'static str {
         match self {
             Tile::Small => "s",
+            Tile::Decode32 => "d",
             Tile::Mid => "m",
             Tile::Large => "l",
             Tile::WgmmaMid => "v",
@@ -221,7 +228,8 @@ impl Tile {
     /// Smallest tile that is not mostly padding for `rows` rows per group.
     pub fn for_rows(rows: usize, hopper: bool) -> Tile {
         match (rows, hopper) {
-            (0..=24, _) => Tile::Small,
+            (0..=12, _) => Tile::Small,
+            (13..=24, _) => Tile::Decode32,
             // Measured on an H100: the 64-row wgmma tile wins at ~32 rows per expert
             // (DeepSeek-V3, T = 1024) and loses to the 128-row one from ~64 rows.
             (25..=48, true) => Tile::WgmmaMid,
@@ -1102,6 +1110,16 @@ mod tests {
         assert_eq!(sort_starts_ints(2048, 128), 1 + 128);
         assert_eq!(sort_starts_ints(2049, 128), 1 + 2 * 128);
         assert_eq!(sort_starts_ints(16384 * 8, 256), 1 + 64 * 256);
+    }
+
+    #[test]
+    fn decode_rows_take_the_tile_that_holds_them_once() {
+        assert_eq!(Tile::for_rows(1, true), Tile::Small);
+        assert_eq!(Tile::for_rows(12, true), Tile::Small);
+        assert_eq!(Tile::for_rows(16, true), Tile::Decode32, "Qwen3 T = 256");
+        assert_eq!(Tile::for_rows(24, false), Tile::Decode32);
+        assert_eq!(Tile::for_rows(25, true), Tile::WgmmaMid);
+        assert_eq!(Tile::for_rows(25, false), Tile::Mid);
     }
 
     #[test]
