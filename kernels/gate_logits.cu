@@ -214,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // loads held in registers over the step's FMAs) and the gate as [k][expert] by cp.async,
 // double-buffered, so a step's loads are in flight while the previous step's 2048 FMAs per
 // thread run; per k a thread issues 3 shared loads for 32 FMAs. A round ends every eighth step
-// (or at H). Dynamic smem: gate_tiled_smem_bytes (kernels.rs), 64 KiB.
+// (or at H). Dynamic smem: GATE_TILED_SMEM (kernels.rs), 64 KiB.
 #define TILED_TOKENS 64
 #define TILED_EXPERTS 64
 #define TILED_K GATE_CHUNK  // a step is a chunk: its end needs no test

@@ -570,10 +570,9 @@ fn invalid_ids_and_non_finite_logits() {
     for t in [40, 700] {
         given_invalid_ids_are_skipped(t);
     }
-    let t = 40;
-    let inp = inputs(&cfg(64), t, 8);
     // Non-finite logits: ids stay in range.
-    let c = cfg(64);
+    let (c, t) = (cfg(64), 40);
+    let inp = inputs(&c, t, 8);
     let mut l = layer(&c, 3, false);
     let mut logits = Rng(5).vec(t * c.num_experts, 1.0);
     for (i, v) in logits.iter_mut().enumerate() {
