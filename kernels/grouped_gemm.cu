@@ -154,21 +154,44 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     const int K = (int)p.k;
     const u16* b_base = p.b + (i64)tr.expert * p.b_group_stride;
 
+    // Each thread copies the same 16-byte chunk column c of rows r0, r0 + THREADS / 8, ... every
+    // stage: those rows share r % 8, so their swizzled shared addresses are one stride apart,
+    // and their sources at k = 0 are set once per block (a padding row's zero-filled), so a
+    // stage issues an add and a copy per chunk. Computed per chunk (a shared offset load, the
+    // swizzle and K compares each), the copies were most of the loop's ~510 instructions, and
+    // the 64-row tile has one warp per scheduler to issue them.
+    constexpr int A_PER = BM * 8 / THREADS, B_PER = BN * 8 / THREADS;
+    constexpr u32 ROW_STEP = THREADS / 8 * 128;  // bytes between a thread's chunks
+    static_assert(A_PER + B_PER <= 32, "one zero-fill bit per chunk");
+    const int c = threadIdx.x % 8;
+    const u16* a_src[A_PER];
+    const u16* b_src[B_PER];
+    u32 zero_fill = 0;  // bit n: A chunk n, bit A_PER + n: B chunk n
+#pragma unroll
+    for (int n = 0; n < A_PER; ++n) {
+        const i64 off = a_rows[threadIdx.x / 8 + n * (THREADS / 8)];
+        a_src[n] = p.a + (off >= 0 ? off + c * 8 : 0);
+        zero_fill |= (u32)(off < 0) << n;
+    }
+#pragma unroll
+    for (int n = 0; n < B_PER; ++n) {
+        const i64 off = b_rows[threadIdx.x / 8 + n * (THREADS / 8)];
+        b_src[n] = b_base + (off >= 0 ? off + c * 8 : 0);
+        zero_fill |= (u32)(off < 0) << (A_PER + n);
+    }
+    const u32 a_dst = (u32)__cvta_generic_to_shared(As) + swizzle_128b(threadIdx.x / 8, c);
+    const u32 b_dst = (u32)__cvta_generic_to_shared(Bs) + swizzle_128b(threadIdx.x / 8, c);
     auto load_stage = [&](int stage, int k0) {
-        unsigned char* as = As + stage * A_STAGE;
-        unsigned char* bs = Bs + stage * B_STAGE;
-        for (int i = threadIdx.x; i < BM * 8; i += THREADS) {
-            const int r = i / 8, c = i % 8, kc = c * 8;
-            const i64 off = a_rows[r];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(as + swizzle_128b(r, c), valid ? (const void*)(p.a + off + k0 + kc) : (const void*)p.a, valid);
-        }
-        for (int i = threadIdx.x; i < BN * 8; i += THREADS) {
-            const int r = i / 8, c = i % 8, kc = c * 8;
-            const i64 off = b_rows[r];
-            const bool valid = off >= 0 && k0 + kc < K;
-            cp_async_16(bs + swizzle_128b(r, c), valid ? (const void*)(b_base + off + k0 + kc) : (const void*)b_base, valid);
-        }
+        // Only a last, partial k-tile has chunks past K: this thread's column, for all its rows.
+        const bool past_k = k0 + c * 8 >= K;
+#pragma unroll
+        for (int n = 0; n < A_PER; ++n)
+            cp_async_16_zfill(a_dst + stage * A_STAGE + n * ROW_STEP, past_k ? (const void*)p.a : a_src[n] + k0,
+                              past_k || ((zero_fill >> n) & 1));
+#pragma unroll
+        for (int n = 0; n < B_PER; ++n)
+            cp_async_16_zfill(b_dst + stage * B_STAGE + n * ROW_STEP, past_k ? (const void*)b_base : b_src[n] + k0,
+                              past_k || ((zero_fill >> (A_PER + n)) & 1));
     };
 
     const int warpgroup = threadIdx.x / 128;

@@ -565,9 +565,10 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (FP8) or
 // 16 x 128 (FP4) for decode, n = 16 x 64 (FP4) for decode grids the wide tile would leave
-// underfilled, m = 64 x 128. Shared memory sizes and the choice are in
-// src/backend/cuda/kernels.rs (QuantTile).
+// underfilled, d = 32 x 64 (FP8) at 13-24 rows per expert, m = 64 x 128. Shared memory sizes
+// and the choice are in src/backend/cuda/kernels.rs (QuantTile).
 #define FDMOE_QTILE_fp8_s 16, 64, 1, 4
+#define FDMOE_QTILE_fp8_d 32, 64, 2, 2
 #define FDMOE_QTILE_fp4_s 16, 128, 1, 4
 #define FDMOE_QTILE_fp4_n 16, 64, 1, 4
 #define FDMOE_QTILE_fp8_m 64, 128, 2, 2
@@ -582,6 +583,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // per weight at 16 x 64 had gained 0-3%; the wide tile also halves the activation tile's shared
 // reads per weight, since every warp reads all of it.)
 #define FDMOE_QSTAGES_fp8_s 2
+#define FDMOE_QSTAGES_fp8_d 2
 #define FDMOE_QSTAGES_fp8_m 4
 #define FDMOE_QSTAGES_fp4_s 3
 #define FDMOE_QSTAGES_fp4_n 3
@@ -590,8 +592,10 @@ extern "C" __global__ void __launch_bounds__(128)
 // FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).
 // Blocks per SM the tiles are compiled for: the FP8 decode tile at 8 (64 registers, no spills)
 // instead of the 6 its 80 registers allowed: 16% faster on the H200 (DeepSeek-V3 T = 16-256);
-// the FP4 one at 5 (its shared memory allows 5; 114-120 registers would give 4).
+// the FP4 one at 5 (its shared memory allows 5; 114-120 registers would give 4). The 32-row FP8
+// tile at 5 (94 registers): at 6 it spills 36 bytes (2 x 2 warps) or 76 (1 x 4).
 #define FDMOE_QMINBLOCKS_fp8_s 8
+#define FDMOE_QMINBLOCKS_fp8_d 5
 #define FDMOE_QMINBLOCKS_fp8_m 1
 #define FDMOE_QMINBLOCKS_fp4_s 5
 #define FDMOE_QMINBLOCKS_fp4_n 1
@@ -615,6 +619,7 @@ extern "C" __global__ void __launch_bounds__(128)
 
 #if __CUDA_ARCH__ >= 890
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, s)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, d)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
 #endif
 #ifndef FDMOE_F16

@@ -289,12 +289,15 @@ fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
 
 /// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu), 4 warps each:
 /// for decode 16 x 64 (FP8) or 16 x 128 (FP4), and for FP4 also 16 x 64 when the wide tile would
-/// leave the GPU underfilled; 64 x 128 otherwise. Every tile sums each output in the same order,
-/// so the choice never changes a bit.
+/// leave the GPU underfilled; for FP8 32 x 64 at 13-24 rows per expert; 64 x 128 otherwise.
+/// Every tile sums each output in the same order, so the choice never changes a bit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantTile {
     Narrow,
     Small,
+    /// FP8 only: 16-row tiles would give ~40% of the experts a second tile at 13-24 rows and
+    /// read their weights twice (as `Tile::Decode32` for bf16).
+    Decode32,
     Mid,
 }
 
@@ -306,9 +309,12 @@ pub const FP4_NARROW_MAX_SLOTS: usize = 16;
 impl QuantTile {
     /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
     pub fn choose(format: FdmoeDtype, rows: usize, slots: usize) -> QuantTile {
+        let fp8 = format == FdmoeDtype::Fp8Block;
         if rows > 24 {
             QuantTile::Mid
-        } else if format != FdmoeDtype::Fp8Block && slots <= FP4_NARROW_MAX_SLOTS {
+        } else if fp8 && rows > 12 {
+            QuantTile::Decode32
+        } else if !fp8 && slots <= FP4_NARROW_MAX_SLOTS {
             QuantTile::Narrow
         } else {
             QuantTile::Small
@@ -317,26 +323,28 @@ impl QuantTile {
     /// The tiles a format has kernels for.
     pub fn all(format: FdmoeDtype) -> &'static [QuantTile] {
         match format {
-            FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Mid],
+            FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Decode32, QuantTile::Mid],
             _ => &[QuantTile::Narrow, QuantTile::Small, QuantTile::Mid],
         }
     }
     pub fn block_m(self) -> usize {
         match self {
             QuantTile::Narrow | QuantTile::Small => 16,
+            QuantTile::Decode32 => 32,
             QuantTile::Mid => 64,
         }
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            (QuantTile::Narrow, _) | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
+            (QuantTile::Narrow | QuantTile::Decode32, _)
+            | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
             _ => 128,
         }
     }
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            (QuantTile::Small, FdmoeDtype::Fp8Block) => 2,
+            (QuantTile::Small | QuantTile::Decode32, FdmoeDtype::Fp8Block) => 2,
             (QuantTile::Narrow | QuantTile::Small, _) => 3,
             _ => 4,
         }
@@ -345,6 +353,7 @@ impl QuantTile {
         match self {
             QuantTile::Narrow => "n",
             QuantTile::Small => "s",
+            QuantTile::Decode32 => "d",
             QuantTile::Mid => "m",
         }
     }
@@ -1056,7 +1065,16 @@ mod tests {
             assert!(QuantTile::all(fmt).contains(&QuantTile::Narrow));
         }
         assert_eq!(QuantTile::choose(Fp8Block, 1, 8), QuantTile::Small);
+        assert_eq!(QuantTile::choose(Fp8Block, 12, 1536), QuantTile::Small);
+        assert_eq!(
+            QuantTile::choose(Fp8Block, 16, 2048),
+            QuantTile::Decode32,
+            "Qwen3 T = 256"
+        );
+        assert_eq!(QuantTile::choose(Fp8Block, 24, 3072), QuantTile::Decode32);
+        assert_eq!(QuantTile::choose(Fp8Block, 25, 3200), QuantTile::Mid);
         assert!(!QuantTile::all(Fp8Block).contains(&QuantTile::Narrow));
+        assert_eq!(QuantTile::choose(Mxfp4, 16, 2048), QuantTile::Small);
         // Every tile fits an SM's shared memory (227 KB a block on sm_90).
         for fmt in [Fp8Block, Mxfp4, Nvfp4] {
             for &t in QuantTile::all(fmt) {
