@@ -557,6 +557,9 @@ fn cases() -> Vec<Case> {
         tokens: vec![1, 16, 256, 1024],
         ..mk("qwen-like", base(128, 8, 2048, 768, FdmoeDtype::Bf16))
     });
+    // H >= 4096: decode takes the 64-row wgmma tile on sm_90a (Tile::for_experts); H not a
+    // multiple of 64 (a partial last k-tile) and 2I = 400 (a partial 256-wide column tile).
+    v.push(mk("wide hidden", base(8, 2, 4104, 200, FdmoeDtype::Bf16)));
     // Quantized experts (SPEC §5): both backends quantize the same f32 weights on load.
     let q = |fmt, act| MoeConfig {
         weight_dtype: fmt,

@@ -161,7 +161,8 @@ pub enum Tile {
     Mid,
     /// 128 x 128 x 32, 8 warps: prefill on sm_80.
     Large,
-    /// 64 x 256 x 64, 1 warpgroup of wgmma: mid-size groups on sm_90a.
+    /// 64 x 256 x 64, 1 warpgroup of wgmma: mid-size groups on sm_90a, and decode of wide
+    /// experts (`Tile::for_experts`).
     WgmmaMid,
     /// 128 x 256 x 64, 2 warpgroups of wgmma: prefill on sm_90a.
     Wgmma,
@@ -225,6 +226,23 @@ impl Tile {
         }
     }
 
+    /// The grouped expert GEMMs' tile at `rows` rows per expert, for experts whose hidden size
+    /// (GEMM 1's K) is `expert_hidden`. On sm_90a, decode of wide experts takes the 64-row
+    /// wgmma tile despite its padding rows: with its copies hoisted it streams the weights
+    /// closer to the byte rate than the 16- and 32-row mma.sync tiles. H200 (BENCHMARKS.md, fifth
+    /// session), bf16 given routing at T = 1 / 16 / 64 / 256: DeepSeek-V3 (H = 7168) 0.185 /
+    /// 2.225 / 4.790 / 5.575 ms → 0.181 / 2.106 / 4.510 / 5.176; Mixtral (H = 4096) T = 16 / 64
+    /// 0.706 / 0.784 → 0.665 / 0.688; but Qwen3 (H = 2048) 0.030 / 0.205 / 0.311 / 0.351 →
+    /// 0.038 / 0.223 / 0.325 / 0.361: with short K a block's pipeline fill and drain, which
+    /// nothing else on its SM overlaps (one 64-row block per SM), are a large share of its life.
+    pub fn for_experts(rows: usize, expert_hidden: usize, hopper: bool) -> Tile {
+        if hopper && rows <= 48 && expert_hidden >= WGMMA_DECODE_MIN_HIDDEN {
+            Tile::WgmmaMid
+        } else {
+            Tile::for_rows(rows, hopper)
+        }
+    }
+
     /// Smallest tile that is not mostly padding for `rows` rows per group.
     pub fn for_rows(rows: usize, hopper: bool) -> Tile {
         match (rows, hopper) {
@@ -239,6 +257,10 @@ impl Tile {
         }
     }
 }
+
+/// Experts at least this wide (hidden size, GEMM 1's K) decode on the 64-row wgmma tile
+/// (`Tile::for_experts`).
+pub const WGMMA_DECODE_MIN_HIDDEN: usize = 4096;
 
 /// The epilogue variants of the GEMM kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1138,6 +1160,27 @@ mod tests {
         assert_eq!(Tile::for_rows(24, false), Tile::Decode32);
         assert_eq!(Tile::for_rows(25, true), Tile::WgmmaMid);
         assert_eq!(Tile::for_rows(25, false), Tile::Mid);
+        assert_eq!(
+            Tile::for_experts(1, 7168, true),
+            Tile::WgmmaMid,
+            "DeepSeek-V3 T = 1"
+        );
+        assert_eq!(
+            Tile::for_experts(16, 4096, true),
+            Tile::WgmmaMid,
+            "Mixtral T = 64"
+        );
+        assert_eq!(Tile::for_experts(49, 7168, true), Tile::Wgmma);
+        assert_eq!(
+            Tile::for_experts(16, 2048, true),
+            Tile::Decode32,
+            "Qwen3 T = 256"
+        );
+        assert_eq!(
+            Tile::for_experts(1, 7168, false),
+            Tile::Small,
+            "no wgmma on sm_80"
+        );
     }
 
     #[test]

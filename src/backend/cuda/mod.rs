@@ -378,7 +378,7 @@ impl CudaBackend {
         let slots = t * top_k;
         let rows_per_expert = slots.div_ceil(e.min(slots));
         let (tile, qtile) = (
-            Tile::for_rows(rows_per_expert, k.hopper),
+            Tile::for_experts(rows_per_expert, l, k.hopper),
             QuantTile::choose(self.config().weight_dtype, rows_per_expert, slots),
         );
         let block_m = match w.experts {
