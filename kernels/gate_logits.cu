@@ -9,12 +9,13 @@
 // and no atomics are used.
 //
 // Three variants keep that order:
-//   - decode (gate_logits_split, T <= 64) gives each round its own block (grid z) and writes
-//     the round sums, [rounds][T][E], which route_topk adds in round order: one token's gate is
-//     then read by E/32 x rounds blocks instead of E/32, each with its 64 values a lane loaded
-//     at once, since a decode gate read is bound by load latency, not bandwidth (Qwen3 T = 1:
-//     16 blocks instead of 4). Warp w sums the w-th chunk of the round for 32 experts (a lane
-//     each) and the 8 warp sums are added in warp order.
+//   - decode (gate_logits_split, T <= 64, and mid-size batches too small to fill the GPU with
+//     16-token blocks; src/backend/cuda/kernels.rs) gives each round its own block (grid z) and
+//     writes the round sums, [rounds][T][E], which route_topk adds in round order: one token's
+//     gate is then read by E/32 x rounds blocks instead of E/32, each with its 64 values a lane
+//     loaded at once, since such a gate read is bound by load latency, not bandwidth (Qwen3
+//     T = 1: 16 blocks instead of 4). Warp w sums the w-th chunk of the round for 32 experts (a
+//     lane each) and the 8 warp sums are added in warp order.
 //   - prefill, mid-sized batches (gate_logits_t16): the same block shape over 16 tokens, every
 //     round in one block; x is staged [k][token] so a lane's 16 x values of one k are four
 //     16-byte shared broadcasts (one shared load per FMA before).

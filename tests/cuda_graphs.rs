@@ -262,10 +262,12 @@ fn replay_is_bitwise_equal_to_eager() {
 
 #[test]
 fn routing_of_a_token_does_not_depend_on_the_batch() {
-    // The gate kernel has a decode variant (T <= 64: one block per 512 of H, partials added by
-    // the routing) and two prefill ones (all of H in a block: 16 tokens, or 64 tokens tiled once
-    // the grid has 128 blocks, here from T = 4033); all sum in the same order, so the first
-    // tokens route bitwise the same in batches of 1, 40, 300 and 4100. H = 1288 is two full
+    // The gate kernel has a split variant (one block per 512 of H, partials added by the
+    // routing: decode, fused with the routing and sort, and, unfused, mid-size batches whose
+    // 16-token grid would be under 128 blocks, here up to T = 672) and two one-pass ones (all of
+    // H in a block: 16 tokens, or 64 tokens tiled once the grid has 128 blocks, here from T =
+    // 4033); all sum in the same order, so the first tokens route bitwise the same in batches
+    // of 1, 40 (fused), 300 (split), 1000 (16 tokens) and 4100 (tiled). H = 1288 is two full
     // rounds and a partial one; E = 72 leaves the last expert tile partial.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
@@ -277,7 +279,7 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
     };
     let mut l = layer(&c, 21, true);
     let inp = inputs(&c, 4100, 4);
-    let batches = [1usize, 40, 300, 4100];
+    let batches = [1usize, 40, 300, 1000, 4100];
     let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
     for (&t, out) in batches.iter().zip(&outs) {
         unsafe {
@@ -294,8 +296,8 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
         }
     }
     stream.synchronize().unwrap();
-    let all = outs[3].host(&c, 4100);
-    for (&t, out) in batches[..3].iter().zip(&outs) {
+    let all = outs[4].host(&c, 4100);
+    for (&t, out) in batches[..4].iter().zip(&outs) {
         let (_, ids, weights) = out.host(&c, t);
         let n = t * c.top_k;
         assert_eq!(

@@ -537,11 +537,12 @@ fn cases() -> Vec<Case> {
         tokens: vec![1, 5, 33],
         ..mk("odd sizes", base(6, 3, 200, 72, FdmoeDtype::Bf16))
     });
-    // H = 1288: the decode gate's two full 512-wide rounds and a partial one (T <= 64), and
-    // the prefill gate's (T = 100); E = 72: a partial expert tile; 36 groups: the routing warp's
-    // lanes hold two groups each.
+    // H = 1288: two full 512-wide rounds and a partial one, as the split gate's blocks (T = 1
+    // and 9 fused with the routing, T = 100 a mid-size batch) and the 16-token gate's loop
+    // (T = 1000); E = 72: a partial expert tile; 36 groups: the routing warp's lanes hold two
+    // groups each.
     v.push(Case {
-        tokens: vec![1, 9, 100],
+        tokens: vec![1, 9, 100, 1000],
         with_bias: true,
         ..mk(
             "gate rounds",

@@ -413,6 +413,13 @@ const ROUTE_THREADS: u32 = 256;
 /// own blocks and leaves one partial per round for route_topk to add.
 const GATE_ROUND: usize = 512;
 const GATE_SPLIT_MAX_TOKENS: usize = 64;
+/// Mid-size batches (up to GATE_SPLIT_MID_MAX_TOKENS, which bounds the partials' workspace)
+/// take the split gate too while the 16-token kernel would have fewer than this many blocks:
+/// that one's loop waits on each gate load with 8 warps per SM, and a grid of fewer blocks
+/// than SMs leaves it latency-bound (H200, fifth session: 70.9 us for Qwen3 T = 256's 64
+/// blocks, 147 us for Mixtral's 16; the split one keeps 64 loads a thread in flight).
+const GATE_SPLIT_MID_MAX_TOKENS: usize = 1024;
+const GATE_SPLIT_MIN_T16_BLOCKS: usize = 128;
 /// Tokens per block of the decode gate kernels (their TOKENS): one routing group of the fused one.
 const GATE_DECODE_TOKENS: usize = 4;
 /// Threads of every gate kernel (the fused sort's too) but the tiled one.
@@ -436,20 +443,30 @@ fn gate_runs_tiled(num_tokens: usize, num_experts: usize) -> bool {
             >= GATE_TILED_MIN_BLOCKS
 }
 
+/// Whether the gate for `num_tokens` tokens gives each round of H its own blocks.
+fn gate_runs_split(num_tokens: usize, num_experts: usize) -> bool {
+    num_tokens <= GATE_SPLIT_MAX_TOKENS
+        || (num_tokens <= GATE_SPLIT_MID_MAX_TOKENS
+            && num_tokens.div_ceil(16) * num_experts.div_ceil(32) < GATE_SPLIT_MIN_T16_BLOCKS)
+}
+
 /// How many slices of `T * E` floats the gate leaves for `num_tokens` tokens.
-pub fn gate_slices(num_tokens: usize, hidden: usize) -> usize {
-    if num_tokens <= GATE_SPLIT_MAX_TOKENS {
+pub fn gate_slices(num_tokens: usize, hidden: usize, num_experts: usize) -> usize {
+    if gate_runs_split(num_tokens, num_experts) {
         hidden.div_ceil(GATE_ROUND)
     } else {
         1
     }
 }
 
-/// Floats of the logits workspace for up to `max_tokens` tokens: the logits, or the decode
-/// round partials.
+/// Floats of the logits workspace for up to `max_tokens` tokens: the logits, or the round
+/// partials of the largest batch that splits (the split batches are the counts up to one).
 pub fn gate_logits_floats(max_tokens: usize, hidden: usize, num_experts: usize) -> usize {
-    let decode = max_tokens.min(GATE_SPLIT_MAX_TOKENS);
-    num_experts * max_tokens.max(decode * gate_slices(decode, hidden))
+    let split = (1..=max_tokens.min(GATE_SPLIT_MID_MAX_TOKENS))
+        .rev()
+        .find(|&t| gate_runs_split(t, num_experts))
+        .unwrap_or(0);
+    num_experts * max_tokens.max(split * gate_slices(split, hidden, num_experts))
 }
 pub const SORT_THREADS: u32 = 1024;
 /// Slots per block of the multi-block sort (SORT_CHUNK in kernels/sort_by_expert.cu); more
@@ -712,7 +729,7 @@ impl Kernels {
         fused: Option<&FusedRouting>,
         stream: Stream,
     ) -> Result<()> {
-        let slices = gate_slices(num_tokens, hidden);
+        let slices = gate_slices(num_tokens, hidden, num_experts);
         let tiled = gate_runs_tiled(num_tokens, num_experts);
         let (f, tokens_per_block, experts_per_block, threads) =
             match (slices > 1, fused.is_some(), tiled) {
@@ -771,7 +788,9 @@ impl Kernels {
 
     /// Whether `gate_logits` runs the routing and the sort itself for `num_tokens` tokens.
     pub fn fused_routing_applies(num_tokens: usize, hidden: usize, num_experts: usize) -> bool {
-        gate_slices(num_tokens, hidden) > 1 && num_experts <= FUSED_MAX_EXPERTS
+        num_tokens <= GATE_SPLIT_MAX_TOKENS
+            && gate_slices(num_tokens, hidden, num_experts) > 1
+            && num_experts <= FUSED_MAX_EXPERTS
     }
 
     /// # Safety
@@ -1109,28 +1128,56 @@ mod tests {
 
     #[test]
     fn decode_gate_leaves_one_partial_per_512_of_hidden() {
-        assert_eq!(gate_slices(1, 1288), 3);
-        assert_eq!(gate_slices(64, 1288), 3);
-        assert_eq!(gate_slices(65, 1288), 1, "prefill sums all of H in a block");
-        assert_eq!(gate_slices(1, 512), 1);
-        assert_eq!(gate_slices(1, 7168), 14);
+        assert_eq!(gate_slices(1, 1288, 72), 3);
+        assert_eq!(gate_slices(64, 1288, 72), 3);
+        assert_eq!(gate_slices(1, 512, 72), 1);
+        assert_eq!(gate_slices(1, 7168, 256), 14);
+        // Mid-size batches split while the 16-token grid has fewer than 128 blocks.
+        assert_eq!(gate_slices(256, 2048, 128), 4, "Qwen3 T = 256: 64 blocks");
+        assert_eq!(gate_slices(496, 2048, 128), 4, "31 x 4 blocks");
+        assert_eq!(gate_slices(512, 2048, 128), 1, "32 x 4 blocks: one pass");
+        assert_eq!(gate_slices(1024, 4096, 8), 8, "Mixtral T = 1024: 64 blocks");
+        assert_eq!(gate_slices(1025, 4096, 8), 1, "past the partials' bound");
+        assert_eq!(
+            gate_slices(256, 7168, 256),
+            1,
+            "DeepSeek-V3 T = 256: 128 blocks"
+        );
+        assert_eq!(gate_slices(240, 7168, 256), 14);
+        assert!(
+            !Kernels::fused_routing_applies(65, 2048, 128),
+            "fused routing: T <= 64"
+        );
+        // The split and the tiled gates never both apply.
+        for e in [8, 32, 72, 128, 256, 512] {
+            for t in 65..=2048 {
+                assert!(
+                    !(gate_runs_split(t, e) && gate_runs_tiled(t, e)),
+                    "T = {t}, E = {e}"
+                );
+            }
+        }
     }
 
     #[test]
     fn logits_workspace_holds_the_partials_of_every_token_count() {
-        for max_tokens in [1, 3, 40, 64, 65, 100, 300] {
+        for max_tokens in [1, 3, 40, 64, 65, 100, 300, 1500] {
             for hidden in [8, 512, 520, 1288, 7168] {
-                let floats = gate_logits_floats(max_tokens, hidden, 72);
-                for t in 1..=max_tokens {
-                    assert!(
-                        t * 72 * gate_slices(t, hidden) <= floats,
-                        "T = {t} of max {max_tokens}, H = {hidden}: {floats} floats"
-                    );
+                for e in [8, 72, 256] {
+                    let floats = gate_logits_floats(max_tokens, hidden, e);
+                    for t in 1..=max_tokens {
+                        assert!(
+                            t * e * gate_slices(t, hidden, e) <= floats,
+                            "T = {t} of max {max_tokens}, H = {hidden}, E = {e}: {floats} floats"
+                        );
+                    }
                 }
             }
         }
-        assert_eq!(gate_logits_floats(100, 1288, 72), 64 * 3 * 72);
-        assert_eq!(gate_logits_floats(300, 1288, 72), 300 * 72);
+        // E = 72: 16-token grids of 3 blocks per 16 tokens split up to T = 672.
+        assert_eq!(gate_logits_floats(100, 1288, 72), 100 * 3 * 72);
+        assert_eq!(gate_logits_floats(1500, 1288, 72), 672 * 3 * 72);
+        assert_eq!(gate_logits_floats(1500, 512, 72), 1500 * 72);
     }
 
     #[test]

@@ -429,7 +429,7 @@ impl CudaBackend {
                 let (logits, logit_slices) = if source == RoutingSource::Logits {
                     (args.router_logits as DevicePtr, 1)
                 } else {
-                    (ws.logits.ptr, gate_slices(t, h))
+                    (ws.logits.ptr, gate_slices(t, h, e))
                 };
                 let p = RouteParams {
                     logits,
