@@ -460,7 +460,7 @@ pub fn gate_slices(num_tokens: usize, hidden: usize, num_experts: usize) -> usiz
 }
 
 /// Floats of the logits workspace for up to `max_tokens` tokens: the logits, or the round
-/// partials of the largest batch that splits (the split batches are the counts up to one).
+/// partials of the largest batch that splits (every smaller one splits too).
 pub fn gate_logits_floats(max_tokens: usize, hidden: usize, num_experts: usize) -> usize {
     let split = (1..=max_tokens.min(GATE_SPLIT_MID_MAX_TOKENS))
         .rev()
