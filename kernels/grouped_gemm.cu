@@ -238,8 +238,8 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
 // Entry points: one per (tile config, mode, activation). Names: gemm_<tile>_<mode>[_<act>].
 // Tile configs: s = decode (16 rows), d = decode at 13-24 rows per expert (32: one tile where
 // 16-row tiles would read about 40% of the experts' weights twice, with as many blocks), m =
-// mid (64), l = prefill (128); w = prefill with wgmma
-// and v = 64-row wgmma (sm_90a builds only). Shared memory sizes are computed in src/backend/cuda/kernels.rs.
+// mid (64), l = prefill (128); w = prefill with wgmma and v = 64-row wgmma (sm_90a builds
+// only). Shared memory sizes and the choice are in src/backend/cuda/tiles.rs.
 #define FDMOE_TILE_s 16, 64, 64, 1, 4, 4
 #define FDMOE_TILE_d 32, 64, 64, 2, 2, 4
 #define FDMOE_TILE_m 64, 128, 32, 2, 2, 4

@@ -566,7 +566,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (FP8) or
 // 16 x 128 (FP4) for decode, n = 16 x 64 (FP4) for decode grids the wide tile would leave
 // underfilled, d = 32 x 64 (FP8) at 13-24 rows per expert, m = 64 x 128. Shared memory sizes
-// and the choice are in src/backend/cuda/kernels.rs (QuantTile).
+// and the choice are in src/backend/cuda/tiles.rs (QuantTile).
 #define FDMOE_QTILE_fp8_s 16, 64, 1, 4
 #define FDMOE_QTILE_fp8_d 32, 64, 2, 2
 #define FDMOE_QTILE_fp4_s 16, 128, 1, 4

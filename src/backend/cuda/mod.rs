@@ -11,6 +11,7 @@ pub mod graph;
 pub mod kernels;
 pub mod pre_dispatch;
 pub mod quant_weights;
+pub mod tiles;
 pub mod weights;
 
 use std::ffi::c_void;
@@ -23,11 +24,11 @@ use self::driver::{
 };
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    gate_logits_floats, gate_slices, sort_starts_ints, FusedRouting, GemmKind, GemmParams,
-    GivenSlots, Kernels, QuantTile, RouteParams, SortBuffers, SortParams, Tile, ARG_OUT, ARG_X,
-    ROUTING_COUNTERS,
+    gate_logits_floats, gate_slices, sort_starts_ints, FusedRouting, GemmParams, GivenSlots,
+    Kernels, RouteParams, SortBuffers, SortParams, ARG_OUT, ARG_X, ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
+use self::tiles::{GemmKind, QuantTile, Tile};
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
 use super::{Backend, MemoryRequirements};
 use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig};

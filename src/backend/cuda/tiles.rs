@@ -1,0 +1,339 @@
+//! The grouped GEMMs' tile configurations (FDMOE_TILE_* and FDMOE_QTILE_* in kernels/*.cu),
+//! which one a forward takes for its rows per expert, and the kernel entry point names.
+
+use crate::config::{FdmoeActivation, FdmoeDtype};
+
+/// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// 16 x 64 x 64, 4 warps, 4 stages: decode (many blocks to stream the weights; 4 stages
+    /// let 4 blocks share an SM, so DeepSeek-V3's 512 blocks at T = 1 run in one wave).
+    Small,
+    /// 32 x 64 x 64, 4 warps (2 x 2), 4 stages: decode at 13-24 rows per expert, where 16-row
+    /// tiles would give a second tile to ~40% of the experts and read their weights twice.
+    Decode32,
+    /// 64 x 128 x 32, 4 warps.
+    Mid,
+    /// 128 x 128 x 32, 8 warps: prefill on sm_80.
+    Large,
+    /// 64 x 256 x 64, 1 warpgroup of wgmma: mid-size groups on sm_90a, and decode of wide
+    /// experts (`Tile::for_experts`).
+    WgmmaMid,
+    /// 128 x 256 x 64, 2 warpgroups of wgmma: prefill on sm_90a.
+    Wgmma,
+}
+
+impl Tile {
+    pub const ALL: [Tile; 6] = [
+        Tile::Small,
+        Tile::Decode32,
+        Tile::Mid,
+        Tile::Large,
+        Tile::WgmmaMid,
+        Tile::Wgmma,
+    ];
+
+    pub(super) fn needs_hopper(self) -> bool {
+        matches!(self, Tile::WgmmaMid | Tile::Wgmma)
+    }
+
+    pub fn block_m(self) -> usize {
+        match self {
+            Tile::Small => 16,
+            Tile::Decode32 => 32,
+            Tile::Mid | Tile::WgmmaMid => 64,
+            Tile::Large | Tile::Wgmma => 128,
+        }
+    }
+    pub fn block_n(self) -> usize {
+        match self {
+            Tile::Small | Tile::Decode32 => 64,
+            Tile::Wgmma | Tile::WgmmaMid => 256,
+            _ => 128,
+        }
+    }
+    pub fn threads(self) -> u32 {
+        match self {
+            Tile::Large | Tile::Wgmma => 256,
+            _ => 128,
+        }
+    }
+    pub fn smem_bytes(self) -> usize {
+        let offsets = (self.block_m() + self.block_n()) * 8;
+        match self {
+            Tile::Small => 4 * (16 + 64) * (64 + 8) * 2 + offsets,
+            Tile::Decode32 => 4 * (32 + 64) * (64 + 8) * 2 + offsets,
+            Tile::Mid => 4 * (64 + 128) * (32 + 8) * 2 + offsets,
+            Tile::Large => 4 * (128 + 128) * (32 + 8) * 2 + offsets,
+            // Swizzled stages need 1024-byte alignment: one extra KiB to align the base.
+            Tile::WgmmaMid => 4 * (64 + 256) * 64 * 2 + 1024 + offsets,
+            Tile::Wgmma => 4 * (128 + 256) * 64 * 2 + 1024 + offsets,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Tile::Small => "s",
+            Tile::Decode32 => "d",
+            Tile::Mid => "m",
+            Tile::Large => "l",
+            Tile::WgmmaMid => "v",
+            Tile::Wgmma => "w",
+        }
+    }
+
+    /// The grouped expert GEMMs' tile at `rows` rows per expert, for experts whose hidden size
+    /// (GEMM 1's K) is `expert_hidden`. On sm_90a, decode of wide experts takes the 64-row
+    /// wgmma tile despite its padding rows: with its copies hoisted it streams the weights
+    /// closer to the byte rate than the 16- and 32-row mma.sync tiles. H200 (BENCHMARKS.md, fifth
+    /// session), bf16 given routing at T = 1 / 16 / 64 / 256: DeepSeek-V3 (H = 7168) 0.185 /
+    /// 2.225 / 4.790 / 5.575 ms → 0.181 / 2.106 / 4.510 / 5.176; Mixtral (H = 4096) T = 16 / 64
+    /// 0.706 / 0.784 → 0.665 / 0.688; but Qwen3 (H = 2048) 0.030 / 0.205 / 0.311 / 0.351 →
+    /// 0.038 / 0.223 / 0.325 / 0.361: with short K a block's pipeline fill and drain, which
+    /// nothing else on its SM overlaps (one 64-row block per SM), are a large share of its life.
+    pub fn for_experts(rows: usize, expert_hidden: usize, hopper: bool) -> Tile {
+        if hopper && rows <= 48 && expert_hidden >= WGMMA_DECODE_MIN_HIDDEN {
+            Tile::WgmmaMid
+        } else {
+            Tile::for_rows(rows, hopper)
+        }
+    }
+
+    /// Smallest tile that is not mostly padding for `rows` rows per group.
+    pub fn for_rows(rows: usize, hopper: bool) -> Tile {
+        match (rows, hopper) {
+            (0..=12, _) => Tile::Small,
+            (13..=24, _) => Tile::Decode32,
+            // Measured on an H100: the 64-row wgmma tile wins at ~32 rows per expert
+            // (DeepSeek-V3, T = 1024) and loses to the 128-row one from ~64 rows.
+            (25..=48, true) => Tile::WgmmaMid,
+            (_, true) => Tile::Wgmma,
+            (25..=96, false) => Tile::Mid,
+            (_, false) => Tile::Large,
+        }
+    }
+}
+
+/// Experts at least this wide (hidden size, GEMM 1's K) decode on the 64-row wgmma tile
+/// (`Tile::for_experts`).
+pub const WGMMA_DECODE_MIN_HIDDEN: usize = 4096;
+
+/// The epilogue variants of the GEMM kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmKind {
+    /// Grouped, gathered rows, gated activation.
+    UpGated,
+    /// Grouped, router weight applied.
+    DownScaled,
+    /// Dense, output of the element type.
+    Dense,
+    /// Dense, f32 output.
+    DenseF32,
+    /// Dense, f32 residual added.
+    DenseResidual,
+    /// Dense, gated activation.
+    DenseGated,
+}
+
+pub(super) const GEMM_KINDS: [GemmKind; 6] = [
+    GemmKind::UpGated,
+    GemmKind::DownScaled,
+    GemmKind::Dense,
+    GemmKind::DenseF32,
+    GemmKind::DenseResidual,
+    GemmKind::DenseGated,
+];
+
+fn act_name(act: FdmoeActivation) -> &'static str {
+    match act {
+        FdmoeActivation::Swiglu => "swiglu",
+        FdmoeActivation::GeluTanhAndMul => "gelu_tanh",
+        FdmoeActivation::Swigluoai => "swigluoai",
+    }
+}
+
+pub(super) fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> String {
+    let act = act_name(act);
+    let kind = match kind {
+        GemmKind::UpGated => format!("up_{act}"),
+        GemmKind::DownScaled => "down_scaled".to_string(),
+        GemmKind::Dense => "dense".to_string(),
+        GemmKind::DenseF32 => "dense_f32".to_string(),
+        GemmKind::DenseResidual => "dense_residual".to_string(),
+        GemmKind::DenseGated => format!("dense_{act}"),
+    };
+    format!("gemm_{}_{kind}", tile.suffix())
+}
+
+/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu), 4 warps each:
+/// for decode 16 x 64 (FP8) or 16 x 128 (FP4), and for FP4 also 16 x 64 when the wide tile would
+/// leave the GPU underfilled; for FP8 32 x 64 at 13-24 rows per expert; 64 x 128 otherwise.
+/// Every tile sums each output in the same order, so the choice never changes a bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantTile {
+    Narrow,
+    Small,
+    /// FP8 only: 16-row tiles would give ~40% of the experts a second tile at 13-24 rows and
+    /// read their weights twice (as `Tile::Decode32` for bf16).
+    Decode32,
+    Mid,
+}
+
+/// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
+/// give DeepSeek-V3's GEMM 1 at most 16 * 2I / 128 = 512 blocks for 660 resident ones (5 per SM
+/// on 132 SMs). H200, T = 1: MXFP4 0.109 ms narrow against 0.118 wide, NVFP4 0.112 / 0.130.
+pub const FP4_NARROW_MAX_SLOTS: usize = 16;
+
+impl QuantTile {
+    /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
+    pub fn choose(format: FdmoeDtype, rows: usize, slots: usize) -> QuantTile {
+        let fp8 = format == FdmoeDtype::Fp8Block;
+        if rows > 24 {
+            QuantTile::Mid
+        } else if fp8 && rows > 12 {
+            QuantTile::Decode32
+        } else if !fp8 && slots <= FP4_NARROW_MAX_SLOTS {
+            QuantTile::Narrow
+        } else {
+            QuantTile::Small
+        }
+    }
+    /// The tiles a format has kernels for.
+    pub fn all(format: FdmoeDtype) -> &'static [QuantTile] {
+        match format {
+            FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Decode32, QuantTile::Mid],
+            _ => &[QuantTile::Narrow, QuantTile::Small, QuantTile::Mid],
+        }
+    }
+    pub fn block_m(self) -> usize {
+        match self {
+            QuantTile::Narrow | QuantTile::Small => 16,
+            QuantTile::Decode32 => 32,
+            QuantTile::Mid => 64,
+        }
+    }
+    pub fn block_n(self, format: FdmoeDtype) -> usize {
+        match (self, format) {
+            (QuantTile::Narrow | QuantTile::Decode32, _)
+            | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
+            _ => 128,
+        }
+    }
+    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
+    fn stages(self, format: FdmoeDtype) -> usize {
+        match (self, format) {
+            (QuantTile::Small | QuantTile::Decode32, FdmoeDtype::Fp8Block) => 2,
+            (QuantTile::Narrow | QuantTile::Small, _) => 3,
+            _ => 4,
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            QuantTile::Narrow => "n",
+            QuantTile::Small => "s",
+            QuantTile::Decode32 => "d",
+            QuantTile::Mid => "m",
+        }
+    }
+    /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
+    pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
+        let (bm, bn, stages) = (self.block_m(), self.block_n(format), self.stages(format));
+        let rows = (bm + bn) * 8;
+        match format {
+            FdmoeDtype::Fp8Block => stages * (bm + bn) * (128 + 16) + stages * (bm + bn) * 4 + rows,
+            _ => {
+                let scale_block = if format == FdmoeDtype::Mxfp4 { 16 } else { 32 };
+                let blocks = stages * (bn / 8) * 2;
+                stages * bm * (128 + 8) * 2 + blocks * 256 + blocks * scale_block + rows
+            }
+        }
+    }
+}
+
+pub(super) fn qgemm_name(
+    format: FdmoeDtype,
+    tile: QuantTile,
+    kind: GemmKind,
+    act: FdmoeActivation,
+) -> String {
+    let fmt = match format {
+        FdmoeDtype::Fp8Block => "fp8_block",
+        FdmoeDtype::Mxfp4 => "mxfp4",
+        _ => "nvfp4",
+    };
+    let kind = match kind {
+        GemmKind::UpGated => format!("up_{}", act_name(act)),
+        _ => "down_scaled".to_string(),
+    };
+    format!("qgemm_{fmt}_{}_{kind}", tile.suffix())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp4_decode_takes_the_narrow_tile_only_for_small_grids() {
+        use FdmoeDtype::*;
+        for fmt in [Mxfp4, Nvfp4] {
+            assert_eq!(QuantTile::choose(fmt, 1, 8), QuantTile::Narrow);
+            assert_eq!(
+                QuantTile::choose(fmt, 1, FP4_NARROW_MAX_SLOTS),
+                QuantTile::Narrow
+            );
+            assert_eq!(
+                QuantTile::choose(fmt, 1, FP4_NARROW_MAX_SLOTS + 1),
+                QuantTile::Small
+            );
+            assert_eq!(QuantTile::choose(fmt, 25, 4096), QuantTile::Mid);
+            assert!(QuantTile::all(fmt).contains(&QuantTile::Narrow));
+        }
+        assert_eq!(QuantTile::choose(Fp8Block, 1, 8), QuantTile::Small);
+        assert_eq!(QuantTile::choose(Fp8Block, 12, 1536), QuantTile::Small);
+        assert_eq!(
+            QuantTile::choose(Fp8Block, 16, 2048),
+            QuantTile::Decode32,
+            "Qwen3 T = 256"
+        );
+        assert_eq!(QuantTile::choose(Fp8Block, 24, 3072), QuantTile::Decode32);
+        assert_eq!(QuantTile::choose(Fp8Block, 25, 3200), QuantTile::Mid);
+        assert!(!QuantTile::all(Fp8Block).contains(&QuantTile::Narrow));
+        assert_eq!(QuantTile::choose(Mxfp4, 16, 2048), QuantTile::Small);
+        // Every tile fits an SM's shared memory (227 KB a block on sm_90).
+        for fmt in [Fp8Block, Mxfp4, Nvfp4] {
+            for &t in QuantTile::all(fmt) {
+                assert!(t.smem_bytes(fmt) <= 227 * 1024, "{t:?} {fmt:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn decode_rows_take_the_tile_that_holds_them_once() {
+        assert_eq!(Tile::for_rows(1, true), Tile::Small);
+        assert_eq!(Tile::for_rows(12, true), Tile::Small);
+        assert_eq!(Tile::for_rows(16, true), Tile::Decode32, "Qwen3 T = 256");
+        assert_eq!(Tile::for_rows(24, false), Tile::Decode32);
+        assert_eq!(Tile::for_rows(25, true), Tile::WgmmaMid);
+        assert_eq!(Tile::for_rows(25, false), Tile::Mid);
+        assert_eq!(
+            Tile::for_experts(1, 7168, true),
+            Tile::WgmmaMid,
+            "DeepSeek-V3 T = 1"
+        );
+        assert_eq!(
+            Tile::for_experts(16, 4096, true),
+            Tile::WgmmaMid,
+            "Mixtral T = 64"
+        );
+        assert_eq!(Tile::for_experts(49, 7168, true), Tile::Wgmma);
+        assert_eq!(
+            Tile::for_experts(16, 2048, true),
+            Tile::Decode32,
+            "Qwen3 T = 256"
+        );
+        assert_eq!(
+            Tile::for_experts(1, 7168, false),
+            Tile::Small,
+            "no wgmma on sm_80"
+        );
+    }
+}
