@@ -144,8 +144,8 @@ def main() -> int:
         ins = sass_of(cubin, fun)
         loop = main_loop(ins)
         ops = Counter(opcode(t) for _, t in loop)
-        print(f"{fun}: {info[fun]}; {len(ins)} instructions, main loop {len(loop)} "
-              f"({ops.get('HMMA', 0)} HMMA)")
+        mmas = ", ".join(f"{ops[k]} {k}" for k in ("HMMA", "HGMMA") if ops.get(k)) or "no MMA"
+        print(f"{fun}: {info[fun]}; {len(ins)} instructions, main loop {len(loop)} ({mmas})")
         print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
         if args.dump:
             for addr, text in loop:
