@@ -1,0 +1,3 @@
+module fdmoe.local/bindings/go
+
+go 1.19
