@@ -2,8 +2,8 @@
 # Runs every test that needs no GPU: formatting and lints, Rust unit and integration tests
 # (which also build and run the header-driven C tests), the C tests and the C++ binding's
 # under valgrind, the Go binding's tests, the C examples, and the Python binding's tests.
-# Needs: cargo, a C and a C++ compiler, make, valgrind, go (1.19 or newer), python3 with numpy, ml_dtypes and pytest
-# (`.ci/run` installs them on a fresh machine).
+# Needs: cargo, a C and a C++ compiler, make, valgrind, go (1.19 or newer), python3 with
+# numpy, ml_dtypes and pytest (`.ci/run` installs them on a fresh machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
