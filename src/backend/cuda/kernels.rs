@@ -164,6 +164,9 @@ const GATE_SPLIT_MID_MAX_TOKENS: usize = 1024;
 const GATE_SPLIT_MIN_T16_BLOCKS: usize = 128;
 /// Tokens per block of the decode gate kernels (their TOKENS): one routing group of the fused one.
 const GATE_DECODE_TOKENS: usize = 4;
+/// Tokens per block of the 16-token gate, and experts per block (a lane each) of both.
+const GATE_T16_TOKENS: usize = 16;
+const GATE_BLOCK_EXPERTS: usize = 32;
 /// Threads of every gate kernel (the fused sort's too) but the tiled one.
 const GATE_THREADS: u32 = 256;
 /// The tiled prefill gate (kernels/gate_logits.cu): tokens and experts per block, threads, and
@@ -189,7 +192,8 @@ fn gate_runs_tiled(num_tokens: usize, num_experts: usize) -> bool {
 fn gate_runs_split(num_tokens: usize, num_experts: usize) -> bool {
     num_tokens <= GATE_SPLIT_MAX_TOKENS
         || (num_tokens <= GATE_SPLIT_MID_MAX_TOKENS
-            && num_tokens.div_ceil(16) * num_experts.div_ceil(32) < GATE_SPLIT_MIN_T16_BLOCKS)
+            && num_tokens.div_ceil(GATE_T16_TOKENS) * num_experts.div_ceil(GATE_BLOCK_EXPERTS)
+                < GATE_SPLIT_MIN_T16_BLOCKS)
 }
 
 /// How many slices of `T * E` floats the gate leaves for `num_tokens` tokens.
@@ -475,15 +479,30 @@ impl Kernels {
         let tiled = gate_runs_tiled(num_tokens, num_experts);
         let (f, tokens_per_block, experts_per_block, threads) =
             match (slices > 1, fused.is_some(), tiled) {
-                (true, true, _) => (&self.gate_fused, GATE_DECODE_TOKENS, 32, GATE_THREADS),
-                (true, false, _) => (&self.gate_split, GATE_DECODE_TOKENS, 32, GATE_THREADS),
+                (true, true, _) => (
+                    &self.gate_fused,
+                    GATE_DECODE_TOKENS,
+                    GATE_BLOCK_EXPERTS,
+                    GATE_THREADS,
+                ),
+                (true, false, _) => (
+                    &self.gate_split,
+                    GATE_DECODE_TOKENS,
+                    GATE_BLOCK_EXPERTS,
+                    GATE_THREADS,
+                ),
                 (false, _, true) => (
                     &self.gate_tiled,
                     GATE_TILED_TOKENS,
                     GATE_TILED_EXPERTS,
                     GATE_TILED_THREADS,
                 ),
-                (false, _, false) => (&self.gate_t16, 16, 32, GATE_THREADS),
+                (false, _, false) => (
+                    &self.gate_t16,
+                    GATE_T16_TOKENS,
+                    GATE_BLOCK_EXPERTS,
+                    GATE_THREADS,
+                ),
             };
         let grid = (
             num_tokens.div_ceil(tokens_per_block) as u32,

@@ -91,18 +91,19 @@ impl Tile {
     /// 0.038 / 0.223 / 0.325 / 0.361: with short K a block's pipeline fill and drain, which
     /// nothing else on its SM overlaps (one 64-row block per SM), are a large share of its life.
     pub fn for_experts(rows: usize, expert_hidden: usize, hopper: bool) -> Tile {
-        if hopper && rows <= 48 && expert_hidden >= WGMMA_DECODE_MIN_HIDDEN {
-            Tile::WgmmaMid
-        } else {
-            Tile::for_rows(rows, hopper)
+        match Tile::for_rows(rows, hopper) {
+            Tile::Small | Tile::Decode32 if hopper && expert_hidden >= WGMMA_DECODE_MIN_HIDDEN => {
+                Tile::WgmmaMid
+            }
+            tile => tile,
         }
     }
 
     /// Smallest tile that is not mostly padding for `rows` rows per group.
     pub fn for_rows(rows: usize, hopper: bool) -> Tile {
         match (rows, hopper) {
-            (0..=12, _) => Tile::Small,
-            (13..=24, _) => Tile::Decode32,
+            (0..=DECODE16_MAX_ROWS, _) => Tile::Small,
+            (0..=DECODE32_MAX_ROWS, _) => Tile::Decode32,
             // Measured on an H100: the 64-row wgmma tile wins at ~32 rows per expert
             // (DeepSeek-V3, T = 1024) and loses to the 128-row one from ~64 rows.
             (25..=48, true) => Tile::WgmmaMid,
@@ -112,6 +113,11 @@ impl Tile {
         }
     }
 }
+
+/// Rows per expert up to which decode takes the 16-row tiles, then the 32-row ones (bf16 and
+/// FP8): past 12 the 16-row tiles would give many experts a second tile.
+const DECODE16_MAX_ROWS: usize = 12;
+const DECODE32_MAX_ROWS: usize = 24;
 
 /// Experts at least this wide (hidden size, GEMM 1's K) decode on the 64-row wgmma tile
 /// (`Tile::for_experts`).
@@ -187,9 +193,9 @@ impl QuantTile {
     /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
     pub fn choose(format: FdmoeDtype, rows: usize, slots: usize) -> QuantTile {
         let fp8 = format == FdmoeDtype::Fp8Block;
-        if rows > 24 {
+        if rows > DECODE32_MAX_ROWS {
             QuantTile::Mid
-        } else if fp8 && rows > 12 {
+        } else if fp8 && rows > DECODE16_MAX_ROWS {
             QuantTile::Decode32
         } else if !fp8 && slots <= FP4_NARROW_MAX_SLOTS {
             QuantTile::Narrow
