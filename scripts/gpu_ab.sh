@@ -12,17 +12,9 @@
 set -uo pipefail
 export FDMOE_REQUIRE_GPU=1 PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-unpack() {  # cubins of a bundle's cache.tar.xz into a folder
-  mkdir -p "$2"
-  python3 -c 'import os, sys, tarfile
-with tarfile.open(sys.argv[1]) as t:
-    for m in t:
-        if m.isfile():
-            with open(os.path.join(sys.argv[2], os.path.basename(m.name)), "wb") as f: f.write(t.extractfile(m).read())' "$1" "$2"
-}
 [ -f .device/old/libfdmoe.so ] && [ -f .device/old/cache.tar.xz ] || { echo "no .device/old bundle" >&2; exit 2; }
-unpack .device/old/cache.tar.xz /tmp/fdmoe-cache-old
-unpack .device/cache.tar.xz /tmp/fdmoe-cache-new
+python3 scripts/unpack_cubins.py .device/old/cache.tar.xz /tmp/fdmoe-cache-old
+python3 scripts/unpack_cubins.py .device/cache.tar.xz /tmp/fdmoe-cache-new
 status=0
 for round in $(seq "${ROUNDS:-2}"); do
   for v in old new; do

@@ -20,12 +20,7 @@ export FDMOE_REQUIRE_GPU=1 FDMOE_REQUIRE_NVRTC=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFF
 export FDMOE_CACHE_DIR=${FDMOE_CACHE_DIR:-/tmp/fdmoe-cache}
 mkdir -p "$FDMOE_CACHE_DIR"
 if [ -f .device/cache.tar.xz ]; then  # packed by build_gpu_bundle.sh (cubins shrink ~15x)
-  python3 -c 'import os, sys, tarfile
-with tarfile.open(sys.argv[1]) as t:
-    for m in t:
-        if m.isfile():
-            with open(os.path.join(sys.argv[2], os.path.basename(m.name)), "wb") as f: f.write(t.extractfile(m).read())' \
-    .device/cache.tar.xz "$FDMOE_CACHE_DIR"
+  python3 scripts/unpack_cubins.py .device/cache.tar.xz "$FDMOE_CACHE_DIR"
 else
   cp -n .device/cache/*.cubin "$FDMOE_CACHE_DIR"/ 2>/dev/null
 fi
