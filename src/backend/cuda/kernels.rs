@@ -156,12 +156,14 @@ const ROUTE_THREADS: u32 = 256;
 const GATE_ROUND: usize = 512;
 const GATE_SPLIT_MAX_TOKENS: usize = 64;
 /// Mid-size batches (up to GATE_SPLIT_MID_MAX_TOKENS, which bounds the partials' workspace)
-/// take the split gate too while the 16-token kernel would have fewer than this many blocks:
-/// that one's loop waits on each gate load with 8 warps per SM, and a grid of fewer blocks
-/// than SMs leaves it latency-bound (H200, fifth session: 70.9 us for Qwen3 T = 256's 64
-/// blocks, 147 us for Mixtral's 16; the split one keeps 64 loads a thread in flight).
+/// take the split gate too, 16 tokens a block, while the 16-token kernel would have fewer than
+/// this many blocks: that one's loop waits on each gate load with 8 warps per SM, so at one
+/// block per SM it is latency-bound (H200, fifth session: 70.9 us for Qwen3 T = 256's 64
+/// blocks, 147 us for Mixtral's 16; the split one keeps 64 loads a thread in flight). Sixth
+/// session: at 128 blocks the split one still gained (Qwen3 T = 512 -35 us, DeepSeek-V3
+/// T = 256 -0.11 ms), at 256 (Qwen3 T = 1024, DeepSeek-V3 T = 512) it lost 5-20 us.
 const GATE_SPLIT_MID_MAX_TOKENS: usize = 1024;
-const GATE_SPLIT_MIN_T16_BLOCKS: usize = 128;
+const GATE_SPLIT_MIN_T16_BLOCKS: usize = 256;
 /// Tokens per block of the decode gate kernels (their TOKENS): one routing group of the fused one.
 const GATE_DECODE_TOKENS: usize = 4;
 /// Tokens per block of the 16-token gate, and experts per block (a lane each) of both.
@@ -231,6 +233,7 @@ pub struct Kernels {
     /// sm_90a: the wgmma tiles are available.
     pub hopper: bool,
     gate_split: Function,
+    gate_split_mid: Function,
     gate_fused: Function,
     gate_t16: Function,
     gate_tiled: Function,
@@ -286,6 +289,7 @@ impl Kernels {
             }
         }
         let gate_split = gate.function("gate_logits_split", 0)?;
+        let gate_split_mid = gate.function("gate_logits_split16", 0)?;
         let gate_fused = gate.function("gate_route_sort", 0)?;
         let gate_t16 = gate.function("gate_logits_t16", 0)?;
         let gate_tiled = gate.function("gate_logits_tiled", GATE_TILED_SMEM)?;
@@ -329,6 +333,7 @@ impl Kernels {
             qgemms,
             quantize_fp8,
             gate_split,
+            gate_split_mid,
             gate_fused,
             gate_t16,
             gate_tiled,
@@ -482,6 +487,12 @@ impl Kernels {
                 (true, true, _) => (
                     &self.gate_fused,
                     GATE_DECODE_TOKENS,
+                    GATE_BLOCK_EXPERTS,
+                    GATE_THREADS,
+                ),
+                (true, false, _) if num_tokens > GATE_SPLIT_MAX_TOKENS => (
+                    &self.gate_split_mid,
+                    GATE_T16_TOKENS,
                     GATE_BLOCK_EXPERTS,
                     GATE_THREADS,
                 ),
@@ -858,18 +869,23 @@ mod tests {
         assert_eq!(gate_slices(64, 1288, 72), 3);
         assert_eq!(gate_slices(1, 512, 72), 1);
         assert_eq!(gate_slices(1, 7168, 256), 14);
-        // Mid-size batches split while the 16-token grid has fewer than 128 blocks.
+        // Mid-size batches split while the 16-token grid has fewer than 256 blocks.
         assert_eq!(gate_slices(256, 2048, 128), 4, "Qwen3 T = 256: 64 blocks");
-        assert_eq!(gate_slices(496, 2048, 128), 4, "31 x 4 blocks");
-        assert_eq!(gate_slices(512, 2048, 128), 1, "32 x 4 blocks: one pass");
+        assert_eq!(gate_slices(512, 2048, 128), 4, "32 x 4 blocks");
+        assert_eq!(gate_slices(1008, 2048, 128), 4, "63 x 4 blocks");
+        assert_eq!(gate_slices(1024, 2048, 128), 1, "64 x 4 blocks: one pass");
         assert_eq!(gate_slices(1024, 4096, 8), 8, "Mixtral T = 1024: 64 blocks");
         assert_eq!(gate_slices(1025, 4096, 8), 1, "past the partials' bound");
         assert_eq!(
             gate_slices(256, 7168, 256),
-            1,
+            14,
             "DeepSeek-V3 T = 256: 128 blocks"
         );
-        assert_eq!(gate_slices(240, 7168, 256), 14);
+        assert_eq!(
+            gate_slices(512, 7168, 256),
+            1,
+            "DeepSeek-V3 T = 512: 256 blocks"
+        );
         assert!(
             !Kernels::fused_routing_applies(65, 2048, 128),
             "fused routing: T <= 64"
@@ -900,9 +916,10 @@ mod tests {
                 }
             }
         }
-        // E = 72: 16-token grids of 3 blocks per 16 tokens split up to T = 672.
+        // E = 72: 16-token grids of 3 blocks per 16 tokens would split up to T = 1360; the
+        // partials' bound stops them at 1024.
         assert_eq!(gate_logits_floats(100, 1288, 72), 100 * 3 * 72);
-        assert_eq!(gate_logits_floats(1500, 1288, 72), 672 * 3 * 72);
+        assert_eq!(gate_logits_floats(1500, 1288, 72), 1024 * 3 * 72);
         assert_eq!(gate_logits_floats(1500, 512, 72), 1500 * 72);
     }
 
