@@ -18,6 +18,9 @@ for l in sys.stdin:
     if m.get("reason")=="compiler-artifact" and m.get("executable"): print(m["executable"])' | tail -1)
   cp "$exe" ".device/bin/$t"
 done
+# The C++ binding's CUDA test, against the bundled library (found through LD_LIBRARY_PATH there).
+c++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -O1 -I include -I bindings/cpp/include \
+  bindings/cpp/tests/test_cuda_layer.cpp -o .device/bin/cpp_test_cuda_layer -L .device -lfdmoe -ldl
 rm -rf .device/cache .device/cache.tar.xz
 FDMOE_CACHE_DIR="$PWD/.device/cache" cargo run --release --features cuda --quiet \
   --example precompile_kernels -- sm_90a

@@ -6,6 +6,7 @@
 #
 # Steps, each skipped when its variable is empty:
 #   FDMOE_GPU_TESTS   Rust GPU test binaries (default: cuda_graphs cuda_vs_cpu)
+#   (always, when bundled) the C++ binding's CUDA test, .device/bin/cpp_test_cuda_layer
 #   FDMOE_SANITIZE    1: compute-sanitizer memcheck (leak check) and racecheck on a graph and
 #                     a routing test, and memcheck on the quick CPU comparison
 #   FDMOE_PYTEST      1: the Python binding's GPU tests (bindings/python/tests/test_cuda.py)
@@ -52,6 +53,11 @@ step() {
 for t in ${FDMOE_GPU_TESTS-cuda_graphs cuda_vs_cpu}; do
   step "$t" 300 .device/bin/$t --nocapture --test-threads=1
 done
+
+# The C++ binding on the CUDA backend (bindings/cpp/tests/test_cuda_layer.cpp).
+if [ -x .device/bin/cpp_test_cuda_layer ]; then
+  step cpp-cuda 60 env LD_LIBRARY_PATH="$PWD/.device:$LD_LIBRARY_PATH" .device/bin/cpp_test_cuda_layer
+fi
 
 if [ -n "${FDMOE_SANITIZE:-}" ]; then
   # routing_of_a_token runs the three gate variants, invalid_ids the multi-block sort.
