@@ -14,32 +14,13 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "fdmoe.hpp"
 
 namespace {
 
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-    ++checks;
-    if (!ok) {
-        std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-        std::exit(1);
-    }
-}
-
-template <class F>
-void expect_error(F call, FdmoeStatus status, const std::string& needle, const std::string& what) {
-    try {
-        call();
-    } catch (const fdmoe::Error& e) {
-        expect(e.status() == status, what + ": status " + fdmoe_status_string(e.status()));
-        expect(std::string(e.what()).find(needle) != std::string::npos,
-               what + ": message \"" + e.what() + "\" lacks \"" + needle + "\"");
-        return;
-    }
-    expect(false, what + ": no fdmoe::Error thrown");
-}
+using check::expect;
+using check::expect_error;
 
 // The few CUDA runtime calls the test needs (cudaMemcpyKind 1: host to device, 2: back).
 struct Cudart {
@@ -99,17 +80,6 @@ float from_bf16(uint16_t b) {
     return f;
 }
 
-struct Rng {  // xorshift64*, uniform in [-scale, scale)
-    uint64_t s = 0x9e3779b97f4a7c15ull;
-    float next(double scale) {
-        s ^= s >> 12;
-        s ^= s << 25;
-        s ^= s >> 27;
-        const double u = static_cast<double>((s * 2685821657736338717ull) >> 11) / 9007199254740992.0;
-        return static_cast<float>((2.0 * u - 1.0) * scale);
-    }
-};
-
 // H not a multiple of 128, E not a multiple of 32: the kernels' partial tiles.
 constexpr int E = 40, K = 4, H = 328, I = 96, T_MAX = 48;
 
@@ -166,7 +136,7 @@ int main() {
         return required ? 1 : 0;
     }
 
-    Rng rng;
+    check::Rng rng(0x9e3779b97f4a7c15ull);
     std::vector<uint16_t> w13(static_cast<size_t>(E) * 2 * I * H), w2(static_cast<size_t>(E) * H * I);
     std::vector<float> gate(static_cast<size_t>(E) * H);
     for (uint16_t& v : w13) v = to_bf16(rng.next(std::sqrt(3.0 / H)));
@@ -248,6 +218,6 @@ int main() {
                  "a device that does not exist");
 
     cuda.ok(cuda.stream_destroy(stream), "cudaStreamDestroy");
-    std::printf("fdmoe.hpp on CUDA: %d checks passed (worst relative L2 error %.2e)\n", checks, worst);
+    std::printf("fdmoe.hpp on CUDA: %d checks passed (worst relative L2 error %.2e)\n", check::count, worst);
     return 0;
 }

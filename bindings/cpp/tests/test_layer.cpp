@@ -8,47 +8,15 @@
 #include <string>
 #include <vector>
 
+#include "check.hpp"
 #include "fdmoe.hpp"
 
 namespace {
 
-int checks = 0;
-
-void expect(bool ok, const std::string& what) {
-    ++checks;
-    if (!ok) {
-        std::fprintf(stderr, "FAILED: %s\n", what.c_str());
-        std::exit(1);
-    }
-}
-
-// Runs `call`, which must throw fdmoe::Error with `status` and a message containing `needle`.
-template <class F>
-void expect_error(F call, FdmoeStatus status, const std::string& needle, const std::string& what) {
-    try {
-        call();
-    } catch (const fdmoe::Error& e) {
-        expect(e.status() == status, what + ": status " + fdmoe_status_string(e.status()));
-        expect(std::string(e.what()).find(needle) != std::string::npos,
-               what + ": message \"" + e.what() + "\" lacks \"" + needle + "\"");
-        return;
-    }
-    expect(false, what + ": no fdmoe::Error thrown");
-}
+using check::expect;
+using check::expect_error;
 
 constexpr int E = 8, K = 2, H = 64, I = 32, T = 5;
-
-// xorshift64*: uniform values in [-scale, scale).
-struct Rng {
-    uint64_t s = 0x2545f4914f6cdd1dull;
-    float next(double scale) {
-        s ^= s >> 12;
-        s ^= s << 25;
-        s ^= s >> 27;
-        const double u = static_cast<double>((s * 2685821657736338717ull) >> 11) / 9007199254740992.0;
-        return static_cast<float>((2.0 * u - 1.0) * scale);
-    }
-};
 
 struct Weights {
     std::vector<float> w13, w2, gate;  // TORCH: [E, 2I, H] (gate rows, then up), [E, H, I], [E, H]
@@ -127,7 +95,7 @@ int main() {
     expect((fdmoe::query_features(FDMOE_BACKEND_KIND_CPU) & FDMOE_FEATURE_ROUTING_RECORD) != 0,
            "the CPU backend records routing");
 
-    Rng rng;
+    check::Rng rng(0x2545f4914f6cdd1dull);
     Weights w;
     w.w13.resize(static_cast<size_t>(E) * 2 * I * H);
     w.w2.resize(static_cast<size_t>(E) * H * I);
@@ -214,6 +182,6 @@ int main() {
     other.forward(T, x.data(), out3.data());
     expect(out3 == out, "move assignment keeps the moved layer's weights");
 
-    std::printf("fdmoe.hpp: %d checks passed (relative L2 error %.2e)\n", checks, rel);
+    std::printf("fdmoe.hpp: %d checks passed (relative L2 error %.2e)\n", check::count, rel);
     return 0;
 }
