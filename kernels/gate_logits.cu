@@ -12,22 +12,24 @@
 //   - decode (gate_logits_split, T <= 64; gate_logits_split16 for mid-size batches too small
 //     to fill the GPU with 16-token blocks, src/backend/cuda/kernels.rs) gives each round its
 //     own block (grid z) and writes the round sums, [rounds][T][E], which route_topk adds in
-//     round order: one token's
-//     gate is then read by E/32 x rounds blocks instead of E/32, each with its 64 values a lane
-//     loaded at once, since such a gate read is bound by load latency, not bandwidth (Qwen3
-//     T = 1: 16 blocks instead of 4). Warp w sums the w-th chunk of the round for 32 experts (a
-//     lane each) and the 8 warp sums are added in warp order.
-//   - prefill, mid-sized batches (gate_logits_t16): the same block shape over 16 tokens, every
-//     round in one block; x is staged [k][token] so a lane's 16 x values of one k are four
-//     16-byte shared broadcasts (one shared load per FMA before).
-//   - prefill, grids that fill the GPU (gate_logits_tiled): a plain tiled SGEMM, 64 tokens x 64
-//     experts per block and 4 x 8 per thread over all of H, x and the gate staged through
-//     shared memory a chunk at a time, so each gate value read from L2 feeds 64 tokens and each
-//     x value 64 experts (16 and 32 in t16, whose gate reads L2 bandwidth bounds), and a thread
-//     runs the chunk chains, round sums and round order itself.
+//     round order: one token's gate is then read by E/32 x rounds blocks instead of E/32, each
+//     with its 64 values a lane loaded at once, since such a gate read is bound by load
+//     latency, not bandwidth (Qwen3 T = 1: 16 blocks instead of 4). Warp w sums the w-th chunk
+//     of the round for 32 experts (a lane each) and the 8 warp sums are added in warp order.
+//   - gates of fewer than 32 experts past those (gate_logits_t16): the same block shape over
+//     16 tokens, every round in one block; x is staged [k][token] so a lane's 16 x values of
+//     one k are four 16-byte shared broadcasts (one shared load per FMA before).
+//   - prefill, 32 experts or more (gate_logits_tiled_split up to 4096 tokens, each round its
+//     own block and partials as the decode gate's; gate_logits_tiled over all of H above): a
+//     plain tiled SGEMM, 64 tokens x 64 experts per block and 4 x 8 per thread, x and the gate
+//     staged through shared memory a chunk at a time, so each gate value read from L2 feeds 64
+//     tokens and each x value 64 experts (16 and 32 in t16, whose gate reads L2 bandwidth
+//     bounds), and a thread runs the chunk chains, round sums and round order itself. Split
+//     by rounds, its grid has rounds times the blocks: 1792 instead of 128 for DeepSeek-V3
+//     T = 2048, where one pass left a wave of 128 blocks on 132 SMs at 3 a SM.
 //
 // Grid: (ceil(T / TOKENS), ceil(E / 32), split ? rounds : 1); block 256 (8 warps); tiled:
-// (ceil(T / 64), ceil(E / 64)), block 128.
+// (ceil(T / 64), ceil(E / 64), split ? rounds : 1), block 128.
 #include "common/routing.cuh"
 #include "common/sort.cuh"
 #include "common/mma.cuh"
@@ -218,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(256)
                                 args_block);
 }
 
-// Prefill when the grid fills the GPU (Kernels::gate_logits). Block: 64 tokens x 64 experts, 128
+// Prefill of 32 experts or more (Kernels::gate_logits). Block: 64 tokens x 64 experts, 128
 // threads; thread (ty, tx) owns tokens 4ty.. and experts 4tx.. and 32 + 4tx.. (so a warp's
 // 16-byte gate loads cover 128 consecutive bytes: no bank conflict). Each step stages one chunk
 // (64 of k): x converted to f32 as [k][token] (each thread 32 values of one token, four 16-byte
@@ -230,9 +232,11 @@ extern "C" __global__ void __launch_bounds__(256)
 #define TILED_EXPERTS 64
 #define TILED_K GATE_CHUNK  // a step is a chunk: its end needs no test
 
-extern "C" __global__ void __launch_bounds__(128, 3)
-    gate_logits_tiled(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
-                      int num_tokens, int hidden, int num_experts, const u64* args_block) {
+// SPLIT: one round per block (grid z), its partial into slice z, as the split decode gate.
+template <bool SPLIT>
+__device__ __forceinline__ void gate_tiled_impl(const u16* x, const float* gate_t, float* logits, i64 slice_stride,
+                                                const int* num_tokens_dev, int num_tokens, int hidden,
+                                                int num_experts, const u64* args_block) {
     constexpr int GROUPS = TILED_EXPERTS / 32;  // of 4 experts per thread, 32 apart
     begin_dependent();
     x = forward_arg(args_block, ARG_X, x);
@@ -243,7 +247,11 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     const int t0 = blockIdx.x * TILED_TOKENS, e0 = blockIdx.y * TILED_EXPERTS;
     if (t0 >= T) return;
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-    const int steps = (hidden + TILED_K - 1) / TILED_K;
+    constexpr int ROUND_STEPS = GATE_ROUND / TILED_K;
+    const int all_steps = (hidden + TILED_K - 1) / TILED_K;
+    const int s_begin = SPLIT ? blockIdx.z * ROUND_STEPS : 0;
+    const int steps = SPLIT ? min(all_steps, s_begin + ROUND_STEPS) : all_steps;
+    if (SPLIT) logits += blockIdx.z * slice_stride;
 
     // Staging roles: x token xt's 32 values from k = 32 xh; the gate's rows gk and gk + 32,
     // TILED_EXPERTS / 4 experts from ge.
@@ -302,11 +310,11 @@ extern "C" __global__ void __launch_bounds__(128, 3)
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < TE; ++j) chunk[i][j] = round[i][j] = total[i][j] = 0.0f;
-    load_g(0, 0);
-    fetch_x(0);
+    load_g(0, s_begin);
+    fetch_x(s_begin);
     store_x(0);
-    for (int step = 0; step < steps; ++step) {
-        const int buf = step & 1;
+    for (int step = s_begin; step < steps; ++step) {
+        const int buf = (step - s_begin) & 1;
         const bool more = step + 1 < steps;
         if (more) {
             load_g(buf ^ 1, step + 1);
@@ -342,7 +350,7 @@ extern "C" __global__ void __launch_bounds__(128, 3)
             }
         const int k_end = (step + 1) * TILED_K;
         if (k_end % GATE_ROUND == 0 || !more) {
-            const bool first = k_end <= GATE_ROUND;
+            const bool first = k_end <= (s_begin + ROUND_STEPS) * TILED_K;
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -364,4 +372,19 @@ extern "C" __global__ void __launch_bounds__(128, 3)
             if (e < num_experts) logits[(i64)tok * num_experts + e] = total[i][j];
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+    gate_logits_tiled(const u16* x, const float* gate_t, float* logits, i64 slice_stride, const int* num_tokens_dev,
+                      int num_tokens, int hidden, int num_experts, const u64* args_block) {
+    gate_tiled_impl<false>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
+                           args_block);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 3)
+    gate_logits_tiled_split(const u16* x, const float* gate_t, float* logits, i64 slice_stride,
+                            const int* num_tokens_dev, int num_tokens, int hidden, int num_experts,
+                            const u64* args_block) {
+    gate_tiled_impl<true>(x, gate_t, logits, slice_stride, num_tokens_dev, num_tokens, hidden, num_experts,
+                          args_block);
 }

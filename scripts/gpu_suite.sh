@@ -60,7 +60,7 @@ if [ -x .device/bin/cpp_test_cuda_layer ]; then
 fi
 
 if [ -n "${FDMOE_SANITIZE:-}" ]; then
-  # routing_of_a_token runs the three gate variants, invalid_ids the multi-block sort.
+  # routing_of_a_token runs every gate variant, invalid_ids the multi-block sort.
   step memcheck-graphs 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
     .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside routing_of_a_token invalid_ids
   step racecheck-graphs 180 compute-sanitizer --tool racecheck --error-exitcode 9 \

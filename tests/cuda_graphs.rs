@@ -262,55 +262,60 @@ fn replay_is_bitwise_equal_to_eager() {
 
 #[test]
 fn routing_of_a_token_does_not_depend_on_the_batch() {
-    // The gate kernel has a split variant (one block per 512 of H, partials added by the
-    // routing: decode, fused with the routing and sort, and, unfused, 16 tokens a block,
-    // mid-size batches whose 16-token grid would be under 256 blocks, here up to the
-    // partials' bound, T = 1024) and two one-pass ones (all of H in a block: 16 tokens, or 64
-    // tokens tiled once the grid has 128 blocks, here from T = 4033); all sum in the same
-    // order, so the first tokens route bitwise the same in batches of 1, 40 (fused), 300
-    // (split), 1100 (16 tokens) and 4100 (tiled). H = 1288 is two full rounds and a partial
-    // one; E = 72 leaves the last expert tile partial.
+    // The gate kernel has split variants (one block per 512 of H, partials added by the
+    // routing: decode, fused with the routing and sort; 16 tokens a block for mid-size batches
+    // whose 16-token grid would be under 256 blocks, up to T = 1024; tiled from 32 experts, up
+    // to T = 4096) and two one-pass ones (all of H in a block: 16 tokens, or tiled past 4096
+    // once the grid has 128 blocks); all sum in the same order, so the first tokens route
+    // bitwise the same in every batch. E = 72: 1 and 40 (fused), 300 (split, 16 tokens), 1100
+    // (tiled, split), 4100 (tiled); E = 24: 300 (split), 1100 (16 tokens). H = 1288 is two
+    // full rounds and a partial one; both E leave the last expert tile partial.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
     let stream = OwnedStream::new().unwrap();
-    let c = MoeConfig {
-        num_experts: 72,
-        hidden_size: 1288,
-        ..cfg(4100)
-    };
-    let mut l = layer(&c, 21, true);
-    let inp = inputs(&c, 4100, 4);
-    let batches = [1usize, 40, 300, 1100, 4100];
-    let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
-    for (&t, out) in batches.iter().zip(&outs) {
-        unsafe {
-            l.moe
-                .forward(&args(
-                    t,
-                    &inp,
-                    out,
-                    Source::Gate,
-                    stream.0 as *mut c_void,
-                    true,
-                ))
-                .unwrap();
+    for (num_experts, batches) in [
+        (72, &[1usize, 40, 300, 1100, 4100][..]),
+        (24, &[1, 300, 1100]),
+    ] {
+        let max_tokens = *batches.last().unwrap();
+        let c = MoeConfig {
+            num_experts,
+            hidden_size: 1288,
+            ..cfg(max_tokens)
+        };
+        let mut l = layer(&c, 21, true);
+        let inp = inputs(&c, max_tokens, 4);
+        let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
+        for (&t, out) in batches.iter().zip(&outs) {
+            unsafe {
+                l.moe
+                    .forward(&args(
+                        t,
+                        &inp,
+                        out,
+                        Source::Gate,
+                        stream.0 as *mut c_void,
+                        true,
+                    ))
+                    .unwrap();
+            }
         }
-    }
-    stream.synchronize().unwrap();
-    let all = outs[4].host(&c, 4100);
-    for (&t, out) in batches[..4].iter().zip(&outs) {
-        let (_, ids, weights) = out.host(&c, t);
-        let n = t * c.top_k;
-        assert_eq!(
-            ids[..],
-            all.1[..n],
-            "experts differ between T = {t} and T = 4100"
-        );
-        assert_eq!(
-            weights[..],
-            all.2[..n],
-            "weights differ between T = {t} and T = 4100"
-        );
+        stream.synchronize().unwrap();
+        let all = outs.last().unwrap().host(&c, max_tokens);
+        for (&t, out) in batches.iter().zip(&outs) {
+            let (_, ids, weights) = out.host(&c, t);
+            let n = t * c.top_k;
+            assert_eq!(
+                ids[..],
+                all.1[..n],
+                "E = {num_experts}: experts differ between T = {t} and T = {max_tokens}"
+            );
+            assert_eq!(
+                weights[..],
+                all.2[..n],
+                "E = {num_experts}: weights differ between T = {t} and T = {max_tokens}"
+            );
+        }
     }
 }
 

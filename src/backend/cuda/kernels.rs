@@ -171,26 +171,26 @@ const GATE_T16_TOKENS: usize = 16;
 const GATE_BLOCK_EXPERTS: usize = 32;
 /// Threads of every gate kernel (the fused sort's too) but the tiled one.
 const GATE_THREADS: u32 = 256;
-/// The tiled prefill gate (kernels/gate_logits.cu): tokens and experts per block, threads, and
-/// the fewest blocks for which it replaces the 16-token one (about one per SM of a Hopper
-/// GPU: with fewer, the 16-token kernel's warps that split H keep more SMs busy), which also
-/// keeps gates of fewer than 32 experts (a 32-wide tile wastes less of its FMAs on them).
+/// The tiled prefill gate (kernels/gate_logits.cu): tokens and experts per block, threads.
+/// Gates of fewer than 32 experts never take it (a 64-wide tile would waste over half its FMAs).
 const GATE_TILED_TOKENS: usize = 64;
 const GATE_TILED_EXPERTS: usize = 64;
 const GATE_TILED_THREADS: u32 = 128;
 /// Its dynamic shared memory: two stages of 64 of H for x and the gate, as f32.
 const GATE_TILED_SMEM: usize = 2 * 64 * (GATE_TILED_TOKENS + GATE_TILED_EXPERTS) * 4;
+/// Up to this many tokens the tiled gate, too, gives each round of H its own blocks (partials
+/// as the split gate's), in place of the 16-token gate and of its own one-pass form: H200,
+/// seventh session, routed column: Qwen3 T = 1024-3072 -18 to -73 us, T = 4096 -38 us,
+/// DeepSeek-V3 T = 512-4096 -0.12 to -0.28 ms; at 8192 the two forms were within the runs'
+/// noise, and the partials' workspace (T x E x rounds floats, 59 MB for DeepSeek-V3 at 4096)
+/// stops growing here.
+const GATE_TILED_SPLIT_MAX_TOKENS: usize = 4096;
+/// Larger batches take the one-pass tiled gate from this many blocks (about one per SM of a
+/// Hopper GPU: with fewer, the 16-token kernel's warps that split H keep more SMs busy).
 const GATE_TILED_MIN_BLOCKS: usize = 128;
 
-/// Whether the prefill gate for `num_tokens` tokens runs tiled.
-fn gate_runs_tiled(num_tokens: usize, num_experts: usize) -> bool {
-    num_tokens > GATE_SPLIT_MAX_TOKENS
-        && num_experts >= GATE_TILED_EXPERTS / 2
-        && num_tokens.div_ceil(GATE_TILED_TOKENS) * num_experts.div_ceil(GATE_TILED_EXPERTS)
-            >= GATE_TILED_MIN_BLOCKS
-}
-
-/// Whether the gate for `num_tokens` tokens gives each round of H its own blocks.
+/// Whether the gate for `num_tokens` tokens gives each round of H its own blocks of the 4- or
+/// 16-token kernel.
 fn gate_runs_split(num_tokens: usize, num_experts: usize) -> bool {
     num_tokens <= GATE_SPLIT_MAX_TOKENS
         || (num_tokens <= GATE_SPLIT_MID_MAX_TOKENS
@@ -198,9 +198,24 @@ fn gate_runs_split(num_tokens: usize, num_experts: usize) -> bool {
                 < GATE_SPLIT_MIN_T16_BLOCKS)
 }
 
+/// Whether the gate for `num_tokens` tokens runs tiled, each round of H in its own blocks.
+fn gate_runs_tiled_split(num_tokens: usize, num_experts: usize) -> bool {
+    num_tokens <= GATE_TILED_SPLIT_MAX_TOKENS
+        && num_experts >= GATE_TILED_EXPERTS / 2
+        && !gate_runs_split(num_tokens, num_experts)
+}
+
+/// Whether the gate for `num_tokens` tokens runs tiled over all of H in a block.
+fn gate_runs_tiled(num_tokens: usize, num_experts: usize) -> bool {
+    num_tokens > GATE_TILED_SPLIT_MAX_TOKENS
+        && num_experts >= GATE_TILED_EXPERTS / 2
+        && num_tokens.div_ceil(GATE_TILED_TOKENS) * num_experts.div_ceil(GATE_TILED_EXPERTS)
+            >= GATE_TILED_MIN_BLOCKS
+}
+
 /// How many slices of `T * E` floats the gate leaves for `num_tokens` tokens.
 pub fn gate_slices(num_tokens: usize, hidden: usize, num_experts: usize) -> usize {
-    if gate_runs_split(num_tokens, num_experts) {
+    if gate_runs_split(num_tokens, num_experts) || gate_runs_tiled_split(num_tokens, num_experts) {
         hidden.div_ceil(GATE_ROUND)
     } else {
         1
@@ -208,13 +223,14 @@ pub fn gate_slices(num_tokens: usize, hidden: usize, num_experts: usize) -> usiz
 }
 
 /// Floats of the logits workspace for up to `max_tokens` tokens: the logits, or the round
-/// partials of the largest batch that splits (every smaller one splits too).
+/// partials of the largest batch that splits (none past GATE_TILED_SPLIT_MAX_TOKENS).
 pub fn gate_logits_floats(max_tokens: usize, hidden: usize, num_experts: usize) -> usize {
-    let split = (1..=max_tokens.min(GATE_SPLIT_MID_MAX_TOKENS))
+    let cap = max_tokens.min(GATE_TILED_SPLIT_MAX_TOKENS.max(GATE_SPLIT_MID_MAX_TOKENS));
+    let partials = (1..=cap)
         .rev()
-        .find(|&t| gate_runs_split(t, num_experts))
-        .unwrap_or(0);
-    num_experts * max_tokens.max(split * gate_slices(split, hidden, num_experts))
+        .find(|&t| gate_slices(t, hidden, num_experts) > 1)
+        .map_or(0, |t| t * gate_slices(t, hidden, num_experts));
+    num_experts * max_tokens.max(partials)
 }
 pub const SORT_THREADS: u32 = 1024;
 /// Slots per block of the multi-block sort (SORT_CHUNK in kernels/sort_by_expert.cu); more
@@ -237,6 +253,7 @@ pub struct Kernels {
     gate_fused: Function,
     gate_t16: Function,
     gate_tiled: Function,
+    gate_tiled_split: Function,
     route: Function,
     given: Function,
     /// Given routing and the sort in one launch: 1024 threads, or 256 for E <= 256.
@@ -293,6 +310,7 @@ impl Kernels {
         let gate_fused = gate.function("gate_route_sort", 0)?;
         let gate_t16 = gate.function("gate_logits_t16", 0)?;
         let gate_tiled = gate.function("gate_logits_tiled", GATE_TILED_SMEM)?;
+        let gate_tiled_split = gate.function("gate_logits_tiled_split", GATE_TILED_SMEM)?;
         let route_fn = route.function("route_topk", 0)?;
         let given = route.function("given_topk", 0)?;
         let set_args = route.function("set_forward_args", 0)?;
@@ -337,6 +355,7 @@ impl Kernels {
             gate_fused,
             gate_t16,
             gate_tiled,
+            gate_tiled_split,
             route: route_fn,
             given,
             given_sort,
@@ -459,9 +478,10 @@ impl Kernels {
         )
     }
 
-    /// Launches the gate GEMM. Its decode variant leaves one partial per 512 of H in `logits`
-    /// (`gate_slices`; slices of `T * E` floats) for the routing to add, and runs the routing
-    /// and the sort itself when `fused` is given and `fused_routing_applies`.
+    /// Launches the gate GEMM. Up to GATE_TILED_SPLIT_MAX_TOKENS tokens it leaves one partial
+    /// per 512 of H in `logits` (`gate_slices`; slices of `T * E` floats) for the routing to add,
+    /// and at decode runs the routing and the sort itself when `fused` is given and
+    /// `fused_routing_applies`.
     ///
     /// # Safety
     /// Pointers cover [T, H] x, [H, E] gate and `gate_logits_floats(T, H, E)` floats of logits;
@@ -481,40 +501,48 @@ impl Kernels {
         stream: Stream,
     ) -> Result<()> {
         let slices = gate_slices(num_tokens, hidden, num_experts);
-        let tiled = gate_runs_tiled(num_tokens, num_experts);
-        let (f, tokens_per_block, experts_per_block, threads) =
-            match (slices > 1, fused.is_some(), tiled) {
-                (true, true, _) => (
-                    &self.gate_fused,
-                    GATE_DECODE_TOKENS,
-                    GATE_BLOCK_EXPERTS,
-                    GATE_THREADS,
-                ),
-                (true, false, _) if num_tokens > GATE_SPLIT_MAX_TOKENS => (
-                    &self.gate_split_mid,
-                    GATE_T16_TOKENS,
-                    GATE_BLOCK_EXPERTS,
-                    GATE_THREADS,
-                ),
-                (true, false, _) => (
-                    &self.gate_split,
-                    GATE_DECODE_TOKENS,
-                    GATE_BLOCK_EXPERTS,
-                    GATE_THREADS,
-                ),
-                (false, _, true) => (
-                    &self.gate_tiled,
-                    GATE_TILED_TOKENS,
-                    GATE_TILED_EXPERTS,
-                    GATE_TILED_THREADS,
-                ),
-                (false, _, false) => (
-                    &self.gate_t16,
-                    GATE_T16_TOKENS,
-                    GATE_BLOCK_EXPERTS,
-                    GATE_THREADS,
-                ),
-            };
+        let tiled_split = gate_runs_tiled_split(num_tokens, num_experts);
+        let tiled = tiled_split || gate_runs_tiled(num_tokens, num_experts);
+        let (f, tokens_per_block, experts_per_block, threads) = if tiled {
+            (
+                if tiled_split {
+                    &self.gate_tiled_split
+                } else {
+                    &self.gate_tiled
+                },
+                GATE_TILED_TOKENS,
+                GATE_TILED_EXPERTS,
+                GATE_TILED_THREADS,
+            )
+        } else if slices == 1 {
+            (
+                &self.gate_t16,
+                GATE_T16_TOKENS,
+                GATE_BLOCK_EXPERTS,
+                GATE_THREADS,
+            )
+        } else if fused.is_some() {
+            (
+                &self.gate_fused,
+                GATE_DECODE_TOKENS,
+                GATE_BLOCK_EXPERTS,
+                GATE_THREADS,
+            )
+        } else if num_tokens > GATE_SPLIT_MAX_TOKENS {
+            (
+                &self.gate_split_mid,
+                GATE_T16_TOKENS,
+                GATE_BLOCK_EXPERTS,
+                GATE_THREADS,
+            )
+        } else {
+            (
+                &self.gate_split,
+                GATE_DECODE_TOKENS,
+                GATE_BLOCK_EXPERTS,
+                GATE_THREADS,
+            )
+        };
         let grid = (
             num_tokens.div_ceil(tokens_per_block) as u32,
             num_experts.div_ceil(experts_per_block) as u32,
@@ -873,9 +901,19 @@ mod tests {
         assert_eq!(gate_slices(256, 2048, 128), 4, "Qwen3 T = 256: 64 blocks");
         assert_eq!(gate_slices(512, 2048, 128), 4, "32 x 4 blocks");
         assert_eq!(gate_slices(1008, 2048, 128), 4, "63 x 4 blocks");
-        assert_eq!(gate_slices(1024, 2048, 128), 1, "64 x 4 blocks: one pass");
+        assert_eq!(
+            gate_slices(1024, 2048, 128),
+            4,
+            "64 x 4 blocks: tiled, split"
+        );
+        assert_eq!(gate_slices(4096, 2048, 128), 4, "tiled, split");
+        assert_eq!(gate_slices(4097, 2048, 128), 1, "tiled, one pass");
         assert_eq!(gate_slices(1024, 4096, 8), 8, "Mixtral T = 1024: 64 blocks");
-        assert_eq!(gate_slices(1025, 4096, 8), 1, "past the partials' bound");
+        assert_eq!(
+            gate_slices(1025, 4096, 8),
+            1,
+            "past the 16-token partials' bound"
+        );
         assert_eq!(
             gate_slices(256, 7168, 256),
             14,
@@ -883,27 +921,29 @@ mod tests {
         );
         assert_eq!(
             gate_slices(512, 7168, 256),
-            1,
-            "DeepSeek-V3 T = 512: 256 blocks"
+            14,
+            "DeepSeek-V3 T = 512: tiled, split"
         );
         assert!(
             !Kernels::fused_routing_applies(65, 2048, 128),
             "fused routing: T <= 64"
         );
-        // The split and the tiled gates never both apply.
+        // At most one of the split, tiled split and one-pass tiled gates applies.
         for e in [8, 32, 72, 128, 256, 512] {
-            for t in 65..=2048 {
-                assert!(
-                    !(gate_runs_split(t, e) && gate_runs_tiled(t, e)),
-                    "T = {t}, E = {e}"
-                );
+            for t in 1..=9000 {
+                let runs = [
+                    gate_runs_split(t, e),
+                    gate_runs_tiled_split(t, e),
+                    gate_runs_tiled(t, e),
+                ];
+                assert!(runs.iter().filter(|&&r| r).count() <= 1, "T = {t}, E = {e}");
             }
         }
     }
 
     #[test]
     fn logits_workspace_holds_the_partials_of_every_token_count() {
-        for max_tokens in [1, 3, 40, 64, 65, 100, 300, 1500] {
+        for max_tokens in [1, 3, 40, 64, 65, 100, 300, 1500, 5000] {
             for hidden in [8, 512, 520, 1288, 7168] {
                 for e in [8, 72, 256] {
                     let floats = gate_logits_floats(max_tokens, hidden, e);
@@ -916,10 +956,12 @@ mod tests {
                 }
             }
         }
-        // E = 72: 16-token grids of 3 blocks per 16 tokens would split up to T = 1360; the
-        // partials' bound stops them at 1024.
-        assert_eq!(gate_logits_floats(100, 1288, 72), 100 * 3 * 72);
-        assert_eq!(gate_logits_floats(1500, 1288, 72), 1024 * 3 * 72);
+        // E = 24: 16-token grids of a block per 16 tokens would split up to T = 4080; the
+        // 16-token partials' bound stops them at 1024. E = 72 splits tiled up to 4096.
+        assert_eq!(gate_logits_floats(100, 1288, 24), 100 * 3 * 24);
+        assert_eq!(gate_logits_floats(1500, 1288, 24), 1024 * 3 * 24);
+        assert_eq!(gate_logits_floats(1500, 1288, 72), 1500 * 3 * 72);
+        assert_eq!(gate_logits_floats(5000, 1288, 72), 4096 * 3 * 72);
         assert_eq!(gate_logits_floats(1500, 512, 72), 1500 * 72);
     }
 
@@ -943,16 +985,20 @@ mod tests {
     }
 
     #[test]
-    fn prefill_gate_runs_tiled_once_its_grid_fills_the_gpu() {
-        assert!(!gate_runs_tiled(64, 4096), "decode splits H instead");
-        assert!(!gate_runs_tiled(2048, 128), "Qwen3 T = 2048: 64 blocks");
-        assert!(gate_runs_tiled(4096, 128));
-        assert!(gate_runs_tiled(2048, 256), "DeepSeek-V3 T = 2048");
+    fn prefill_gate_runs_tiled_from_32_experts() {
         assert!(
-            !gate_runs_tiled(16384, 8),
-            "Mixtral: 8 experts of a 64-wide tile"
+            !gate_runs_tiled_split(64, 4096),
+            "decode splits H in its own kernel"
         );
-        assert!(gate_runs_tiled(4033, 72) && !gate_runs_tiled(4032, 72));
+        assert!(gate_runs_tiled_split(1024, 128), "Qwen3 T = 1024");
+        assert!(gate_runs_tiled_split(2048, 256), "DeepSeek-V3 T = 2048");
+        assert!(!gate_runs_tiled_split(4097, 256) && gate_runs_tiled(4097, 256));
+        assert!(
+            !gate_runs_tiled_split(1100, 24) && !gate_runs_tiled(16384, 24),
+            "24 experts of a 64-wide tile: the 16-token gate"
+        );
+        // Past the split's bound a grid under one block per SM keeps the 16-token gate.
+        assert!(!gate_runs_tiled(8128, 40) && gate_runs_tiled(8129, 40));
     }
 
     #[test]
