@@ -539,6 +539,33 @@ def test_library_graphs_replay_bitwise_like_eager(name):
         assert np.array_equal(out_np.view(np.uint16), N(out_t).view(np.uint16))
 
 
+@pytest.mark.parametrize("fmt", [None, "fp8_block", "mxfp4", "nvfp4"])
+def test_default_buckets_replay_bitwise_like_eager_at_prefill(fmt):
+    # capture_graphs() with no list: SPEC §6's default buckets up to max_tokens = 2048. H = 1280
+    # is two full 512-wide gate rounds and a partial one, E = 72 leaves the last expert tile
+    # partial, so T = 1-64 (fused decode gate), 300 (split 16-token gate), 1100 and 2048 (tiled
+    # gate split by rounds, 1100 replayed in the 2048 bucket) all run; each replay, with its
+    # routing record, is bitwise the eager forward, and T = 300's output matches the cpu backend.
+    case = GpuCase(num_experts=72, top_k=4, hidden_size=1280, intermediate_size=128, tokens=300,
+                   max_tokens=2048, num_shared_experts=1, weight_dtype=fmt,
+                   seed=_seed("default-buckets", fmt))
+    d0 = case.inputs()
+    with case.layer(DEV) as gpu:
+        gpu.load_weights(**case.weights(d0, "numpy"))
+        gpu.capture_graphs()
+        for tokens in (1, 40, 64, 65, 300, 1100, 2048):
+            d = replace(case, tokens=tokens, seed=tokens).inputs()
+            x = T(d["x"])
+            eager = gpu.forward(x, return_routing=True, force_eager=True)
+            replay = gpu.forward(x, return_routing=True)
+            torch.cuda.synchronize()
+            assert all(same_bits(a, b) for a, b in zip(eager, replay)), f"T={tokens}"
+        with case.layer("cpu") as cpu:
+            cpu.load_weights(**case.weights(d0, "numpy"))
+            out, ids, w = (N(t) for t in gpu.forward(T(d0["x"]), return_routing=True))
+            check_against_cpu(case, d0, cpu, out, ids, w)
+
+
 def test_pre_dispatch_on_the_gpu_is_bitwise_the_cpu():
     rng = np.random.default_rng(_seed("pre-dispatch"))
     x = (rng.normal(0.0, 3.0, (37, 512)) * rng.choice([1e-30, 1.0, 1e20], (37, 512), p=[0.02, 0.96, 0.02]))
