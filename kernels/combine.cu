@@ -24,13 +24,19 @@ extern "C" __global__ void __launch_bounds__(128)
     combine_slots(const u16* __restrict__ y, const int* __restrict__ slot_positions, const float* __restrict__ residual,
                   u16* __restrict__ out, const int* num_tokens_dev, int num_tokens, int top_k, int n,
                   const u64* args_block, int out_arg) {
-    begin_dependent();
+    // The argument block, the true T and the sort's slot positions were written two or more
+    // kernels back (the sort, then GEMM 1 and GEMM 2 at least), so complete before the
+    // previous kernel passed its own wait and let this one launch: they are read before this
+    // kernel's wait, which then leaves only the rows of y (and the residual) on its chain.
     if (args_block && out_arg >= 0) out = (u16*)args_block[out_arg];
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t = blockIdx.x;
-    if (t >= T) return;
     const int col = (blockIdx.y * 128 + threadIdx.x) * 8;
-    if (col >= n) return;
+    if (t >= T || col >= n) return;
+    int first[COMBINE_BATCH];
+#pragma unroll
+    for (int j = 0; j < COMBINE_BATCH; ++j) first[j] = j < top_k ? slot_positions[(i64)t * top_k + j] : -1;
+    begin_dependent();
     float acc[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
@@ -39,7 +45,8 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int j0 = 0; j0 < top_k; j0 += COMBINE_BATCH) {
         int pos[COMBINE_BATCH];
 #pragma unroll
-        for (int j = 0; j < COMBINE_BATCH; ++j) pos[j] = j0 + j < top_k ? slot_positions[(i64)t * top_k + j0 + j] : -1;
+        for (int j = 0; j < COMBINE_BATCH; ++j)
+            pos[j] = j0 == 0 ? first[j] : j0 + j < top_k ? slot_positions[(i64)t * top_k + j0 + j] : -1;
         Vec8 rows[COMBINE_BATCH];
 #pragma unroll
         for (int j = 0; j < COMBINE_BATCH; ++j)

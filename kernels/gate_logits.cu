@@ -44,8 +44,24 @@ __device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restr
                                  float* __restrict__ logits, i64 slice_stride, const int* num_tokens_dev,
                                  int num_tokens, int hidden, int num_experts, const u64* args_block) {
     static_assert(TOKENS % 4 == 0, "x is read four tokens at a time");
-    begin_dependent();
     FDMOE_TRACE_START();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int e = blockIdx.y * 32 + lane;
+    const int rounds = (hidden + GATE_ROUND - 1) / GATE_ROUND;
+    const int r_begin = SPLIT ? blockIdx.z : 0, r_end = SPLIT ? blockIdx.z + 1 : rounds;
+    // Split, the block's only round of the gate: its 64 loads a thread are issued before the
+    // dependent-launch wait, under the previous kernel's tail, since the gate is the layer's
+    // own weight, written at load (nothing on the stream writes it). In decode these loads
+    // are the gate's longest wait. Blocks past T issue them too (an L2 hit after the first).
+    float w[SPLIT ? GATE_CHUNK : 1];
+    if (SPLIT) {
+        const int kb = r_begin * GATE_ROUND + warp * GATE_CHUNK;
+        const int kn = max(0, min(GATE_CHUNK, hidden - kb));
+        const float* g = gate_t + (i64)kb * num_experts + e;
+#pragma unroll
+        for (int kk = 0; kk < GATE_CHUNK; ++kk) w[kk] = (e < num_experts && kk < kn) ? g[(i64)kk * num_experts] : 0.0f;
+    }
+    begin_dependent();
     x = forward_arg(args_block, ARG_X, x);
     __shared__ __align__(16) float xs[GATE_ROUND][TOKENS];  // [k][token]: a k's tokens in 16-byte loads
     __shared__ float partial[GATE_WARPS][TOKENS][32];
@@ -53,22 +69,12 @@ __device__ bool gate_logits_impl(const u16* __restrict__ x, const float* __restr
     const int T = token_count(num_tokens_dev, num_tokens);
     const int t0 = blockIdx.x * TOKENS;
     if (t0 >= T) return false;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int e = blockIdx.y * 32 + lane;
-    const int rounds = (hidden + GATE_ROUND - 1) / GATE_ROUND;
-    const int r_begin = SPLIT ? blockIdx.z : 0, r_end = SPLIT ? blockIdx.z + 1 : rounds;
     float total[OUTS];
     for (int r = r_begin; r < r_end; ++r) {
         const int k0 = r * GATE_ROUND;
         const int kb = k0 + warp * GATE_CHUNK;
         const int kn = max(0, min(GATE_CHUNK, hidden - kb));
         const float* g = gate_t + (i64)kb * num_experts + e;
-        float w[SPLIT ? GATE_CHUNK : 1];
-        if (SPLIT) {
-            // All 64 loads in flight before x is staged: this block's only round.
-#pragma unroll
-            for (int kk = 0; kk < GATE_CHUNK; ++kk) w[kk] = (e < num_experts && kk < kn) ? g[(i64)kk * num_experts] : 0.0f;
-        }
         // x comes through the argument block as a generic pointer, which may alias xs: staged
         // load by load, each load waits behind the previous shared store. Decode (SPLIT) issues
         // all of a thread's loads first; prefill keeps its registers (two blocks per SM).
