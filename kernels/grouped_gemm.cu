@@ -241,10 +241,18 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
 // mid (64), l = prefill (128); w = prefill with wgmma and v = 64-row wgmma (sm_90a builds
 // only). Shared memory sizes and the choice are in src/backend/cuda/tiles.rs.
 #define FDMOE_TILE_s 16, 64, 64, 1, 4, 4
+// The up-projection of the smallest decode grids (Tile::Thin): one warp, one 16-wide column
+// group (8 gate and the matching 8 up columns), 8 stages. At Qwen3 T = 1 the 16 x 64 tile
+// gives GEMM 1 192 blocks on 132 SMs, so 60 SMs hold two and the rest one; 16-wide blocks are
+// 768 there, 6 an SM at most, which evens the SMs' shares out. Each output's MMA chain is the
+// 16 x 64 tile's, so the bits are the same. H200 (BENCHMARKS.md, eighth session): Qwen3 T = 1
+// 0.5-0.8 us faster; the uneven shares were not what holds an 8-expert forward at ~2.5 TB/s.
+#define FDMOE_TILE_t 16, 16, 64, 1, 1, 8
 #define FDMOE_TILE_d 32, 64, 64, 2, 2, 4
 #define FDMOE_TILE_m 64, 128, 32, 2, 2, 4
 #define FDMOE_TILE_l 128, 128, 32, 2, 4, 4
 #define FDMOE_THREADS_s 128
+#define FDMOE_THREADS_t 32
 #define FDMOE_THREADS_d 128
 #define FDMOE_THREADS_m 128
 #define FDMOE_THREADS_l 256
@@ -256,12 +264,14 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     }
 // Bodies that call begin_dependent themselves when weights_before_wait (the mma.sync ones).
 #define FDMOE_WAITS_LATE_s 1
+#define FDMOE_WAITS_LATE_t 1
 #define FDMOE_WAITS_LATE_d 1
 #define FDMOE_WAITS_LATE_m 1
 #define FDMOE_WAITS_LATE_l 1
 #define FDMOE_WAITS_LATE_w 0
 #define FDMOE_WAITS_LATE_v 0
 #define FDMOE_BODY_s grouped_gemm_body
+#define FDMOE_BODY_t grouped_gemm_body
 #define FDMOE_BODY_d grouped_gemm_body
 #define FDMOE_BODY_m grouped_gemm_body
 #define FDMOE_BODY_l grouped_gemm_body
@@ -285,6 +295,9 @@ __device__ __forceinline__ void grouped_gemm_wgmma(const GemmParams& p) {
     FDMOE_GEMM(tile, dense_swigluoai, MODE_DENSE | MODE_GATED, FDMOE_ACT_SWIGLUOAI)
 
 FDMOE_GEMM_TILE(s)
+FDMOE_GEMM(t, up_swiglu, MODE_GATHER | MODE_GATED, FDMOE_ACT_SWIGLU)
+FDMOE_GEMM(t, up_gelu_tanh, MODE_GATHER | MODE_GATED, FDMOE_ACT_GELU_TANH)
+FDMOE_GEMM(t, up_swigluoai, MODE_GATHER | MODE_GATED, FDMOE_ACT_SWIGLUOAI)
 FDMOE_GEMM_TILE(d)
 FDMOE_GEMM_TILE(m)
 FDMOE_GEMM_TILE(l)

@@ -261,6 +261,34 @@ fn replay_is_bitwise_equal_to_eager() {
 }
 
 #[test]
+fn thin_decode_tile_gives_the_bits_of_the_16_row_tile() {
+    // Eager T * k <= 8 runs GEMM 1 on the thin tile; replayed in a bucket of more slots, the
+    // same tokens run it on the 16 x 64 tile: the two must agree bit for bit.
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let stream = OwnedStream::new().unwrap();
+    for (top_k, bucket, tokens) in [(4usize, 4usize, &[1usize, 2][..]), (8, 2, &[1][..])] {
+        for source in [Source::Given, Source::Gate] {
+            let mut c = cfg(64);
+            c.top_k = top_k;
+            c.hidden_size = 520; // a partial 64-wide k-tile
+            c.intermediate_size = 136; // a partial column tile in either width
+            if source == Source::Given {
+                c.routing = FdmoeRouting::Given;
+            }
+            let mut l = layer(&c, 5 + top_k as u64, source == Source::Gate);
+            l.moe
+                .capture_graphs(&[bucket], stream.0 as *mut c_void)
+                .unwrap();
+            for &t in tokens {
+                replay_equals_eager(&mut l, &c, t, 40 + t as u64, source, &stream, "thin: ");
+            }
+        }
+    }
+    println!("thin decode tile: eager equals the 16-row tile's replay");
+}
+
+#[test]
 fn routing_of_a_token_does_not_depend_on_the_batch() {
     // The gate kernel has split variants (one block per 512 of H, partials added by the
     // routing: decode, fused with the routing and sort; 16 tokens a block for mid-size batches

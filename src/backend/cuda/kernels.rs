@@ -298,7 +298,7 @@ impl Kernels {
             .into_iter()
             .filter(|t| hopper || !t.needs_hopper())
         {
-            for kind in GEMM_KINDS {
+            for kind in GEMM_KINDS.into_iter().filter(|&k| tile.has_kind(k)) {
                 gemms.push((
                     (tile, kind),
                     gemm.function(&gemm_name(tile, kind, activation), tile.smem_bytes())?,

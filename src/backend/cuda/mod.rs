@@ -571,7 +571,8 @@ impl CudaBackend {
                     b_group_stride: (2 * i * l) as i64,
                     ..gemm1
                 };
-                k.gemm(tile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
+                let up_tile = Tile::for_up_projection(tile, slots);
+                k.gemm(up_tile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
                 let p = GemmParams {
                     b: w2.ptr(),
                     b_group_stride: (l * i) as i64,
