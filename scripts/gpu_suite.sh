@@ -60,11 +60,12 @@ if [ -x .device/bin/cpp_test_cuda_layer ]; then
 fi
 
 if [ -n "${FDMOE_SANITIZE:-}" ]; then
-  # routing_of_a_token runs every gate variant, invalid_ids the multi-block sort.
+  # routing_of_a_token runs every gate variant, invalid_ids the multi-block sort, thin the
+  # thin decode tile.
   step memcheck-graphs 120 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
-    .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside routing_of_a_token invalid_ids
+    .device/bin/cuda_graphs --test-threads=1 layers_share forward_inside routing_of_a_token invalid_ids thin
   step racecheck-graphs 180 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    .device/bin/cuda_graphs --test-threads=1 forward_inside routing_of_a_token invalid_ids
+    .device/bin/cuda_graphs --test-threads=1 forward_inside routing_of_a_token invalid_ids thin
   step memcheck-cpu-compare 150 env FDMOE_GPU_QUICK=1 FDMOE_GPU_CASES="gate rounds,qwen-like,odd,grouped" \
     compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/cuda_vs_cpu
 fi
