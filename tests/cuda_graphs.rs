@@ -272,7 +272,7 @@ fn thin_decode_tile_gives_the_bits_of_the_16_row_tile() {
             let mut c = cfg(64);
             c.top_k = top_k;
             c.hidden_size = 520; // a partial 64-wide k-tile
-            c.intermediate_size = 136; // a partial column tile in either width
+            c.intermediate_size = 136; // a partial 32-column tile of the 16 x 64 tile
             if source == Source::Given {
                 c.routing = FdmoeRouting::Given;
             }

@@ -56,10 +56,12 @@ __device__ __forceinline__ T* forward_arg(const u64* args_block, int slot, T* di
 // Programmatic dependent launch (sm_90 and newer; src/backend/cuda/driver.rs, Function::launch):
 // waits until the previous kernel on the stream has completed and its writes are visible, then
 // lets the next kernel's blocks be scheduled, so their start-up overlaps this kernel's work.
-// Every kernel calls it before its first global memory access (the argument block and the
-// true T included), except reads of the layer's weights, which nothing on the stream writes
-// (GEMM 2's first weight tiles, the split decode gate). Without the launch attribute, or
-// before sm_90, it does nothing.
+// Every kernel calls it before it reads what the kernel before it wrote. What nothing on the
+// stream writes (the layer's weights: GEMM 2's first weight tiles, the split decode gate's)
+// and what a kernel two or more back wrote (GEMM 2's tile table, the combine's argument block,
+// true T and slot positions) may be read before it: that kernel completed before the previous
+// one passed its own wait and let this one launch. Without the launch attribute, or before
+// sm_90, it does nothing.
 __device__ __forceinline__ void begin_dependent() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
