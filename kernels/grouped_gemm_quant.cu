@@ -30,9 +30,11 @@
 // (real checkpoints), one bf16x2 multiply per register by multipliers made once per block; its
 // decode tile is 128 wide, which halves the activation tile's shared reads (every warp reads
 // all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
-// (BENCHMARKS.md) FP8 streams at 1.09-1.13x its byte floor, MXFP4 at ~1.45x, there with 5 warps
-// per scheduler, 65% of issue slots busy and its two decode pipes (integer ALU, FMA) about
-// evenly loaded (ncu): bound by the decode's instructions per weight at that occupancy.
+// (BENCHMARKS.md) FP8 streams at 1.09-1.13x its byte floor, MXFP4 at 1.43-1.51x (0.38-0.40x
+// the bf16 floor, whose bytes it has 0.27x of), there with 5 warps per scheduler, 65% of issue
+// slots busy and its two decode pipes (integer ALU, FMA) about evenly loaded (ncu): bound by the
+// instructions per weight at that occupancy. A stage of the decode tile issues ~440 a warp for
+// 128 weights a lane: ~305 decode and MMA, ~70 copies, ~65 fragment loads and scale set-up.
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
@@ -417,29 +419,52 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
         }
     }
 
+    // Chunk n of this thread's A copies: its source at k = 0 and whether it is a padding row.
+    auto a_chunk = [&](int n, int r, int kc, const u16*& src, bool& none) {
+        if constexpr (HOIST_A) {
+            src = a_src[n];
+            none = a_none[n];
+        } else {
+            const i64 row = a_rows[r];
+            src = p.a + (row >= 0 ? row * p.lda + kc : 0);
+            none = row < 0;
+        }
+    };
+    // Every k-tile but a last, partial one takes the first branch of each load: one copy per
+    // chunk and no compare. Tested per chunk, the K bounds (with a second, zero-filling copy
+    // each) and the skipped padding rows' branches were ~30 of the decode tile's ~100 copy
+    // instructions a stage; without them DeepSeek-V3's MXFP4 / NVFP4 decode is 6-8% faster
+    // (H200, BENCHMARKS.md, ninth session).
     auto load_a = [&](int stage, int kt) {
         const int k0 = kt * BK;
         const bool full = k0 + BK <= K;
+        // A padding row's products only reach output rows that are never stored: a whole k-tile
+        // zero-fills it (no read) with the same instruction as a real row's copy, a partial one
+        // skips it.
+        if (full) {
+#pragma unroll
+            for (int n = 0; n < A_PER; ++n) {
+                const int i = threadIdx.x + n * THREADS;
+                if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
+                const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
+                const u16* src;
+                bool none;
+                a_chunk(n, r, kc, src, none);
+                cp_async_16_zfill(as_base + stage * A_STAGE + (r * LDS + kc) * 2, src + k0, none);
+            }
+            return;
+        }
 #pragma unroll
         for (int n = 0; n < A_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
             if (A_CHUNKS % THREADS != 0 && i >= A_CHUNKS) break;
             const int r = i / (BK / 8), kc = (i % (BK / 8)) * 8;
-            const u32 dst = as_base + stage * A_STAGE + (r * LDS + kc) * 2;
             const u16* src;
             bool none;
-            if constexpr (HOIST_A) {
-                src = a_src[n];
-                none = a_none[n];
-            } else {
-                const i64 row = a_rows[r];
-                src = p.a + (row >= 0 ? row * p.lda + kc : 0);
-                none = row < 0;
-            }
-            // A padding row is not copied, not even as zeros: its products only reach output
-            // rows that are never stored, and at decode most of the 16 rows are padding.
+            a_chunk(n, r, kc, src, none);
             if (none) continue;
-            if (full || k0 + kc < K)
+            const u32 dst = as_base + stage * A_STAGE + (r * LDS + kc) * 2;
+            if (k0 + kc < K)
                 cp_async_16_zfill(dst, src + k0, false);
             else
                 cp_async_16_zfill(dst, p.a, true);
@@ -448,25 +473,34 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
     auto load_b = [&](int stage, int kt) {
         // Each 8-column block of the tile is one packed row block (its columns are 8
         // consecutive rows of B: GATED tiles alternate 8 gate and 8 up rows).
-        const i64 step = (i64)kt * KBS;
-        const bool full = (kt + 1) * KBS <= kblocks;
+        const int step = kt * KBS;
+        const u32 s_dst = sq_base + stage * S_STAGE + threadIdx.x * 16;
+        if ((kt + 1) * KBS <= kblocks) {
+#pragma unroll
+            for (int n = 0; n < B_PER; ++n) {
+                const int i = threadIdx.x + n * THREADS;
+                if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
+                cp_async_16_zfill(bq_base + stage * B_STAGE + i * 16, b_src[n] + step * 256, b_none[n]);
+            }
+            if (threadIdx.x < S_CHUNKS) cp_async_16_zfill(s_dst, s_src + step * SBLOCK, s_none);
+            return;
+        }
 #pragma unroll
         for (int n = 0; n < B_PER; ++n) {
             const int i = threadIdx.x + n * THREADS;
             if (B_CHUNKS % THREADS != 0 && i >= B_CHUNKS) break;
             const u32 dst = bq_base + stage * B_STAGE + i * 16;
-            if (full || step + (i / 16) % KBS < kblocks)
+            if (step + (i / 16) % KBS < kblocks)
                 cp_async_16_zfill(dst, b_src[n] + step * 256, b_none[n]);
             else
                 cp_async_16_zfill(dst, b, true);
         }
         if (threadIdx.x < S_CHUNKS) {
-            const u32 dst = sq_base + stage * S_STAGE + threadIdx.x * 16;
             const int kb = (threadIdx.x / (SBLOCK / 16)) % KBS;
-            if (full || step + kb < kblocks)
-                cp_async_16_zfill(dst, s_src + step * SBLOCK, s_none);
+            if (step + kb < kblocks)
+                cp_async_16_zfill(s_dst, s_src + step * SBLOCK, s_none);
             else
-                cp_async_16_zfill(dst, bs_global, true);
+                cp_async_16_zfill(s_dst, bs_global, true);
         }
     };
 

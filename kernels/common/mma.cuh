@@ -78,13 +78,18 @@ __device__ __forceinline__ void cp_async_pipeline(int tiles, LoadA&& load_a, Loa
             cp_async_commit();
         }
     }
+    // The buffers in use and to refill rotate by a compare each, not t % STAGES (a multiply and
+    // two shifts per use at 3 stages, in loops bound by issued instructions).
+    int fill = STAGES - 1, use = 0;
     for (int t = 0; t < tiles; ++t) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         const int next = t + STAGES - 1;
-        if (next < tiles) load(next % STAGES, next);
+        if (next < tiles) load(fill, next);
         cp_async_commit();
-        compute(t % STAGES, t);
+        compute(use, t);
+        fill = fill + 1 == STAGES ? 0 : fill + 1;
+        use = use + 1 == STAGES ? 0 : use + 1;
     }
     cp_async_wait<0>();
 }
