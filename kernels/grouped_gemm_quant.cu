@@ -30,11 +30,12 @@
 // (real checkpoints), one bf16x2 multiply per register by multipliers made once per block; its
 // decode tile is 128 wide, which halves the activation tile's shared reads (every warp reads
 // all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
-// (BENCHMARKS.md) FP8 streams at 1.09-1.13x its byte floor, MXFP4 at 1.43-1.51x (0.38-0.40x
+// (BENCHMARKS.md) FP8 streams at 1.09-1.13x its byte floor, MXFP4 at 1.43-1.58x (0.38-0.42x
 // the bf16 floor, whose bytes it has 0.27x of), there with 5 warps per scheduler, 65% of issue
 // slots busy and its two decode pipes (integer ALU, FMA) about evenly loaded (ncu): bound by the
-// instructions per weight at that occupancy. A stage of the decode tile issues ~440 a warp for
-// 128 weights a lane: ~305 decode and MMA, ~70 copies, ~65 fragment loads and scale set-up.
+// instructions per weight at that occupancy. A stage of the decode tile issues ~465 a warp for
+// 128 weights a lane: ~305 decode and MMA, ~70 copies, ~90 fragment loads, scale set-up and
+// loop control (SASS of the executed path).
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
