@@ -128,13 +128,28 @@ def fake_quantize_fp8(torch, a):
     return (q * (amax / 448.0)).reshape(rows, cols)
 
 
+def fake_pre_dispatch(torch, a):
+    """act_quant = FP8_MX's activations (SPEC §5's pre-dispatch rule): E4M3 per row per 32
+    channels with a power-of-two scale 2^ceil(log2(max(amax, 1e-4) / 448)), back to float32."""
+    rows, cols = a.shape
+    g = a.reshape(rows, cols // 32, 32)
+    amax = g.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0)))
+    return ((g / scale).to(torch.float8_e4m3fn).float() * scale).reshape(rows, cols)
+
+
 def reference(torch, x, w13, w2, topk_w, topk_ids, fp8_activations=False):
     """moe_anchors.ref_moe (its torch_loop in float32), expert by expert: the same arithmetic in
     the same order, without ref_moe's float32 copy of every weight at once (45 GB for
     DeepSeek-V3, which would not fit beside the bf16 weights). w13 / w2 may also be functions
     of the expert returning its float32 matrices (quantized layers); `fp8_activations`
-    quantizes both GEMMs' inputs as FP8_BLOCK layers do."""
-    fq = (lambda a: fake_quantize_fp8(torch, a)) if fp8_activations else (lambda a: a)
+    quantizes both GEMMs' inputs as FP8_BLOCK layers do, "mx" as act_quant = FP8_MX does."""
+    if fp8_activations == "mx":
+        fq = lambda a: fake_pre_dispatch(torch, a)  # noqa: E731
+    elif fp8_activations:
+        fq = lambda a: fake_quantize_fp8(torch, a)  # noqa: E731
+    else:
+        fq = lambda a: a  # noqa: E731
     M, H = x.shape
     get13 = w13 if callable(w13) else (lambda e: w13[e].float())
     get2 = w2 if callable(w2) else (lambda e: w2[e].float())
@@ -159,6 +174,7 @@ class QuantizedExperts:
     (host numpy), made on the GPU, plus a torch dequantizer of one expert for the reference."""
 
     def __init__(self, torch, fmt, E, H, I):
+        fmt = "mxfp4" if fmt == "mxfp4_a8" else fmt  # the same weights, FP8 activations
         self.torch, self.fmt = torch, fmt
         self.parts = {}
         for name, (n, k) in (("w13", (2 * I, H)), ("w2", (H, I))):
@@ -282,8 +298,10 @@ def bench_shape(name, tokens, args, A, fdmoe, torch, bw, fl):
     for fmt in [f for f in args.formats.split(",") if f]:
         def make_quantized(fmt=fmt):
             experts = QuantizedExperts(torch, fmt, E, H, I)
+            w4a8 = fmt == "mxfp4_a8"
             layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
-                                   weight_dtype=fmt, max_tokens=fmt_max, device="cuda")
+                                   weight_dtype="mxfp4" if w4a8 else fmt, max_tokens=fmt_max,
+                                   device="cuda", act_quant="fp8_mx" if w4a8 else "none")
             experts.load_into(layer)
             return experts, layer
 
@@ -351,7 +369,7 @@ def bench_shape(name, tokens, args, A, fdmoe, torch, bw, fl):
 
                 qref = reference(torch, x, lambda e: experts.expert("w13", e),
                                  lambda e: experts.expert("w2", e), topk_w, topk_ids,
-                                 fp8_activations=fmt == "fp8_block")
+                                 fp8_activations="mx" if fmt == "mxfp4_a8" else fmt == "fp8_block")
                 res[f"{fmt}_err"] = ((run().float() - qref).norm() / qref.norm()).item()
                 res[f"{fmt}_check"] = "ok" if res[f"{fmt}_err"] < CHECK_TOLERANCE else "FAILED"
                 del qref
@@ -440,7 +458,7 @@ def table(rows) -> str:
             f"{f(r.get('triton_vllm_ms'))} | {best} | {ratio(r.get('fdmoe_over_floor'))} | "
             f"{ratio(r.get('fdmoe_over_best'))} |"
         )
-    formats = [f for f in ("fp8_block", "mxfp4", "nvfp4") if any(f"{f}_ms" in r for r in rows)]
+    formats = [f for f in ("fp8_block", "mxfp4", "mxfp4_a8", "nvfp4") if any(f"{f}_ms" in r for r in rows)]
     if formats:
         lines += [
             "",
@@ -517,7 +535,7 @@ def main() -> int:
         log(f"{name} done, {time.time() - start:.0f} s so far")
     print()
     print(table(rows), flush=True)
-    checked = ("fdmoe", "fp8_block", "mxfp4", "nvfp4")
+    checked = ("fdmoe", "fp8_block", "mxfp4", "mxfp4_a8", "nvfp4")
     failed = [f"{r['shape']}/{r['tokens']}" for r in rows
               if r.get("fdmoe_check") != "ok" or r.get("fdmoe_routing_check", "ok") != "ok"
               or any(r.get(f"{c}_check", "ok") != "ok" for c in checked)

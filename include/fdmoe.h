@@ -21,7 +21,7 @@
  */
 #define FDMOE_VERSION_MAJOR 0
 
-#define FDMOE_VERSION_MINOR 1
+#define FDMOE_VERSION_MINOR 2
 
 #define FDMOE_VERSION_PATCH 0
 
@@ -72,6 +72,11 @@
 #define FDMOE_FEATURE_EXPERT_PARALLEL (1 << 22)
 
 #define FDMOE_FEATURE_FP8_PRE_DISPATCH (1 << 23)
+
+/*
+ `act_quant = FP8_MX` (MXFP4 experts on FP8 activations).
+ */
+#define FDMOE_FEATURE_ACT_QUANT_FP8_MX (1 << 24)
 
 /*
  `fdmoe_forward` flag bit: run eagerly even when a captured graph covers the token count.
@@ -278,6 +283,35 @@ typedef uint32_t FdmoeDtype;
 #endif // __cplusplus
 
 /*
+ How the routed experts' GEMM inputs are rounded before the tensor cores take them.
+ */
+enum FdmoeActQuant
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /*
+   The format's own rule: activations as given (bf16 against FP4 weights: W4A16),
+   FP8_BLOCK's per-128 E4M3 (SPEC §5).
+   */
+  FDMOE_ACT_QUANT_NONE = 0,
+  /*
+   MXFP4 weights only: each GEMM input row (x or fc1's output for the up projection, the
+   activated intermediate for the down projection) becomes E4M3 with one UE8M0 scale per
+   32 channels by the FP8 pre-dispatch rule (SPEC §5, the MegaMoE format), and the GEMMs
+   run in FP8 (W4A8).
+   */
+  FDMOE_ACT_QUANT_FP8_MX = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum FdmoeActQuant FdmoeActQuant;
+#else
+typedef uint32_t FdmoeActQuant;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
  How the expert matrices are laid out in the caller's memory (SPEC §4).
  */
 enum FdmoeLayout
@@ -476,6 +510,11 @@ typedef struct FdmoeConfig {
    This backend's rank in [0, ep_size). Default 0.
    */
   uint32_t ep_rank;
+  /*
+   FdmoeActQuant: how the routed experts' GEMM inputs are rounded. Default NONE; FP8_MX
+   (MXFP4 weights only) runs both GEMMs in FP8 on activations in the pre-dispatch format.
+   */
+  uint32_t act_quant;
 } FdmoeConfig;
 
 /*

@@ -39,6 +39,9 @@
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
+#ifdef FDMOE_SM90A
+#include "common/wgmma.cuh"
+#endif
 
 #define FMT_MXFP4 1
 #define FMT_NVFP4 2
@@ -556,6 +559,252 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// MXFP4 weights x FP8 activations (act_quant = FP8_MX, sm_90a): W4A8 on the FP8 tensor cores.
+// The activations are E4M3 with one scale per 32 channels (quantize_mx_fp8_rows: the
+// pre-dispatch rule, each scale stored as an f32 times 2^6), the weights MXFP4 repacked at load
+// into the FP4 blocks above (8 rows x 64 columns, 256 bytes, scales [8 rows][2] UE8M0) with each
+// lane's 8 bytes of a block holding its wgmma A-fragment codes, and the blocks of a tile's
+// k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
+// a stage's weights with two bulk copies (TMA) that complete on the stage's mbarrier. A warpgroup computes 64 weight
+// rows (wgmma M) x BT tokens (N) from the weights decoded in registers and the tokens in
+// 128-byte-swizzled shared rows; since weights and activations both have a scale per 32 of K,
+// each k32 wgmma sums into a fresh partial that is promoted into the accumulator as
+// partial * scale_w(row) * scale_x(token).
+//
+// Why it is fast: an E2M1 code becomes an E4M3 byte by moving bits (its sign, exponent and
+// mantissa bits at E4M3's sign and lowest exponent / highest mantissa bits give the value times
+// 2^-6, exactly, subnormal 0.5 included), so a packed word of 8 codes is 4 bytes of the
+// fragment by a mask and 4 by two shifts and two masks, with no scale multiply on the weights:
+// ~5 instructions per 8 weights where the W4A16 decode needs ~15 and twice the MMAs. What is
+// left per weight is the promotion (a multiply and an FMA per accumulator per k32), which grows
+// with the token tile, hence three of them. SASS of the 8-token tile: ~165 instructions a stage
+// of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
+// floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16+ tokens per expert the
+// 32-token tile's promotion makes it slower than W4A16.
+#ifdef FDMOE_SM90A
+// Bytes 0-3 of the fragment register at word bits 8i + {7, 4, 3, 2} (sign, e1, e0, m): a mask.
+__device__ __forceinline__ u32 e2m1x4_low_to_e4m3(u32 w) { return w & 0x9C9C9C9Cu; }
+// The word's other 4 codes, at bits 8i + {5, 6, 1, 0}: 5, 1, 0 move up by 2, 6 down by 2.
+__device__ __forceinline__ u32 e2m1x4_high_to_e4m3(u32 w) { return ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u); }
+
+template <int BT, int STAGES, int MODE, int ACT>
+__device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
+    constexpr int THREADS = 128, BW = 64, BK = 128, KBS = BK / 64;
+    constexpr int NB = BT / 8;  // n8 token blocks of a wgmma
+    constexpr int X_STAGE = BT * 128;             // tokens: 128-byte swizzled E4M3 rows
+    constexpr int W_STAGE = (BW / 8) * KBS * 256;  // packed weights
+    constexpr int S_STAGE = (BW / 8) * KBS * 16;   // weight scales
+    constexpr int XS_STAGE = BT * 16;              // 4 token scales (f32) per token
+    constexpr int X_CHUNKS = X_STAGE / 16;
+    constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS;
+    static_assert(BT % 8 == 0 && BT <= 32 && BT <= THREADS, "tile shape");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Offset from smem_raw (not a rounded integer) so the compiler keeps shared loads.
+    unsigned char* Xs = smem_raw + ((1024u - ((u32)__cvta_generic_to_shared(smem_raw) & 1023u)) & 1023u);  // [STAGES][X_STAGE]
+    unsigned char* Wq = Xs + STAGES * X_STAGE;         // [STAGES][8 blocks][KBS][256]
+    unsigned char* Sq = Wq + STAGES * W_STAGE;         // [STAGES][8 blocks][KBS][16]
+    float* XSs = (float*)(Sq + STAGES * S_STAGE);      // [STAGES][BT][4]
+    u64* bars = (u64*)((unsigned char*)XSs + STAGES * XS_STAGE);  // [STAGES]: the weights' copies
+    i64* a_rows = (i64*)(bars + STAGES);
+    i64* b_rows = a_rows + BT;
+    TileRange tr;
+    if (!setup_tile<BT, BW, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    const int K = (int)p.k;
+    const int k_tiles = (K + BK - 1) / BK;
+    const int xs_ld = k_tiles * 4;  // token scales per row, padded to whole k-tiles
+    const unsigned char* x = (const unsigned char*)p.a;
+    const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
+    const unsigned char* bs_global = (const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride;
+
+    // Copy sources at k-tile 0 and shared addresses, set once per block (see grouped_gemm_fp4).
+    const u32 xs_base = (u32)__cvta_generic_to_shared(Xs), xss_base = (u32)__cvta_generic_to_shared(XSs);
+    const u32 wq_base = (u32)__cvta_generic_to_shared(Wq), sq_base = (u32)__cvta_generic_to_shared(Sq);
+    // The weights: the repack put a tile's k-tile (its 8 row blocks' 2 column blocks, and their
+    // scales) in one run each, so one thread bulk-copies a stage with two instructions.
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const i64 w_run = ((i64)(tr.col_base / ((MODE & MODE_GATED) ? BW / 2 : BW)) * k_tiles) * W_STAGE;
+    const unsigned char* w_src = b + w_run;
+    const unsigned char* s_src = bs_global + w_run / (W_STAGE / S_STAGE);
+    const u32 bar_base = (u32)__cvta_generic_to_shared(bars);
+    if (threadIdx.x == 0)
+        for (int s = 0; s < STAGES; ++s) mbarrier_init(bar_base + 8 * s, 1);
+    fence_mbarrier_init();
+    __syncthreads();
+    const unsigned char* x_src[X_PER];
+    bool x_none[X_PER];
+    u32 x_dst[X_PER];
+#pragma unroll
+    for (int n = 0; n < X_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const int r = i / 8, c = i % 8;
+        const i64 row = i < X_CHUNKS ? a_rows[r] : -1;
+        x_src[n] = x + (row >= 0 ? row * p.lda + c * 16 : 0);
+        x_none[n] = row < 0;
+        x_dst[n] = xs_base + swizzle_128b(r, c);
+    }
+    const float* xs_src = p.a_scale;
+    bool xs_none = true;
+    if (threadIdx.x < BT && a_rows[threadIdx.x] >= 0) {
+        xs_src = p.a_scale + a_rows[threadIdx.x] * xs_ld;
+        xs_none = false;
+    }
+
+    // Every k-tile but a last, partial one takes the first branch of each: one copy per chunk,
+    // no compare (as grouped_gemm_fp4's loads).
+    auto load_tokens = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+        if (threadIdx.x < BT) cp_async_16_zfill(xss_base + stage * XS_STAGE + threadIdx.x * 16, xs_src + kt * 4, xs_none);
+        if (k0 + BK <= K) {
+#pragma unroll
+            for (int n = 0; n < X_PER; ++n) {
+                if (X_CHUNKS % THREADS != 0 && threadIdx.x + n * THREADS >= X_CHUNKS) break;
+                cp_async_16_zfill(x_dst[n] + stage * X_STAGE, x_src[n] + k0, x_none[n]);
+            }
+            return;
+        }
+#pragma unroll
+        for (int n = 0; n < X_PER; ++n) {
+            const int i = threadIdx.x + n * THREADS;
+            if (X_CHUNKS % THREADS != 0 && i >= X_CHUNKS) break;
+            // K is a multiple of 32: a chunk is wholly inside or past it.
+            const bool past_k = k0 + (i % 8) * 16 >= K;
+            cp_async_16_zfill(x_dst[n] + stage * X_STAGE, past_k ? (const void*)x : x_src[n] + k0, past_k || x_none[n]);
+        }
+    };
+    auto load_weights = [&](int stage, int kt) {
+        if (threadIdx.x != 0) return;
+        const u32 bar = bar_base + 8 * stage;
+        mbarrier_arrive_expect_tx(bar, W_STAGE + S_STAGE);
+        bulk_copy_to_shared(wq_base + stage * W_STAGE, w_src + kt * W_STAGE, W_STAGE, bar);
+        bulk_copy_to_shared(sq_base + stage * S_STAGE, s_src + kt * S_STAGE, S_STAGE, bar);
+    };
+
+    const int g = lane / 4, t = lane % 4;
+    float acc[NB][4];
+    zero_accumulators<1, NB>(&acc);
+
+    u32 parity = 0;  // bit s: the phase of stage s's barrier to wait for
+    auto compute = [&](int stage) {
+        mbarrier_wait(bar_base + 8 * stage, (parity >> stage) & 1);
+        parity ^= 1u << stage;
+        // This warp's 16 weight rows are packed blocks 2w (fragment rows g) and 2w + 1 (g + 8).
+        const unsigned char* wq = Wq + stage * W_STAGE;
+        const unsigned char* sq = Sq + stage * S_STAGE;
+        u32 a[4][4];  // k32 step s = 2 kb + word
+        u32 sw[2][KBS];  // scale bytes of rows g / g + 8, per kb: steps 2 kb, 2 kb + 1
+#pragma unroll
+        for (int kb = 0; kb < KBS; ++kb) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint2 q = *(const uint2*)(wq + ((2 * warp + h) * KBS + kb) * 256 + lane * 8);
+                a[2 * kb][h] = e2m1x4_low_to_e4m3(q.x);
+                a[2 * kb][h + 2] = e2m1x4_high_to_e4m3(q.x);
+                a[2 * kb + 1][h] = e2m1x4_low_to_e4m3(q.y);
+                a[2 * kb + 1][h + 2] = e2m1x4_high_to_e4m3(q.y);
+                sw[h][kb] = *(const u16*)(sq + ((2 * warp + h) * KBS + kb) * 16 + g * 2);
+            }
+        }
+        const u64 desc = wgmma_desc(Xs + stage * X_STAGE);
+        float part[4][NB * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 4; ++s) wgmma_e4m3_rs<NB>(part[s], a[s], desc + 2 * s);  // +32 bytes: k + 32
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) wgmma_keep(a[s][q]);
+#pragma unroll
+            for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[s][q]);
+        }
+        const float* xs = (const float*)((const unsigned char*)XSs + stage * XS_STAGE);
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+            const float4 x0 = *(const float4*)(xs + (8 * j + 2 * t) * 4);
+            const float4 x1 = *(const float4*)(xs + (8 * j + 2 * t + 1) * 4);
+            const float fx0[4] = {x0.x, x0.y, x0.z, x0.w}, fx1[4] = {x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                // The UE8M0 byte as an f32's exponent field is the scale 2^(e - 127) (byte 0
+                // gives 0 instead of 2^-127; 255, NaN's, gives inf, NaN in the product).
+                const u32 shift = (s % 2) ? 15 : 23;
+                const float w0 = __uint_as_float((sw[0][s / 2] << shift) & 0x7F800000u);
+                const float w1 = __uint_as_float((sw[1][s / 2] << shift) & 0x7F800000u);
+                acc[j][0] += part[s][4 * j + 0] * (w0 * fx0[s]);
+                acc[j][1] += part[s][4 * j + 1] * (w0 * fx1[s]);
+                acc[j][2] += part[s][4 * j + 2] * (w1 * fx0[s]);
+                acc[j][3] += part[s][4 * j + 3] * (w1 * fx1[s]);
+            }
+        }
+    };
+
+    cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(k_tiles, load_tokens, load_weights, begin_dependent,
+                                                               [&](int stage, int) { compute(stage); });
+
+    // The accumulators hold [weight row][token]; the epilogues take [token][column] fragments,
+    // so they go through shared memory (the pipeline's weight buffers, free now).
+    constexpr int CLD = BW + 4;  // conflict-free stores below
+    constexpr int C_ROWS = BT < 16 ? 16 : BT;
+    static_assert(C_ROWS * CLD * 4 <= STAGES * W_STAGE, "transpose fits the weight buffers");
+    float* cs = (float*)Wq;
+    __syncthreads();
+    const int row_x = 16 * warp + g;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+        const int c0 = 8 * j + 2 * t;
+        cs[c0 * CLD + row_x] = acc[j][0];
+        cs[(c0 + 1) * CLD + row_x] = acc[j][1];
+        cs[c0 * CLD + row_x + 8] = acc[j][2];
+        cs[(c0 + 1) * CLD + row_x + 8] = acc[j][3];
+    }
+    if (BT < 16)
+        for (int i = threadIdx.x; i < (16 - BT) * CLD; i += THREADS) cs[BT * CLD + i] = 0.0f;
+    __syncthreads();
+#pragma unroll
+    for (int half = 0; half < C_ROWS / 16; ++half) {
+        float frag[2][4];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int q = 0; q < 2; ++q)
+                    frag[jj][hh * 2 + q] = cs[(16 * half + g + 8 * hh) * CLD + 16 * warp + 8 * jj + 2 * t + q];
+        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, 16 * warp);
+    }
+}
+
+// Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
+// when `in_f32`, as quantize_fp8_rows) becomes E4M3 by the pre-dispatch rule, one scale per 32
+// channels, stored as the f32 2^(exponent + 6) (the 2^-6 of the weights' decode undone; NaN for
+// a group holding ±inf) in rows of ceil(K / 128) * 4 scales, the padding ones 0. One warp per
+// group. Grid: (max rows, ceil(K / 128)); block 128.
+extern "C" __global__ void __launch_bounds__(128)
+    quantize_mx_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out,
+                         float* __restrict__ scales, int cols, const int* num_tokens_dev, int num_tokens,
+                         int rows_per_token, const u64* args_block, int in_arg) {
+    begin_dependent();
+    const int row = blockIdx.x;
+    if (row >= token_count(num_tokens_dev, num_tokens) * rows_per_token) return;
+    if (args_block && in_arg >= 0) in = (const void*)args_block[in_arg];
+    const int g = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* scale = scales + (i64)row * gridDim.y * 4 + g;
+    if (g * 32 >= cols) {
+        if (lane == 0) *scale = 0.0f;
+        return;
+    }
+    const i64 i = (i64)row * cols + g * 32 + lane;
+    const float v = in_f32 ? ((const float*)in)[i] : elem_to_float(((const u16*)in)[i]);
+    int e;
+    bool inf_group;
+    out[i] = (unsigned char)pre_dispatch_code(v, e, inf_group);
+    if (lane == 0) *scale = inf_group ? __uint_as_float(0x7FC00000u) : __uint_as_float((u32)(e + 127 + 6) << 23);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // FP8_BLOCK activations: each row of a [rows, K] matrix (the element type, or f32 when
 // `in_f32`: GEMM 1's activations and fc1's output stay f32 until here, so they are rounded once,
 // to E4M3, as in the CPU reference) becomes E4M3 with one f32 scale per 128 channels, exactly as
@@ -646,6 +895,16 @@ extern "C" __global__ void __launch_bounds__(128)
             resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 
+// W4A8 tiles: 64 weight rows x 8 / 16 / 32 tokens, 4 stages; blocks per SM by registers.
+#define FDMOE_W4A8_MINBLOCKS_8 4
+#define FDMOE_W4A8_MINBLOCKS_16 3
+#define FDMOE_W4A8_MINBLOCKS_32 2
+#define FDMOE_QGEMM_W4A8(tokens, name, mode, act)                                                       \
+    extern "C" __global__ void __launch_bounds__(128, FDMOE_W4A8_MINBLOCKS_##tokens) qgemm_mxfp4_a##tokens##_##name(GemmParams p) { \
+        constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
+        grouped_gemm_w4a8<tokens, 4, m, act>(resolve_args<!weights_before_wait(m)>(p));                  \
+    }
+
 #define FDMOE_QGEMM_KINDS(GEN, ...)                                                       \
     GEN(__VA_ARGS__, up_swiglu, MODE_GATHER | MODE_GATED, FDMOE_ACT_SWIGLU)               \
     GEN(__VA_ARGS__, up_gelu_tanh, MODE_GATHER | MODE_GATED, FDMOE_ACT_GELU_TANH)         \
@@ -656,6 +915,11 @@ extern "C" __global__ void __launch_bounds__(128)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, s)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, d)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
+#endif
+#if defined(FDMOE_SM90A) && !defined(FDMOE_F16)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W4A8, 8)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W4A8, 16)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W4A8, 32)
 #endif
 #ifndef FDMOE_F16
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, n)

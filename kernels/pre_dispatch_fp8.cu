@@ -19,12 +19,6 @@ __device__ __forceinline__ float load_x(const void* x, i64 i, int dtype) {
     return f;
 }
 
-__device__ __forceinline__ int ceil_log2_normal(float v) {
-    const u32 bits = __float_as_uint(v);
-    const int floor = (int)((bits >> 23) & 0xFFu) - 127;
-    return floor + ((bits & 0x7FFFFFu) != 0u);
-}
-
 extern "C" __global__ void __launch_bounds__(128)
     pre_dispatch_fp8(const void* __restrict__ x, int x_dtype, const int* __restrict__ topk_ids,
                      const float* __restrict__ topk_weights, unsigned char* __restrict__ out_x,
@@ -40,16 +34,10 @@ extern "C" __global__ void __launch_bounds__(128)
         u32 code = 0;
         u32 scale = 0;
         if (t < num_tokens) {
-            const float v = load_x(x, i, x_dtype);
-            float amax = fabsf(v);
-            for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            if (isinf(amax)) {
-                scale = 0xFFu;
-            } else {
-                const int e = ceil_log2_normal(fmaxf(amax, 1.0e-4f) / 448.0f);
-                scale = (u32)(e + 127);
-                code = encode_e4m3(v * __uint_as_float((u32)(127 - e) << 23));
-            }
+            int e;
+            bool inf_group;
+            code = pre_dispatch_code(load_x(x, i, x_dtype), e, inf_group);
+            scale = inf_group ? 0xFFu : (u32)(e + 127);
         }
         out_x[i] = (unsigned char)code;
         if (lane == 0) scale_bytes[g] = (unsigned char)scale;

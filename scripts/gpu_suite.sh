@@ -68,6 +68,9 @@ if [ -n "${FDMOE_SANITIZE:-}" ]; then
     .device/bin/cuda_graphs --test-threads=1 forward_inside routing_of_a_token invalid_ids thin
   step memcheck-cpu-compare 150 env FDMOE_GPU_QUICK=1 FDMOE_GPU_CASES="gate rounds,qwen-like,odd,grouped" \
     compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/cuda_vs_cpu
+  # The W4A8 GEMMs (bulk copies on mbarriers, wgmma from registers) at every token tile.
+  step racecheck-w4a8 120 env FDMOE_GPU_CASES="w4a8 odd,w4a8 interleaved" \
+    compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
 fi
 
 if [ -n "${FDMOE_PYTEST:-}" ]; then

@@ -1,7 +1,7 @@
 //! What a backend is asked to compute: the enums of the contract (their numbers are ABI) and
 //! the validated `MoeConfig` that every backend is built from.
 
-use crate::error::{ensure, Error, Result};
+use crate::error::{ensure, Error, FdmoeStatus, Result};
 
 /// Implements the conversions every ABI enum needs on an explicitly written enum (cbindgen
 /// reads the enum itself, so its variants stay outside the macro).
@@ -140,6 +140,27 @@ abi_enum!(
     }
 );
 
+/// How the routed experts' GEMM inputs are rounded before the tensor cores take them.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FdmoeActQuant {
+    /// The format's own rule: activations as given (bf16 against FP4 weights: W4A16),
+    /// FP8_BLOCK's per-128 E4M3 (SPEC §5).
+    None = 0,
+    /// MXFP4 weights only: each GEMM input row (x or fc1's output for the up projection, the
+    /// activated intermediate for the down projection) becomes E4M3 with one UE8M0 scale per
+    /// 32 channels by the FP8 pre-dispatch rule (SPEC §5, the MegaMoE format), and the GEMMs
+    /// run in FP8 (W4A8).
+    Fp8Mx = 1,
+}
+
+abi_enum!(
+    FdmoeActQuant, "act_quant" {
+        None => "none",
+        Fp8Mx => "fp8_mx",
+    }
+);
+
 /// How the expert matrices are laid out in the caller's memory (SPEC §4).
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -271,6 +292,7 @@ pub struct MoeConfig {
     pub activation: FdmoeActivation,
     pub act_dtype: FdmoeDtype,
     pub weight_dtype: FdmoeDtype,
+    pub act_quant: FdmoeActQuant,
     pub max_tokens: usize,
     /// CPU worker threads; 0 means one per available core.
     pub num_threads: usize,
@@ -298,6 +320,7 @@ impl Default for MoeConfig {
             activation: FdmoeActivation::Swiglu,
             act_dtype: FdmoeDtype::Bf16,
             weight_dtype: FdmoeDtype::Bf16,
+            act_quant: FdmoeActQuant::None,
             max_tokens: 4096,
             num_threads: 0,
             ep_size: 1,
@@ -411,6 +434,15 @@ impl MoeConfig {
                 );
             }
         }
+        if self.act_quant == FdmoeActQuant::Fp8Mx && self.weight_dtype != FdmoeDtype::Mxfp4 {
+            return Err(Error::new(
+                FdmoeStatus::Unsupported,
+                format!(
+                    "config.act_quant = fp8_mx needs config.weight_dtype = mxfp4 (it is {})",
+                    self.weight_dtype
+                ),
+            ));
+        }
         ensure!(self.ep_size >= 1, "config.ep_size must be at least 1");
         ensure!(
             self.ep_rank < self.ep_size,
@@ -452,6 +484,26 @@ mod tests {
         for d in FdmoeDtype::ALL {
             assert_eq!(FdmoeDtype::from_name(d.name()), Some(*d));
         }
+    }
+
+    #[test]
+    fn fp8_mx_activations_need_mxfp4_weights() {
+        let mut c = base();
+        c.intermediate_size = 128;
+        c.hidden_size = 128;
+        c.act_quant = FdmoeActQuant::Fp8Mx;
+        for w in [FdmoeDtype::Bf16, FdmoeDtype::Fp8Block, FdmoeDtype::Nvfp4] {
+            c.weight_dtype = w;
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.status, FdmoeStatus::Unsupported, "{w}");
+            assert!(
+                e.message.contains("act_quant") && e.message.contains(w.name()),
+                "{}",
+                e.message
+            );
+        }
+        c.weight_dtype = FdmoeDtype::Mxfp4;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -26,5 +26,5 @@ pub use weights::{ExpertSource, GateSource, WeightSource};
 
 /// Semantic version of the library and its C ABI.
 pub const FDMOE_VERSION_MAJOR: u32 = 0;
-pub const FDMOE_VERSION_MINOR: u32 = 1;
+pub const FDMOE_VERSION_MINOR: u32 = 2;
 pub const FDMOE_VERSION_PATCH: u32 = 0;

@@ -352,20 +352,29 @@ fn quantized_replay_is_bitwise_equal_to_eager() {
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
     let stream = OwnedStream::new().unwrap();
-    for format in [FdmoeDtype::Fp8Block, FdmoeDtype::Mxfp4, FdmoeDtype::Nvfp4] {
+    let modes = [
+        (FdmoeDtype::Fp8Block, FdmoeActQuant::None),
+        (FdmoeDtype::Mxfp4, FdmoeActQuant::None),
+        (FdmoeDtype::Nvfp4, FdmoeActQuant::None),
+        // W4A8: a bucket's token tile can differ from the eager one's (T = 80: 16 tokens
+        // eager, 32 in the 128 bucket).
+        (FdmoeDtype::Mxfp4, FdmoeActQuant::Fp8Mx),
+    ];
+    for (format, act_quant) in modes {
         let c = MoeConfig {
             weight_dtype: format,
+            act_quant,
             ..cfg(512)
         };
         let mut l = layer(&c, 5, true);
         l.moe
             .capture_graphs(&[], stream.0 as *mut c_void)
             .expect("capture default buckets");
-        for t in [1usize, 3, 16, 40, 200, 512] {
-            let what = format!("{format}: ");
+        for t in [1usize, 3, 16, 32, 40, 80, 200, 512] {
+            let what = format!("{format} act_quant {act_quant}: ");
             replay_equals_eager(&mut l, &c, t, t as u64 + 9, Source::Gate, &stream, &what);
         }
-        println!("graphs ({format}): 6 token counts bitwise equal");
+        println!("graphs ({format}, act_quant {act_quant}): 8 token counts bitwise equal");
     }
 }
 

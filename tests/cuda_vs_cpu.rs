@@ -685,6 +685,78 @@ fn cases() -> Vec<Case> {
             },
         )
     });
+    // act_quant = FP8_MX (W4A8, sm_90a only): both GEMMs on pre-dispatch E4M3 activations.
+    // With 16 experts and k = 4, T = 1 / 16 take the 8-token tile, 40 the 16-token one, 256
+    // the 32-token one (ceil(T / 4) rows per expert).
+    let w4a8 = |cfg: MoeConfig| MoeConfig {
+        weight_dtype: FdmoeDtype::Mxfp4,
+        act_quant: FdmoeActQuant::Fp8Mx,
+        ..cfg
+    };
+    let w4a8_tokens = vec![1, 16, 40, 256];
+    v.push(Case {
+        tokens: w4a8_tokens.clone(),
+        ..mk("w4a8", w4a8(b(FdmoeDtype::Bf16)))
+    });
+    v.push(Case {
+        with_bias: true,
+        tokens: w4a8_tokens.clone(),
+        ..mk("w4a8 grouped+bias", w4a8(grouped.clone()))
+    });
+    v.push(Case {
+        tokens: w4a8_tokens.clone(),
+        ..mk(
+            "w4a8 latent+shared",
+            w4a8(MoeConfig {
+                latent_size: Some(128),
+                shared_intermediate_size: Some(64),
+                ..b(FdmoeDtype::Bf16)
+            }),
+        )
+    });
+    v.push(Case {
+        interleaved: true,
+        with_gate: false,
+        given_ids: true,
+        tokens: w4a8_tokens.clone(),
+        ..mk(
+            "w4a8 interleaved given",
+            w4a8(MoeConfig {
+                routing: FdmoeRouting::Given,
+                ..b(FdmoeDtype::Bf16)
+            }),
+        )
+    });
+    v.push(Case {
+        tokens: vec![1, 256],
+        ..mk(
+            "w4a8 qwen-like",
+            w4a8(base(128, 8, 2048, 768, FdmoeDtype::Bf16)),
+        )
+    });
+    // K = 160 / 96: partial k-tiles (a 64-column block past K, chunks past K).
+    v.push(Case {
+        tokens: vec![1, 5, 33],
+        ..mk(
+            "w4a8 odd sizes",
+            w4a8(base(6, 3, 160, 96, FdmoeDtype::Bf16)),
+        )
+    });
+    v.push(Case {
+        tokens: vec![1, 40],
+        row_scale_span: 14,
+        ..mk("w4a8 wide range", w4a8(b(FdmoeDtype::Bf16)))
+    });
+    v.push(Case {
+        tokens: vec![4096],
+        ..mk(
+            "w4a8 large T",
+            w4a8(MoeConfig {
+                max_tokens: 4096,
+                ..base(32, 4, 512, 256, FdmoeDtype::Bf16)
+            }),
+        )
+    });
     v.push(Case {
         tokens: vec![4096, 16384],
         ..mk(

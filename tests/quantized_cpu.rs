@@ -240,13 +240,38 @@ fn matvec(w: &[f32], rows: usize, cols: usize, x: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+/// An activation rounding of the expert GEMMs' inputs, applied to one row.
+type RoundTrip = fn(&[f64]) -> Vec<f64>;
+
+/// act_quant = FP8_MX's round trip, written here from SPEC §5's pre-dispatch rule: per group
+/// of 32, amax (NaN skipped) floored at 1e-4, scale the smallest power of two at least
+/// amax / 448 (that quotient rounded to f32), values divided by it, rounded to E4M3, scaled back.
+fn mx_round_trip(row: &[f64]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(row.len());
+    for group in row.chunks(32) {
+        let amax = group.iter().fold(0f32, |m, &v| m.max((v as f32).abs()));
+        let q = amax.max(1e-4) / 448.0;
+        let mut e = (q as f64).log2().floor() as i32 - 1;
+        while 2f64.powi(e) < q as f64 {
+            e += 1;
+        }
+        let scale = 2f64.powi(e);
+        out.extend(
+            group
+                .iter()
+                .map(|&v| decode_e4m3(encode_e4m3((v / scale) as f32)) as f64 * scale),
+        );
+    }
+    out
+}
+
 /// The expected forward in f64 with expert weights `w13` [E, 2I, L] / `w2` [E, L, I];
-/// `act_quant` rounds the inputs of both expert GEMMs through FP8 (FP8_BLOCK).
+/// `act_quant` rounds the inputs of both expert GEMMs (FP8_BLOCK's or FP8_MX's rounding).
 fn reference(
     ly: &Layer,
     w13: &[f32],
     w2: &[f32],
-    act_quant: bool,
+    act_quant: Option<RoundTrip>,
     x: &[f32],
     ids: &[i32],
     wts: &[f32],
@@ -267,17 +292,17 @@ fn reference(
                 .collect(),
             None => xt.clone(),
         };
-        if act_quant {
-            u = fp8_round_trip(&u);
+        if let Some(round) = act_quant {
+            u = round(&u);
         }
         let mut z = vec![0f64; l];
         for j in 0..k {
             let e = ids[tok * k + j] as usize;
             let gu = matvec(&w13[e * 2 * i * l..(e + 1) * 2 * i * l], 2 * i, l, &u);
             let mut a: Vec<f64> = (0..i).map(|r| silu(gu[r]) * gu[i + r]).collect();
-            if act_quant {
+            if let Some(round) = act_quant {
                 let a32: Vec<f64> = a.iter().map(|&v| v as f32 as f64).collect();
-                a = fp8_round_trip(&a32);
+                a = round(&a32);
             }
             let y = matvec(&w2[e * l * i..(e + 1) * l * i], l, i, &a);
             for (zv, yv) in z.iter_mut().zip(&y) {
@@ -358,7 +383,8 @@ fn each_format_matches_a_dequantize_then_f64_reference() {
         for format in FORMATS {
             let packed = Packed::new(format, ly, &ly.w13);
             let fp8 = format == FdmoeDtype::Fp8Block;
-            let want = reference(ly, &packed.deq[0], &packed.deq[1], fp8, &x, &ids, &wts);
+            let round = fp8.then_some(fp8_round_trip as RoundTrip);
+            let want = reference(ly, &packed.deq[0], &packed.deq[1], round, &x, &ids, &wts);
             for (how, src) in [
                 ("quantize-on-load", ly.dense_source()),
                 ("pre-quantized", ly.source(packed.experts())),
@@ -461,17 +487,62 @@ fn fp8_block_quantizes_the_inputs_of_both_gemms() {
     );
     let with = rel_l2(
         &got,
-        &reference(&ly, &packed.deq[0], &packed.deq[1], true, &x, &ids, &wts),
+        &reference(
+            &ly,
+            &packed.deq[0],
+            &packed.deq[1],
+            Some(fp8_round_trip),
+            &x,
+            &ids,
+            &wts,
+        ),
     );
     let without = rel_l2(
         &got,
-        &reference(&ly, &packed.deq[0], &packed.deq[1], false, &x, &ids, &wts),
+        &reference(&ly, &packed.deq[0], &packed.deq[1], None, &x, &ids, &wts),
     );
     println!("fp8_block: rel. error vs reference with activation quantization {with:.2e}, without {without:.2e}");
     assert!(
         with < 1e-4 && without > 100.0 * with,
         "with {with:.3e}, without {without:.3e}"
     );
+}
+
+#[test]
+fn fp8_mx_runs_mxfp4_experts_on_pre_dispatch_activations() {
+    // Plain, and latent (fc1's output quantized) with shared experts (not quantized).
+    let layers = [
+        Layer::new(4, 2, 256, 128, None, 0),
+        Layer::new(5, 3, 96, 160, Some(128), 64),
+    ];
+    for ly in &layers {
+        let (x, ids, wts) = inputs(ly, 16, 27);
+        let packed = Packed::new(FdmoeDtype::Mxfp4, ly, &ly.w13);
+        let mut cfg = ly.config(FdmoeDtype::Mxfp4);
+        cfg.act_quant = FdmoeActQuant::Fp8Mx;
+        for (how, src) in [
+            ("quantize-on-load", ly.dense_source()),
+            ("pre-quantized", ly.source(packed.experts())),
+        ] {
+            let mut moe = Moe::new(&cfg).unwrap();
+            moe.load_weights(&src).unwrap();
+            let got = forward(&mut moe, &x, &ids, &wts);
+            let (d13, d2) = (&packed.deq[0], &packed.deq[1]);
+            let with = rel_l2(
+                &got,
+                &reference(ly, d13, d2, Some(mx_round_trip), &x, &ids, &wts),
+            );
+            let without = rel_l2(&got, &reference(ly, d13, d2, None, &x, &ids, &wts));
+            println!(
+                "mxfp4 act_quant fp8_mx {how} (latent {}): rel. error vs reference {with:.2e}, without the activation rounding {without:.2e}",
+                ly.fc1.is_some()
+            );
+            assert!(
+                with < 1e-4 && without > 100.0 * with,
+                "{how}: with {with:.3e}, without {without:.3e}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -500,6 +571,13 @@ fn accuracy_of_each_format_against_the_dense_layer() {
         println!("  {format}: {err:.3e}");
         assert!(err < 0.5, "{format}: {err} is not an approximation at all");
     }
+    let mut cfg = ly.config(FdmoeDtype::Mxfp4);
+    cfg.act_quant = FdmoeActQuant::Fp8Mx;
+    let mut moe = Moe::new(&cfg).unwrap();
+    moe.load_weights(&ly.dense_source()).unwrap();
+    let err = rel_l2(&forward(&mut moe, &x, &ids, &wts), &dense64);
+    println!("  mxfp4 with act_quant fp8_mx: {err:.3e}");
+    assert!(err < 0.5, "fp8_mx: {err} is not an approximation at all");
 }
 
 fn load_err(cfg: &MoeConfig, src: &WeightSource) -> Error {

@@ -18,3 +18,27 @@ __device__ __forceinline__ u32 encode_e4m3(float x) {
     const u32 mantissa = (rounded >> 20) & 0x7u;
     return sign | (exponent << 3) | mantissa;
 }
+
+// ceil(log2(v)) of a positive normal f32, exactly from its bits.
+__device__ __forceinline__ int ceil_log2_normal(float v) {
+    const u32 bits = __float_as_uint(v);
+    const int floor = (int)((bits >> 23) & 0xFFu) - 127;
+    return floor + ((bits & 0x7FFFFFu) != 0u);
+}
+
+// The FP8 pre-dispatch rule (SPEC §5), bit for bit that of src/quant/pre_dispatch.rs, for one
+// 32-channel group held one channel a lane by a whole warp: the group amax = max |x| (NaN
+// skipped, as fmaxf does) is one warp reduction. Returns the lane's E4M3 code and sets
+// `exponent` to the scale's, ceil(log2(max(amax, 1e-4) / 448)); a group holding ±inf returns
+// code 0 with `inf_group` set (its scale is the UE8M0 NaN).
+__device__ __forceinline__ u32 pre_dispatch_code(float v, int& exponent, bool& inf_group) {
+    float amax = fabsf(v);
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    inf_group = isinf(amax);
+    if (inf_group) {
+        exponent = 0;
+        return 0;
+    }
+    exponent = ceil_log2_normal(fmaxf(amax, 1.0e-4f) / 448.0f);
+    return encode_e4m3(v * __uint_as_float((u32)(127 - exponent) << 23));
+}

@@ -54,7 +54,11 @@ __device__ __forceinline__ void ldmatrix_x2(u32* r, const void* smem) {
 // kernel's begin_dependent), since the weights do not depend on the previous kernel, whose
 // tail they then overlap; each tile's A copies (load_a) follow the wait. Tile t's commit group
 // is then A(t) plus, for t = 0, every early B: a wait for group t still covers tile t.
-template <int STAGES, bool WEIGHTS_FIRST = false, typename LoadA, typename LoadB, typename Wait, typename Compute>
+//
+// With ASYNC_PROXY (sm_90, for compute that reads the tiles through wgmma), each thread fences
+// its copies into the async proxy between its wait and the barrier.
+template <int STAGES, bool WEIGHTS_FIRST = false, bool ASYNC_PROXY = false, typename LoadA, typename LoadB,
+          typename Wait, typename Compute>
 __device__ __forceinline__ void cp_async_pipeline(int tiles, LoadA&& load_a, LoadB&& load_b, Wait&& wait,
                                                   Compute&& compute) {
     auto load = [&](int stage, int t) {
@@ -83,6 +87,7 @@ __device__ __forceinline__ void cp_async_pipeline(int tiles, LoadA&& load_a, Loa
     int fill = STAGES - 1, use = 0;
     for (int t = 0; t < tiles; ++t) {
         cp_async_wait<STAGES - 2>();
+        if constexpr (ASYNC_PROXY) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         const int next = t + STAGES - 1;
         if (next < tiles) load(fill, next);

@@ -66,6 +66,8 @@ pub mod feature {
     pub const FDMOE_FEATURE_CUDA_GRAPHS: u64 = 1 << 21;
     pub const FDMOE_FEATURE_EXPERT_PARALLEL: u64 = 1 << 22;
     pub const FDMOE_FEATURE_FP8_PRE_DISPATCH: u64 = 1 << 23;
+    /// `act_quant = FP8_MX` (MXFP4 experts on FP8 activations).
+    pub const FDMOE_FEATURE_ACT_QUANT_FP8_MX: u64 = 1 << 24;
 }
 
 /// The features `kind` implements in this build.
@@ -99,16 +101,19 @@ pub fn features(kind: FdmoeBackendKind) -> u64 {
                 | FDMOE_FEATURE_WEIGHT_NVFP4
                 // fdmoe_pre_dispatch_fp8 on host memory.
                 | FDMOE_FEATURE_FP8_PRE_DISPATCH
+                | FDMOE_FEATURE_ACT_QUANT_FP8_MX
         }
         #[cfg(feature = "cuda")]
         FdmoeBackendKind::Cuda => {
-            // FP8_BLOCK experts also need an sm_89+ device (UNSUPPORTED at create otherwise).
+            // FP8_BLOCK experts also need an sm_89+ device, act_quant FP8_MX an sm_90 one
+            // (UNSUPPORTED at create otherwise).
             common
                 | FDMOE_FEATURE_WEIGHT_FP8_BLOCK
                 | FDMOE_FEATURE_WEIGHT_MXFP4
                 | FDMOE_FEATURE_WEIGHT_NVFP4
                 | FDMOE_FEATURE_CUDA_GRAPHS
                 | FDMOE_FEATURE_FP8_PRE_DISPATCH
+                | FDMOE_FEATURE_ACT_QUANT_FP8_MX
         }
         #[cfg(not(feature = "cuda"))]
         FdmoeBackendKind::Cuda => {

@@ -59,6 +59,9 @@ pub struct FdmoeConfig {
     pub ep_size: u32,
     /// This backend's rank in [0, ep_size). Default 0.
     pub ep_rank: u32,
+    /// FdmoeActQuant: how the routed experts' GEMM inputs are rounded. Default NONE; FP8_MX
+    /// (MXFP4 weights only) runs both GEMMs in FP8 on activations in the pre-dispatch format.
+    pub act_quant: u32,
 }
 
 /// The weights of one layer. Initialise with `fdmoe_weights_init`.
@@ -303,7 +306,8 @@ unsafe impl Versioned for FdmoeQuantizedTensor {
 }
 
 unsafe impl Versioned for FdmoeConfig {
-    const FIRST_SIZE: usize = std::mem::size_of::<FdmoeConfig>();
+    /// The size of the first release: up to ep_rank, before act_quant.
+    const FIRST_SIZE: usize = std::mem::offset_of!(FdmoeConfig, act_quant);
     fn defaults() -> Self {
         let d = MoeConfig::default();
         FdmoeConfig {
@@ -329,6 +333,7 @@ unsafe impl Versioned for FdmoeConfig {
             num_threads: 0,
             ep_size: 1,
             ep_rank: 0,
+            act_quant: d.act_quant as u32,
         }
     }
 }
@@ -425,6 +430,7 @@ impl FdmoeConfig {
             num_threads: self.num_threads as usize,
             ep_size: self.ep_size as usize,
             ep_rank: self.ep_rank as usize,
+            act_quant: FdmoeActQuant::from_raw(self.act_quant, "config.act_quant")?,
         })
     }
 }

@@ -48,7 +48,9 @@ pub use fp8_act::{
 pub use fp8_block::{quantize_fp8_block, Fp8BlockMatrix};
 pub use mxfp4::{quantize_mxfp4, Mxfp4Matrix};
 pub use nvfp4::{quantize_nvfp4, quantize_nvfp4_with_global_scale, Nvfp4Matrix};
-pub use pre_dispatch::{pre_dispatch_fp8_into, PreDispatchFp8, PreDispatchOutput};
+pub use pre_dispatch::{
+    fake_pre_dispatch_row, pre_dispatch_fp8_into, PreDispatchFp8, PreDispatchOutput,
+};
 pub use ue8m0::{decode_ue8m0, encode_ue8m0};
 
 use crate::error::{ensure, Result};

@@ -72,6 +72,21 @@ fn quantize_group<X: SourceElement>(values: &[X], codes: &mut [u8]) -> u8 {
     scale_byte
 }
 
+/// Replaces one row by its pre-dispatch round trip in place: each group of 32 quantized by the
+/// rule above and decoded back (`decode_e4m3(code) * scale`, NaN for a group holding ±∞). What
+/// the routed-expert GEMMs of `act_quant = FP8_MX` compute with, as f32 (the CPU reference
+/// applies it to both GEMMs' inputs). A last group shorter than 32 is quantized on its own.
+pub fn fake_pre_dispatch_row(row: &mut [f32]) {
+    let mut codes = [0u8; PRE_DISPATCH_GROUP_SIZE];
+    for group in row.chunks_mut(PRE_DISPATCH_GROUP_SIZE) {
+        let codes = &mut codes[..group.len()];
+        let scale = decode_ue8m0(quantize_group(group, codes));
+        for (v, &code) in group.iter_mut().zip(codes.iter()) {
+            *v = decode_e4m3(code) * scale;
+        }
+    }
+}
+
 /// Quantizes one token row of H values into `data` (H bytes) and `scales` (H/128 int32).
 ///
 /// # Panics
@@ -343,6 +358,29 @@ impl PreDispatchFp8 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn fake_pre_dispatch_row_is_the_quantize_dequantize_round_trip() {
+        let row: Vec<f32> = (0..256)
+            .map(|i| ((i as f32 * 0.37).sin() * 3.0) * if i < 128 { 1.0 } else { 1e-3 })
+            .collect();
+        let mut data = vec![0u8; 256];
+        let mut scales = vec![0i32; 2];
+        pre_dispatch_row(&row, &mut data, &mut scales);
+        let mut expected = vec![0f32; 256];
+        dequantize_pre_dispatch_row(&data, &scales, &mut expected);
+        let mut got = row.clone();
+        fake_pre_dispatch_row(&mut got);
+        assert_eq!(got, expected);
+        assert!(
+            got.iter().zip(&row).any(|(a, b)| a != b),
+            "rounding happened"
+        );
+        let mut inf = vec![1.0f32; 32];
+        inf[3] = f32::INFINITY;
+        fake_pre_dispatch_row(&mut inf);
+        assert!(inf.iter().all(|v| v.is_nan()));
+    }
+
     use super::*;
     use crate::quant::fp8_block::e4m3_half_ulp;
     use crate::quant::testing::sample_matrix;

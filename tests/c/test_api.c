@@ -92,6 +92,7 @@ static void test_init_defaults(void) {
     CHECK(cfg.act_dtype == FDMOE_DTYPE_BF16 && cfg.weight_dtype == FDMOE_DTYPE_BF16, "bf16");
     CHECK(cfg.max_tokens == 4096 && cfg.num_threads == 0, "max_tokens 4096, threads 0");
     CHECK(cfg.ep_size == 1 && cfg.ep_rank == 0, "no expert parallel");
+    CHECK(cfg.act_quant == FDMOE_ACT_QUANT_NONE, "act_quant none");
 
     FdmoeWeights w;
     memset(&w, 0xab, sizeof w);

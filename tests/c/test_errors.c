@@ -71,7 +71,7 @@ static void test_config_errors(void) {
     base_config(&cfg);
     cfg.struct_size = 0;
     EXPECT_CREATE_FAILS(&cfg, FDMOE_STATUS_INVALID_ARGUMENT, "struct_size");
-    cfg.struct_size = (uint32_t)sizeof cfg - 4;
+    cfg.struct_size = (uint32_t)offsetof(FdmoeConfig, act_quant) - 4; /* below the 0.1 size */
     EXPECT_CREATE_FAILS(&cfg, FDMOE_STATUS_INVALID_ARGUMENT, "config->struct_size");
     FutureConfig future;
     memset(&future, 0, sizeof future);
@@ -176,6 +176,27 @@ static void test_config_errors(void) {
     base_config(&cfg);
     cfg.act_dtype = FDMOE_DTYPE_FP8_BLOCK;
     EXPECT_CREATE_FAILS(&cfg, FDMOE_STATUS_INVALID_ARGUMENT, "act_dtype");
+
+    /* act_quant: a known value, and FP8_MX only with MXFP4 experts. */
+    base_config(&cfg);
+    cfg.act_quant = 9;
+    EXPECT_CREATE_FAILS(&cfg, FDMOE_STATUS_INVALID_ARGUMENT, "config.act_quant = 9");
+    base_config(&cfg);
+    cfg.act_quant = FDMOE_ACT_QUANT_FP8_MX;
+    EXPECT_CREATE_FAILS(&cfg, FDMOE_STATUS_UNSUPPORTED, "act_quant = fp8_mx needs config.weight_dtype = mxfp4");
+    /* A caller built against 0.1 (no act_quant field) gets its default, whatever follows. */
+    {
+        struct {
+            FdmoeConfig cfg;
+            uint32_t tail;
+        } old;
+        base_config(&old.cfg);
+        old.cfg.struct_size = (uint32_t)offsetof(FdmoeConfig, act_quant);
+        old.cfg.act_quant = FDMOE_ACT_QUANT_FP8_MX; /* past the caller's struct: ignored */
+        FdmoeBackend *h = NULL;
+        CHECK_OK(fdmoe_create_backend(&old.cfg, &h));
+        fdmoe_destroy_backend(h);
+    }
 
     /* Expert parallel, device ordinals and the cuda backend. */
     base_config(&cfg);

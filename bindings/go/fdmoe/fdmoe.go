@@ -116,6 +116,7 @@ type (
 	GateLayout  uint32
 	Ownership   uint32
 	Memory      uint32
+	ActQuant    uint32
 )
 
 const (
@@ -153,6 +154,9 @@ const (
 
 	MemoryHost   Memory = C.FDMOE_MEMORY_HOST
 	MemoryDevice Memory = C.FDMOE_MEMORY_DEVICE
+
+	ActQuantNone  ActQuant = C.FDMOE_ACT_QUANT_NONE
+	ActQuantFP8MX ActQuant = C.FDMOE_ACT_QUANT_FP8_MX
 )
 
 // Feature bits of QueryFeatures (FDMOE_FEATURE_* in fdmoe.h).
@@ -166,7 +170,7 @@ const (
 	FeatureCudaGraphs     uint64 = C.FDMOE_FEATURE_CUDA_GRAPHS
 )
 
-// Version is the loaded library's version ("0.1.0").
+// Version is the loaded library's version ("0.2.0").
 func Version() string { return C.GoString(C.fdmoe_version_string()) }
 
 // RequireCompatibleLibrary fails unless the loaded library implements the ABI of the header
@@ -204,6 +208,7 @@ type Config struct {
 	NumThreads             uint32
 	EpSize                 uint32
 	EpRank                 uint32
+	ActQuant               ActQuant
 }
 
 // DefaultConfig is the library's defaults (fdmoe_config_init).
@@ -223,7 +228,7 @@ func DefaultConfig() Config {
 		Renormalize: c.renormalize != 0, RoutedScalingFactor: float32(c.routed_scaling_factor),
 		Activation: Activation(c.activation), ActDtype: Dtype(c.act_dtype), WeightDtype: Dtype(c.weight_dtype),
 		MaxTokens: uint32(c.max_tokens), NumThreads: uint32(c.num_threads), EpSize: uint32(c.ep_size),
-		EpRank: uint32(c.ep_rank),
+		EpRank: uint32(c.ep_rank), ActQuant: ActQuant(c.act_quant),
 	}
 }
 
@@ -253,6 +258,7 @@ func (g *Config) c() C.FdmoeConfig {
 	c.num_threads = C.uint32_t(g.NumThreads)
 	c.ep_size = C.uint32_t(g.EpSize)
 	c.ep_rank = C.uint32_t(g.EpRank)
+	c.act_quant = C.uint32_t(g.ActQuant)
 	return c
 }
 

@@ -226,6 +226,13 @@ func TestErrorsNameTheArgument(t *testing.T) {
 	expectError(t, err, StatusInvalidArgument, "num_experts", "zero experts")
 	_, err = QueryMemory(bad)
 	expectError(t, err, StatusInvalidArgument, "num_experts", "QueryMemory validates as create does")
+	if DefaultConfig().ActQuant != ActQuantNone {
+		t.Fatal("act_quant defaults to NONE")
+	}
+	fp8mx := smallConfig()
+	fp8mx.ActQuant = ActQuantFP8MX
+	_, err = NewLayer(fp8mx)
+	expectError(t, err, StatusUnsupported, "act_quant", "FP8_MX activations need MXFP4 experts")
 
 	l, err := NewLayer(smallConfig())
 	if err != nil {

@@ -29,7 +29,7 @@ from ._errors import (
 from ._lib import FEATURES
 from .layer import FeatureSet, MoELayer, abi_version, memory_requirements, query_features, version
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "MoELayer",

@@ -24,7 +24,7 @@ from ._errors import LibraryLoadError, error_for_status
 
 # The header this binding mirrors: FDMOE_VERSION_MAJOR / FDMOE_VERSION_MINOR.
 BINDING_ABI_MAJOR = 0
-BINDING_ABI_MINOR = 1
+BINDING_ABI_MINOR = 2
 
 # ---------------------------------------------------------------------------------------------
 # Enum numbers (ABI: explicit, never reused). Keys are the lower-case names the Python API takes.
@@ -47,6 +47,7 @@ ROUTING = {"softmax_topk": 0, "sigmoid_topk": 1, "grouped_topk": 2, "given": 3}
 SCORING = {"sigmoid": 0, "softmax": 1}
 ACTIVATION = {"swiglu": 0, "gelu_tanh_and_mul": 1, "swigluoai": 2}
 DTYPE = {"float32": 0, "bfloat16": 1, "float16": 2, "fp8_block": 3, "mxfp4": 4, "nvfp4": 5}
+ACT_QUANT = {"none": 0, "fp8_mx": 1}
 LAYOUT = {"torch": 0, "paddle": 1, "per_expert": 2}
 GATE_LAYOUT = {"experts_by_hidden": 0, "hidden_by_experts": 1}
 OWNERSHIP = {"own": 0, "borrow": 1}
@@ -78,6 +79,7 @@ FEATURES = {
     "cuda_graphs": 1 << 21,
     "expert_parallel": 1 << 22,
     "fp8_pre_dispatch": 1 << 23,
+    "act_quant_fp8_mx": 1 << 24,
 }
 
 FORWARD_FORCE_EAGER = 1
@@ -110,6 +112,8 @@ class FdmoeConfig(ctypes.Structure):
         ("num_threads", c_uint32),
         ("ep_size", c_uint32),
         ("ep_rank", c_uint32),
+        # Appended in 0.2.0.
+        ("act_quant", c_uint32),
     ]
 
 

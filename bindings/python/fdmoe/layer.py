@@ -108,6 +108,7 @@ def _make_config(
     max_tokens=4096,
     device="cpu",
     num_threads=0,
+    act_quant="none",
 ) -> Tuple[_lib.FdmoeConfig, dict]:
     """The C config of MoELayer's arguments, and the resolved settings the layer keeps."""
     kind, ordinal = _parse_device(device)
@@ -139,6 +140,7 @@ def _make_config(
         act_dtype=_lib.DTYPE[_dtype_name("act_dtype", act_dtype)],
         max_tokens=_u32("max_tokens", max_tokens),
         num_threads=_u32("num_threads", num_threads),
+        act_quant=_option("act_quant", act_quant, _lib.ACT_QUANT),
     )
     # weight_dtype may name a quantized format the library knows; it answers UNSUPPORTED where
     # a backend lacks it.
@@ -173,7 +175,7 @@ def abi_version() -> int:
 
 
 def version() -> str:
-    """Version string of the loaded library ("0.1.0")."""
+    """Version string of the loaded library ("0.2.0")."""
     return _lib.load().fdmoe_version_string().decode("ascii")
 
 
@@ -275,6 +277,7 @@ class MoELayer:
         device="cpu",
         *,
         num_threads: int = 0,
+        act_quant: str = "none",
     ):
         self._handle: Optional[_lib.BackendPtr] = None
         # Device tensors a BORROW load points the library at, kept alive until close() or
@@ -289,7 +292,7 @@ class MoELayer:
             num_shared_experts=num_shared_experts,
             shared_intermediate_size=shared_intermediate_size, act_dtype=act_dtype,
             weight_dtype=weight_dtype, max_tokens=max_tokens, device=device,
-            num_threads=num_threads,
+            num_threads=num_threads, act_quant=act_quant,
         )
         self._cfg = cfg
         self.num_experts = settings["num_experts"]
@@ -306,6 +309,7 @@ class MoELayer:
         self.device = "cpu" if self._kind == "cpu" else f"cuda:{self._ordinal}"
         self.act_dtype = numpy_dtype(_dtype_name("act_dtype", act_dtype))
         self.weight_dtype_name = _DTYPE_NAMES[settings["weight_dtype"]]
+        self.act_quant = str(act_quant).lower()
 
         handle = _lib.BackendPtr()
         _lib.check(_lib.load().fdmoe_create_backend(ctypes.byref(cfg), ctypes.byref(handle)))

@@ -114,6 +114,7 @@ def test_enum_numbers_match_the_header():
         "GATE_LAYOUT": {k.upper(): v for k, v in _lib.GATE_LAYOUT.items()},
         "OWNERSHIP": {k.upper(): v for k, v in _lib.OWNERSHIP.items()},
         "MEMORY": {k.upper(): v for k, v in _lib.MEMORY.items()},
+        "ACT_QUANT": {k.upper(): v for k, v in _lib.ACT_QUANT.items()},
     }
     for enum_body in re.findall(r"enum Fdmoe\w+\s*(?:#if.*?#endif[^\n]*)?\s*\{(.*?)\};", text, re.S):
         values = dict(re.findall(r"FDMOE_([A-Z0-9_]+) = (\d+)", enum_body))

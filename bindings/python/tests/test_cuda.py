@@ -112,6 +112,7 @@ class GpuCase:
     source: str = "gate"  # "gate", "logits" (router_logits given) or "given" (routing="given")
     max_tokens: Optional[int] = None
     weight_dtype: Optional[str] = None  # a quantized format; None: dtype
+    act_quant: str = "none"
     seed: int = 0
 
     def layer(self, device: str) -> fdmoe.MoELayer:
@@ -123,7 +124,7 @@ class GpuCase:
             latent_size=self.latent_size, num_shared_experts=self.num_shared_experts,
             shared_intermediate_size=self.shared_intermediate_size,
             act_dtype=self.dtype, weight_dtype=self.weight_dtype or self.dtype,
-            max_tokens=self.max_tokens or self.tokens, device=device,
+            max_tokens=self.max_tokens or self.tokens, device=device, act_quant=self.act_quant,
         )
 
     def inputs(self) -> dict:
@@ -298,24 +299,30 @@ def test_layouts(layout, dtype):
 
 
 QUANTIZED = dict(hidden_size=256, intermediate_size=128, tokens=33)
+# The quantized modes: each format, and MXFP4 experts on FP8 activations (act_quant="fp8_mx").
+MODES = {"fp8_block": {}, "mxfp4": {}, "nvfp4": {}, "mxfp4_fp8_mx": dict(act_quant="fp8_mx")}
 
 
-@pytest.mark.parametrize("fmt", ["fp8_block", "mxfp4", "nvfp4"])
+def _mode(name):
+    return dict(weight_dtype=name.replace("_fp8_mx", ""), **MODES[name])
+
+
+@pytest.mark.parametrize("fmt", list(MODES))
 @pytest.mark.parametrize("name", ["softmax", "grouped_bias", "given"])
 def test_quantized_experts_match_cpu(fmt, name):
     # Quantize-on-load of the same host arrays on both backends.
-    case = GpuCase(weight_dtype=fmt, seed=_seed("q", fmt, name), **QUANTIZED, **ROUTINGS[name])
+    case = GpuCase(seed=_seed("q", fmt, name), **_mode(fmt), **QUANTIZED, **ROUTINGS[name])
     run_case(case, weights_kind="numpy", expect_borrowed=False)
     run_case(replace(case, latent_size=128, num_shared_experts=1, tokens=1),
              weights_kind="numpy", expect_borrowed=False)
 
 
-@pytest.mark.parametrize("fmt", ["fp8_block", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", list(MODES))
 def test_pre_quantized_experts_match_cpu(fmt):
-    case = GpuCase(weight_dtype=fmt, seed=_seed("pq", fmt), **QUANTIZED)
+    case = GpuCase(seed=_seed("pq", fmt), **_mode(fmt), **QUANTIZED)
     d = case.inputs()
-    q13 = fdmoe.quantize(d["w13"], fmt)
-    q2 = fdmoe.quantize(d["w2"], fmt)
+    q13 = fdmoe.quantize(d["w13"], case.weight_dtype)
+    q2 = fdmoe.quantize(d["w2"], case.weight_dtype)
     with case.layer("cpu") as cpu, case.layer(DEV) as gpu:
         for layer in (cpu, gpu):
             layer.load_quantized_weights(q13, q2, gate=d["gate"])
@@ -539,7 +546,7 @@ def test_library_graphs_replay_bitwise_like_eager(name):
         assert np.array_equal(out_np.view(np.uint16), N(out_t).view(np.uint16))
 
 
-@pytest.mark.parametrize("fmt", [None, "fp8_block", "mxfp4", "nvfp4"])
+@pytest.mark.parametrize("fmt", [None] + list(MODES))
 def test_default_buckets_replay_bitwise_like_eager_at_prefill(fmt):
     # capture_graphs() with no list: SPEC §6's default buckets up to max_tokens = 2048. H = 1280
     # is two full 512-wide gate rounds and a partial one, E = 72 leaves the last expert tile
@@ -547,7 +554,7 @@ def test_default_buckets_replay_bitwise_like_eager_at_prefill(fmt):
     # gate split by rounds, 1100 replayed in the 2048 bucket) all run; each replay, with its
     # routing record, is bitwise the eager forward, and T = 300's output matches the cpu backend.
     case = GpuCase(num_experts=72, top_k=4, hidden_size=1280, intermediate_size=128, tokens=300,
-                   max_tokens=2048, num_shared_experts=1, weight_dtype=fmt,
+                   max_tokens=2048, num_shared_experts=1, **(_mode(fmt) if fmt else {}),
                    seed=_seed("default-buckets", fmt))
     d0 = case.inputs()
     with case.layer(DEV) as gpu:

@@ -222,6 +222,52 @@ def test_layer_quantize_on_load_equals_pre_quantized_and_the_reference(fmt, caps
               f"vs the reference on its own weights {err:.1e}")
 
 
+def mx_round_trip(a):
+    """act_quant="fp8_mx": SPEC §5's pre-dispatch rule (E4M3 per 32 channels, power-of-two
+    scales), back to float32; written here with numpy and ml_dtypes."""
+    a = np.asarray(a, np.float32)
+    g = a.reshape(a.shape[:-1] + (a.shape[-1] // 32, 32))
+    amax = np.maximum(np.abs(g).max(axis=-1, keepdims=True), np.float32(1e-4))
+    m, e = np.frexp(amax / np.float32(448.0))
+    scale = np.ldexp(np.float32(1.0), np.where(m == 0.5, e - 1, e)).astype(np.float32)
+    q = e4m3_codes(g / scale).view(E4M3).astype(np.float32)
+    return (q * scale).reshape(a.shape)
+
+
+def test_mxfp4_with_fp8_mx_activations_matches_the_reference(capsys):
+    w13, w2 = experts(seed=3)
+    x, ids, wts = routing(seed=4)
+    with layer("mxfp4", act_quant="fp8_mx") as lay, layer("mxfp4") as w4a16:
+        assert lay.act_quant == "fp8_mx"
+        lay.load_weights(w13, w2)
+        w4a16.load_weights(w13, w2)
+        out = lay.forward(x, topk_ids=ids, topk_weights=wts)
+        out16 = w4a16.forward(x, topk_ids=ids, topk_weights=wts)
+    d13 = fdmoe.dequantize(fdmoe.quantize(w13, "mxfp4")).astype(np.float64)
+    d2 = fdmoe.dequantize(fdmoe.quantize(w2, "mxfp4")).astype(np.float64)
+    u = mx_round_trip(x).astype(np.float64)
+    h = np.einsum("tkol,tl->tko", d13[ids], u)
+    a = reference.activate("swiglu", h[..., :I], h[..., I:])
+    a = mx_round_trip(a.astype(np.float32)).astype(np.float64)
+    want = np.einsum("tk,tkl->tl", wts.astype(np.float64), np.einsum("tkli,tki->tkl", d2[ids], a))
+    err = reference.rel_l2(out, want)
+    assert err <= 1e-5, f"{err:.3e}"
+    # The activation rounding is real: W4A16 on the same weights is ~1e-2 away.
+    assert reference.rel_l2(out, out16) > 100 * err
+    with capsys.disabled():
+        print(f"\n[accuracy] mxfp4 act_quant=fp8_mx: vs the reference {err:.1e}, "
+              f"vs W4A16 {reference.rel_l2(out, out16):.2e}")
+
+
+def test_act_quant_errors():
+    with pytest.raises(fdmoe.InvalidArgumentError, match="act_quant"):
+        layer("mxfp4", act_quant="int8")
+    for fmt in ("float32", "fp8_block", "nvfp4"):
+        with pytest.raises(fdmoe.UnsupportedError, match=f"act_quant = fp8_mx needs config.weight_dtype = mxfp4 \\(it is {fmt}\\)"):
+            layer(fmt, act_quant="fp8_mx")
+    assert "act_quant_fp8_mx" in fdmoe.query_features("cpu")
+
+
 def test_pre_quantized_parts_interleaved_latent_and_shared():
     # MXFP4 as gpt-oss stores it: gate and up rows interleaved; a latent layer with shared
     # experts (dense, float32) and a gate.

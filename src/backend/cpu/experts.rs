@@ -108,7 +108,7 @@ pub struct ExpertStage<'a> {
     pub intermediate: usize,
     pub threads: usize,
     /// Applied to each activation row ([intermediate] values) before the down GEMM: the FP8
-    /// round trip of FP8_BLOCK's per-token activation quantization; `None` otherwise.
+    /// round trip of FP8_BLOCK's or FP8_MX's activation quantization; `None` otherwise.
     pub row_transform: Option<fn(&mut [f32])>,
 }
 

@@ -21,11 +21,11 @@ use self::experts::{combine, ExpertSort, ExpertStage, ExpertTask, TaskScratch, R
 use self::weights::CpuWeights;
 use super::{Backend, MemoryRequirements};
 use crate::activation::apply_gated;
-use crate::config::{FdmoeBackendKind, FdmoeDtype, MoeConfig};
+use crate::config::{FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, MoeConfig};
 use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, FdmoeStatus, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
-use crate::quant::fake_quantize_fp8_activation_row;
+use crate::quant::{fake_pre_dispatch_row, fake_quantize_fp8_activation_row};
 use crate::routing::RoutingParams;
 use crate::weights::WeightSource;
 
@@ -58,6 +58,18 @@ struct Workspace {
     shared_up: Vec<f32>,
 }
 
+/// The rounding the routed-expert GEMMs apply to each input row (SPEC §5's FP8_BLOCK
+/// activations, or `act_quant = FP8_MX`'s pre-dispatch format), as an in-place f32 round trip.
+fn activation_round_trip(cfg: &MoeConfig) -> Option<fn(&mut [f32])> {
+    if cfg.weight_dtype == FdmoeDtype::Fp8Block {
+        Some(fake_quantize_fp8_activation_row)
+    } else if cfg.act_quant == FdmoeActQuant::Fp8Mx {
+        Some(fake_pre_dispatch_row)
+    } else {
+        None
+    }
+}
+
 impl Workspace {
     fn sizes(cfg: &MoeConfig) -> [(usize, usize); 11] {
         let (t, e, h, k, l) = (
@@ -70,7 +82,7 @@ impl Workspace {
         let latent = cfg.latent_size.is_some() as usize;
         let s = cfg.shared_intermediate_size.unwrap_or(0);
         let x = (cfg.act_dtype != FdmoeDtype::F32) as usize;
-        let fp8 = (cfg.weight_dtype == FdmoeDtype::Fp8Block) as usize;
+        let fp8 = activation_round_trip(cfg).is_some() as usize;
         // (elements, bytes per element)
         [
             (x * t * h, 4),
@@ -337,14 +349,15 @@ impl CpuBackend {
             }
             None => x,
         };
-        let inputs: &[f32] = if cfg.weight_dtype == FdmoeDtype::Fp8Block {
-            let q = &mut ws.fp8_inputs[..t * l];
-            q.copy_from_slice(inputs);
-            q.par_chunks_mut(l)
-                .for_each(fake_quantize_fp8_activation_row);
-            q
-        } else {
-            inputs
+        let round_trip = activation_round_trip(&cfg);
+        let inputs: &[f32] = match round_trip {
+            Some(transform) => {
+                let q = &mut ws.fp8_inputs[..t * l];
+                q.copy_from_slice(inputs);
+                q.par_chunks_mut(l).for_each(transform);
+                q
+            }
+            None => inputs,
         };
         ws.sort.sort(&ws.topk_ids[..t * k]);
         let stage = ExpertStage {
@@ -354,8 +367,7 @@ impl CpuBackend {
             expert_hidden: l,
             intermediate: i,
             threads,
-            row_transform: (cfg.weight_dtype == FdmoeDtype::Fp8Block)
-                .then_some(fake_quantize_fp8_activation_row as fn(&mut [f32])),
+            row_transform: round_trip,
         };
         stage.plan(&ws.sort, &mut ws.tasks);
         stage.run(

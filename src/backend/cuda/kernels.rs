@@ -271,6 +271,26 @@ pub struct Kernels {
     weight_format: FdmoeDtype,
 }
 
+/// How a quantized-expert GEMM's activations are quantized before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationQuant {
+    /// FP8_BLOCK: E4M3, one f32 scale per 128 channels (`quantize_fp8_rows`).
+    Fp8Block,
+    /// `act_quant = FP8_MX`: E4M3 by the pre-dispatch rule, one scale per 32 channels
+    /// (`quantize_mx_fp8_rows`).
+    Fp8Mx,
+}
+
+impl ActivationQuant {
+    /// f32 scales per row of `cols` channels in the quantized buffers.
+    pub fn scales_per_row(self, cols: usize) -> usize {
+        match self {
+            ActivationQuant::Fp8Block => cols.div_ceil(128),
+            ActivationQuant::Fp8Mx => cols.div_ceil(128) * 4,
+        }
+    }
+}
+
 impl Kernels {
     pub fn load(
         arch: &str,
@@ -278,6 +298,7 @@ impl Kernels {
         activation: FdmoeActivation,
         num_experts: usize,
         weight_format: FdmoeDtype,
+        activation_quant: Option<ActivationQuant>,
         dependent_launch: bool,
     ) -> Result<Self> {
         let load = |file| -> Result<Module> {
@@ -332,7 +353,8 @@ impl Kernels {
         let mut quantize_fp8 = None;
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
-            for &tile in QuantTile::all(weight_format) {
+            let w4a8 = activation_quant == Some(ActivationQuant::Fp8Mx);
+            for &tile in QuantTile::all(weight_format, w4a8) {
                 for kind in [GemmKind::UpGated, GemmKind::DownScaled] {
                     let name = qgemm_name(weight_format, tile, kind, activation);
                     qgemms.push((
@@ -341,9 +363,11 @@ impl Kernels {
                     ));
                 }
             }
-            if weight_format == FdmoeDtype::Fp8Block {
-                quantize_fp8 = Some(quant.function("quantize_fp8_rows", 0)?);
-            }
+            quantize_fp8 = match activation_quant {
+                Some(ActivationQuant::Fp8Block) => Some(quant.function("quantize_fp8_rows", 0)?),
+                Some(ActivationQuant::Fp8Mx) => Some(quant.function("quantize_mx_fp8_rows", 0)?),
+                None => None,
+            };
             modules.push(quant);
         }
         Ok(Kernels {
@@ -420,8 +444,14 @@ impl Kernels {
         launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 
-    /// FP8_BLOCK activations: rows `T * rows_per_token` of `input` ([rows, cols] elements, or
-    /// f32 with `input_f32`) to E4M3 `out` and f32 `scales` [rows, cols / 128].
+    /// Whether the quantized GEMMs are W4A8 (`act_quant = FP8_MX`).
+    pub fn w4a8(&self) -> bool {
+        self.qgemms.iter().any(|((t, _), _)| t.is_w4a8())
+    }
+
+    /// Quantized activations (the loaded `ActivationQuant`): rows `T * rows_per_token` of
+    /// `input` ([rows, cols] elements, or f32 with `input_f32`) to E4M3 `out` and f32 `scales`
+    /// [rows, `scales_per_row(cols)`].
     ///
     /// # Safety
     /// Pointers cover `max_rows` rows.
@@ -443,10 +473,12 @@ impl Kernels {
         let kernel = self
             .quantize_fp8
             .as_ref()
-            .expect("loaded with FP8_BLOCK weights");
+            .expect("loaded with quantized activations");
+        // FP8_BLOCK: a warp per 128 channels, 4 a block; FP8_MX: a warp per 32 (and per padding
+        // scale of the last 128).
         let grid = (
             (num_tokens * rows_per_token) as u32,
-            (cols / 128).div_ceil(4) as u32,
+            cols.div_ceil(128).div_ceil(if self.w4a8() { 1 } else { 4 }) as u32,
             1,
         );
         let (mut i, mut o, mut s, mut nd, mut ab) =

@@ -24,17 +24,30 @@ use self::driver::{
 };
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    gate_logits_floats, gate_slices, sort_starts_ints, FusedRouting, GemmParams, GivenSlots,
-    Kernels, RouteParams, SortBuffers, SortParams, ARG_OUT, ARG_X, ROUTING_COUNTERS,
+    gate_logits_floats, gate_slices, sort_starts_ints, ActivationQuant, FusedRouting, GemmParams,
+    GivenSlots, Kernels, RouteParams, SortBuffers, SortParams, ARG_OUT, ARG_X, ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
 use self::tiles::{GemmKind, QuantTile, Tile};
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
 use super::{Backend, MemoryRequirements};
-use crate::config::{FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig};
+use crate::config::{
+    FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig,
+};
 use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
 use crate::weights::WeightSource;
+
+/// How the quantized-expert GEMMs' activations are quantized, if they are.
+fn activation_quant(cfg: &MoeConfig) -> Option<ActivationQuant> {
+    if cfg.weight_dtype == FdmoeDtype::Fp8Block {
+        Some(ActivationQuant::Fp8Block)
+    } else if cfg.act_quant == FdmoeActQuant::Fp8Mx {
+        Some(ActivationQuant::Fp8Mx)
+    } else {
+        None
+    }
+}
 
 /// Checks the parts of a config the kernels cannot take; each answer names the feature.
 pub fn check_config(cfg: &MoeConfig) -> Result<()> {
@@ -150,8 +163,16 @@ impl Workspace {
         let el = cfg.act_dtype.dense_size().unwrap_or(2);
         let latent = cfg.latent_size.is_some() as usize;
         let s = cfg.shared_intermediate_size.unwrap_or(0);
-        let max_tiles = slots.div_ceil(Tile::Small.block_m()) + e.min(slots) + 1;
-        let fp8 = (cfg.weight_dtype == FdmoeDtype::Fp8Block) as usize;
+        // The tile table of the smallest row tile (W4A8's 8 tokens, else 16).
+        let min_block_m = if cfg.act_quant == FdmoeActQuant::Fp8Mx {
+            QuantTile::W4a8T8.block_m()
+        } else {
+            Tile::Small.block_m()
+        };
+        let max_tiles = slots.div_ceil(min_block_m) + e.min(slots) + 1;
+        let quant = activation_quant(cfg);
+        let fp8 = quant.is_some() as usize;
+        let scales = |cols: usize| quant.map_or(0, |q| q.scales_per_row(cols)) * 4;
         [
             (gate_logits_floats(t, h, e) * 4, "router logits"),
             (slots * 4, "top-k ids"),
@@ -162,8 +183,9 @@ impl Workspace {
             (max_tiles * 4, "tile experts"),
             (max_tiles * 4, "tile rows"),
             (4, "tile count"),
-            // FP8_BLOCK keeps fc1's output and the expert activations in f32 until they are
-            // quantized (one rounding, as in the CPU reference).
+            // Quantized activations (FP8_BLOCK, FP8_MX) keep fc1's output and the expert
+            // activations in f32 until they are quantized (one rounding, as in the CPU
+            // reference).
             (latent * t * l * el.max(4 * fp8), "fc1 output"),
             (latent * t * l * el, "combined latent output"),
             (slots * i * el.max(4 * fp8), "expert activations"),
@@ -171,12 +193,9 @@ impl Workspace {
             (t * s * el, "shared-expert activations"),
             (if s > 0 { t * h * 4 } else { 0 }, "shared-expert output"),
             (fp8 * t * l, "FP8 expert inputs"),
-            (fp8 * t * l.div_ceil(128) * 4, "FP8 expert input scales"),
+            (t * scales(l), "FP8 expert input scales"),
             (fp8 * slots * i, "FP8 expert activations"),
-            (
-                fp8 * slots * i.div_ceil(128) * 4,
-                "FP8 expert activation scales",
-            ),
+            (slots * scales(i), "FP8 expert activation scales"),
             (ROUTING_COUNTERS * 4, "routing counters"),
             (sort_starts_ints(slots, e) * 4, "sort block starts"),
         ]
@@ -274,6 +293,14 @@ impl CudaBackend {
                 "cuda",
             ));
         }
+        if cfg.act_quant == FdmoeActQuant::Fp8Mx && (major, minor) != (9, 0) {
+            return Err(Error::unsupported(
+                format!(
+                    "act_quant fp8_mx on compute capability {major}.{minor} (its W4A8 GEMMs are FP8 wgmma, sm_90a)"
+                ),
+                "cuda",
+            ));
+        }
         let arch = if (major, minor) == (9, 0) {
             "sm_90a".to_string()
         } else {
@@ -290,6 +317,7 @@ impl CudaBackend {
             cfg.activation,
             cfg.num_experts,
             cfg.weight_dtype,
+            activation_quant(cfg),
             dependent_launch(major),
         )?;
         let ws = Workspace::new(cfg)?;
@@ -380,7 +408,12 @@ impl CudaBackend {
         let rows_per_expert = slots.div_ceil(e.min(slots));
         let (tile, qtile) = (
             Tile::for_experts(rows_per_expert, l, k.hopper),
-            QuantTile::choose(self.config().weight_dtype, rows_per_expert, slots),
+            QuantTile::choose(
+                self.config().weight_dtype,
+                self.config().act_quant == FdmoeActQuant::Fp8Mx,
+                rows_per_expert,
+                slots,
+            ),
         );
         let block_m = match w.experts {
             DeviceExperts::Dense { .. } => tile.block_m(),
@@ -504,7 +537,7 @@ impl CudaBackend {
             }
         };
         let tiles_dense = t.div_ceil(dense_tile.block_m());
-        let fp8 = cfg.weight_dtype == FdmoeDtype::Fp8Block;
+        let fp8 = activation_quant(cfg).is_some();
         let inputs = match &w.fc1 {
             Some(fc1) => {
                 let p = dense(x, h, fc1.ptr(), h, l, ws.latent_in.ptr);

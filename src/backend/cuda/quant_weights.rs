@@ -19,7 +19,7 @@
 use rayon::prelude::*;
 
 use super::driver::{DeviceBuffer, DevicePtr};
-use crate::config::{FdmoeDtype, MoeConfig};
+use crate::config::{FdmoeActQuant, FdmoeDtype, MoeConfig};
 use crate::error::Result;
 use crate::quant::experts::{for_each_quantized_expert, ExpertMatrix, QuantizedMatrix};
 use crate::weights::WeightSource;
@@ -49,8 +49,21 @@ pub struct QuantizedExperts {
     pub w2: QuantizedPart,
 }
 
+/// Rows and columns of one W4A8 tile ([`tile_w4a8`]).
+pub const W4A8_TILE_ROWS: usize = 64;
+pub const W4A8_TILE_COLS: usize = 128;
+
 /// Bytes of one expert's repacked (data, scales) for a `[rows, cols]` matrix.
-pub fn packed_sizes(format: FdmoeDtype, rows: usize, cols: usize) -> (usize, usize) {
+pub fn packed_sizes(
+    format: FdmoeDtype,
+    layout: Fp4Layout,
+    rows: usize,
+    cols: usize,
+) -> (usize, usize) {
+    if layout == Fp4Layout::W4A8 {
+        let tiles = rows.div_ceil(W4A8_TILE_ROWS) * cols.div_ceil(W4A8_TILE_COLS);
+        return (tiles * 8 * 2 * 256, tiles * 8 * 2 * 16);
+    }
     match format {
         FdmoeDtype::Fp8Block => (
             rows * cols,
@@ -88,7 +101,7 @@ pub fn device_bytes(cfg: &MoeConfig) -> usize {
     let mut n = 0;
     for which in [ExpertMatrix::W13, ExpertMatrix::W2] {
         let (rows, cols) = which.shape(cfg);
-        let (d, s) = packed_sizes(cfg.weight_dtype, rows, cols);
+        let (d, s) = packed_sizes(cfg.weight_dtype, Fp4Layout::of(cfg), rows, cols);
         n += e * (d + s);
         if cfg.weight_dtype == FdmoeDtype::Nvfp4 {
             n += e * 4;
@@ -126,6 +139,115 @@ pub fn fp4_code_bits(e: usize, h: usize) -> (u32, u32) {
     )
 }
 
+/// Which kernel a packed FP4 block is laid out for: its blocks, scales and lanes are the same,
+/// the place of each lane's codes within its 8 bytes differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp4Layout {
+    /// m16n8k16 bf16 B fragments ([`fp4_fragment_k`], [`fp4_code_bits`]).
+    W4A16,
+    /// `act_quant = FP8_MX`: wgmma E4M3 A fragments ([`w4a8_code_slot`]), the blocks of each
+    /// kernel tile's k-tile contiguous ([`tile_w4a8`]).
+    W4A8,
+}
+
+impl Fp4Layout {
+    pub fn of(cfg: &MoeConfig) -> Self {
+        if cfg.act_quant == FdmoeActQuant::Fp8Mx {
+            Fp4Layout::W4A8
+        } else {
+            Fp4Layout::W4A16
+        }
+    }
+}
+
+/// Reorders W4A8 blocks (`[N/8][KB][256]` data, `[N/8][KB][16]` scales, as [`pack_fp4`] makes
+/// them) so that what one block of `grouped_gemm_w4a8` reads per k-tile is one contiguous run:
+/// `[N/64 tiles][K/128 k-tiles][8 row blocks][2 column blocks][256]`, scales likewise with 16
+/// bytes. A tile's row block `2m` / `2m + 1` is row block `4j + m` of the gate / up half for a
+/// gated W13 (tile `j` computes activation columns `32j..32j + 32`), else row block `8j + n`.
+/// Blocks past the matrix (its last tile's rows, a last half k-tile) are zero, scales included.
+fn tile_w4a8(
+    data: &[u8],
+    scales: &[u8],
+    rows: usize,
+    cols: usize,
+    gated: bool,
+) -> (Vec<u8>, Vec<u8>) {
+    let (row_blocks, kb) = (rows / 8, cols.div_ceil(FP4_BLOCK_COLS));
+    let (tiles, k_tiles) = (rows.div_ceil(W4A8_TILE_ROWS), cols.div_ceil(W4A8_TILE_COLS));
+    let (data_bytes, scale_bytes) = packed_sizes(FdmoeDtype::Mxfp4, Fp4Layout::W4A8, rows, cols);
+    let mut out = vec![0u8; data_bytes];
+    let mut out_scales = vec![0u8; scale_bytes];
+    for j in 0..tiles {
+        for n in 0..8 {
+            let block = if gated {
+                (n % 2) * row_blocks / 2 + 4 * j + n / 2
+            } else {
+                8 * j + n
+            };
+            if block >= row_blocks || (gated && 4 * j + n / 2 >= row_blocks / 2) {
+                continue;
+            }
+            for kt in 0..k_tiles {
+                for b in 0..2 {
+                    let src = 2 * kt + b;
+                    if src >= kb {
+                        continue;
+                    }
+                    let dst = ((j * k_tiles + kt) * 8 + n) * 2 + b;
+                    let from = block * kb + src;
+                    out[dst * 256..(dst + 1) * 256]
+                        .copy_from_slice(&data[from * 256..(from + 1) * 256]);
+                    out_scales[dst * 16..(dst + 1) * 16]
+                        .copy_from_slice(&scales[from * 16..(from + 1) * 16]);
+                }
+            }
+        }
+    }
+    (out, out_scales)
+}
+
+/// W4A8 (`grouped_gemm_w4a8`): for lane `lane` (`g = lane / 4`, `t = lane % 4`), word `w`
+/// (the block's k32 step) and slot `i` (0..8) of that word, the column within the 64-column
+/// block and the bits (sign, e1, e0, m) the code sits at. Slots 0..4 are byte `i` of the A
+/// fragment's first register for the row (columns `32w + 4t + i`), at bits `8i + {7, 4, 3, 2}`
+/// so that a mask leaves the E4M3 byte; slots 4..8 are byte `i - 4` of its third register
+/// (columns 16 further), at bits `8i + {5, 6, 1, 0}`, which two shifts move there.
+pub fn w4a8_code_slot(lane: usize, w: usize, i: usize) -> (usize, [u32; 4]) {
+    let byte = (i % 4) as u32 * 8;
+    let k = 32 * w + 4 * (lane % 4) + i % 4 + 16 * (i / 4);
+    let bits = if i < 4 {
+        [byte + 7, byte + 4, byte + 3, byte + 2]
+    } else {
+        [byte + 5, byte + 6, byte + 1, byte]
+    };
+    (k, bits)
+}
+
+/// The packed word `w` of `lane` in one block for `layout`; `code_at(k)` is the E2M1 code of
+/// the row at block column `k` (0 past the matrix).
+fn fp4_word(layout: Fp4Layout, lane: usize, w: usize, code_at: impl Fn(usize) -> u8) -> u32 {
+    let mut word = 0u32;
+    match layout {
+        Fp4Layout::W4A16 => {
+            for e in 0..4 {
+                let k = fp4_fragment_k(lane, w, e);
+                word |= place_code(e, 0, code_at(k)) | place_code(e, 1, code_at(k + 1));
+            }
+        }
+        Fp4Layout::W4A8 => {
+            for i in 0..8 {
+                let (k, bits) = w4a8_code_slot(lane, w, i);
+                let code = code_at(k) as u32;
+                for (n, bit) in bits.iter().enumerate() {
+                    word |= ((code >> (3 - n)) & 1) << bit;
+                }
+            }
+        }
+    }
+    word
+}
+
 /// E2M1 `code` as element `h` of pair `e` of a packed word.
 fn place_code(e: usize, h: usize, code: u8) -> u32 {
     let (sign, mag) = fp4_code_bits(e, h);
@@ -141,6 +263,7 @@ fn nibble(row: &[u8], k: usize) -> u8 {
 /// bytes) into the kernel's blocks; `row_of(n)` is the source row of packed row `n`.
 fn pack_fp4(
     format: FdmoeDtype,
+    layout: Fp4Layout,
     rows: usize,
     cols: usize,
     data: &[u8],
@@ -150,7 +273,7 @@ fn pack_fp4(
     let group = if format == FdmoeDtype::Mxfp4 { 32 } else { 16 };
     let per_row = fp4_scales_per_block_row(format);
     let kb = cols.div_ceil(FP4_BLOCK_COLS);
-    let (data_bytes, scale_bytes) = packed_sizes(format, rows, cols);
+    let (data_bytes, scale_bytes) = packed_sizes(format, Fp4Layout::W4A16, rows, cols);
     let mut out = vec![0u8; data_bytes];
     let mut out_scales = vec![0u8; scale_bytes];
     // One task per 8-row block (large experts repack on every core).
@@ -166,16 +289,14 @@ fn pack_fp4(
                 for t in 0..4 {
                     let lane = g * 4 + t;
                     for w in 0..2 {
-                        let mut word = 0u32;
-                        for e in 0..4 {
-                            let k = b * FP4_BLOCK_COLS + fp4_fragment_k(lane, w, e);
-                            let (lo, hi) = if k < cols {
-                                (nibble(row, k), nibble(row, k + 1))
+                        let word = fp4_word(layout, lane, w, |k| {
+                            let k = b * FP4_BLOCK_COLS + k;
+                            if k < cols {
+                                nibble(row, k)
                             } else {
-                                (0, 0)
-                            };
-                            word |= place_code(e, 0, lo) | place_code(e, 1, hi);
-                        }
+                                0
+                            }
+                        });
                         let at = block * 256 + lane * 8 + w * 4;
                         out[at..at + 4].copy_from_slice(&word.to_le_bytes());
                     }
@@ -215,6 +336,8 @@ fn pack_fp8_scales(
 pub fn repack(
     matrix: &QuantizedMatrix,
     interleaved_gate_up: bool,
+    layout: Fp4Layout,
+    gated: bool,
 ) -> (Vec<u8>, Vec<u8>, Option<f32>) {
     let (rows, cols) = (matrix.rows(), matrix.cols());
     let half = rows / 2;
@@ -245,12 +368,25 @@ pub fn repack(
             (data, bytes, None)
         }
         QuantizedMatrix::Mxfp4(m) => {
-            let (d, s) = pack_fp4(FdmoeDtype::Mxfp4, rows, cols, m.data(), m.scales(), row_of);
+            let (d, s) = pack_fp4(
+                FdmoeDtype::Mxfp4,
+                layout,
+                rows,
+                cols,
+                m.data(),
+                m.scales(),
+                row_of,
+            );
+            if layout == Fp4Layout::W4A8 {
+                let (d, s) = tile_w4a8(&d, &s, rows, cols, gated);
+                return (d, s, None);
+            }
             (d, s, None)
         }
         QuantizedMatrix::Nvfp4(m) => {
             let (d, s) = pack_fp4(
                 FdmoeDtype::Nvfp4,
+                layout,
                 rows,
                 cols,
                 m.data(),
@@ -265,7 +401,8 @@ pub fn repack(
 impl QuantizedPart {
     fn alloc(cfg: &MoeConfig, which: ExpertMatrix) -> Result<Self> {
         let (rows, cols) = which.shape(cfg);
-        let (data_stride, scale_stride) = packed_sizes(cfg.weight_dtype, rows, cols);
+        let (data_stride, scale_stride) =
+            packed_sizes(cfg.weight_dtype, Fp4Layout::of(cfg), rows, cols);
         let e = cfg.num_experts;
         let name = which.name();
         Ok(QuantizedPart {
@@ -290,9 +427,11 @@ impl QuantizedExperts {
         let mut w2 = QuantizedPart::alloc(cfg, ExpertMatrix::W2)?;
         let mut globals = (Vec::new(), Vec::new());
         let format = cfg.weight_dtype;
+        let layout = Fp4Layout::of(cfg);
         for_each_quantized_expert(cfg, src, |e, which, matrix| {
-            let interleaved = which == ExpertMatrix::W13 && src.gate_up_interleaved;
-            let (data, scales, global) = repack(&matrix, interleaved);
+            let gated = which == ExpertMatrix::W13;
+            let (data, scales, global) =
+                repack(&matrix, gated && src.gate_up_interleaved, layout, gated);
             let (part, g) = match which {
                 ExpertMatrix::W13 => (&mut w13, &mut globals.0),
                 ExpertMatrix::W2 => (&mut w2, &mut globals.1),
@@ -462,7 +601,7 @@ mod tests {
             };
             let group = if format == FdmoeDtype::Mxfp4 { 32 } else { 16 };
             for interleaved in [false, true] {
-                let (pd, ps, _) = repack(&m, interleaved);
+                let (pd, ps, _) = repack(&m, interleaved, Fp4Layout::W4A16, false);
                 let seen = unpack_fp4(format, rows, cols, &pd, &ps);
                 for n in 0..rows {
                     let src = match (interleaved, n < rows / 2) {
@@ -482,6 +621,95 @@ mod tests {
         }
     }
 
+    /// The kernel's W4A8 decode of a packed word (e2m1x4_low_to_e4m3 / e2m1x4_high_to_e4m3).
+    fn w4a8_decode(word: u32) -> [u32; 2] {
+        [
+            word & 0x9C9C_9C9C,
+            ((word << 2) & 0x8C8C_8C8C) | ((word >> 2) & 0x1010_1010),
+        ]
+    }
+
+    #[test]
+    fn w4a8_decode_gives_each_weight_times_2_pow_minus_6_as_e4m3() {
+        use crate::quant::{decode_e2m1, decode_e4m3};
+        // 96 rows: a last, partial 64-row tile; 160 columns: a last, half k-tile. Gated: 2I =
+        // 128 rows, tiles alternating gate and up row blocks.
+        for (rows, cols, gated) in [(96, 160, false), (128, 160, true)] {
+            let w = sample_matrix(rows, cols, 11);
+            let m = QuantizedMatrix::quantize(FdmoeDtype::Mxfp4, &w, rows, cols).unwrap();
+            let QuantizedMatrix::Mxfp4(x) = &m else {
+                unreachable!()
+            };
+            let (pd, ps, _) = repack(&m, false, Fp4Layout::W4A8, gated);
+            let (tiles, k_tiles) = (rows.div_ceil(64), cols.div_ceil(128));
+            assert_eq!(pd.len(), tiles * k_tiles * 4096);
+            let mut seen = vec![false; rows * cols];
+            for j in 0..tiles {
+                for kt in 0..k_tiles {
+                    for n in 0..8 {
+                        let block = if gated {
+                            (n % 2) * rows / 16 + 4 * j + n / 2
+                        } else {
+                            8 * j + n
+                        };
+                        for b in 0..2 {
+                            let at = (((j * k_tiles + kt) * 8 + n) * 2 + b) * 256;
+                            for lane in 0..32 {
+                                let row = block * 8 + lane / 4;
+                                for word_index in 0..2 {
+                                    let o = at + lane * 8 + word_index * 4;
+                                    let word = u32::from_le_bytes(pd[o..o + 4].try_into().unwrap());
+                                    let scale = ps[at / 16 + (lane / 4) * 2 + word_index];
+                                    for (r, reg) in w4a8_decode(word).iter().enumerate() {
+                                        for byte in 0..4 {
+                                            // ALayout_64x32: register r / 2 takes columns 16 on.
+                                            let k = kt * 128
+                                                + b * 64
+                                                + 32 * word_index
+                                                + 16 * r
+                                                + 4 * (lane % 4)
+                                                + byte;
+                                            let e4m3 = decode_e4m3((reg >> (8 * byte)) as u8);
+                                            if k >= cols || row >= rows {
+                                                assert_eq!((e4m3, scale), (0.0, 0), "padding");
+                                                continue;
+                                            }
+                                            let code = nibble(&x.data()[row * cols / 2..], k);
+                                            assert_eq!(
+                                                e4m3,
+                                                decode_e2m1(code) / 64.0,
+                                                "row {row} col {k}"
+                                            );
+                                            assert_eq!(
+                                                scale,
+                                                x.scales()[row * (cols / 32) + k / 32]
+                                            );
+                                            assert!(!seen[row * cols + k]);
+                                            seen[row * cols + k] = true;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s), "every weight once");
+        }
+        // Every E2M1 code, signs and the subnormal 0.5 included, in both slots of a byte.
+        for code in 0..16u8 {
+            let low = (((code >> 3) & 1) as u32) << 7 | ((code & 7) as u32) << 2;
+            let high = (((code >> 3) & 1) as u32) << 5
+                | (((code >> 2) & 1) as u32) << 6
+                | (((code >> 1) & 1) as u32) << 1
+                | (code & 1) as u32;
+            let [a, _] = w4a8_decode(low);
+            let [_, c] = w4a8_decode(high);
+            assert_eq!(decode_e4m3(a as u8), decode_e2m1(code) / 64.0, "{code:#x}");
+            assert_eq!(decode_e4m3(c as u8), decode_e2m1(code) / 64.0, "{code:#x}");
+        }
+    }
+
     #[test]
     fn fp8_scales_follow_deinterleaved_rows() {
         let (rows, cols) = (256, 256);
@@ -491,7 +719,7 @@ mod tests {
             unreachable!()
         };
         for interleaved in [false, true] {
-            let (data, scales, _) = repack(&m, interleaved);
+            let (data, scales, _) = repack(&m, interleaved, Fp4Layout::W4A16, false);
             let scales: Vec<f32> = scales
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))

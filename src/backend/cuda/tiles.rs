@@ -210,6 +210,12 @@ pub enum QuantTile {
     /// read their weights twice (as `Tile::Decode32` for bf16).
     Decode32,
     Mid,
+    /// `act_quant = FP8_MX` (W4A8, sm_90a): 64 weight rows x 8 / 16 / 32 tokens, one warpgroup.
+    /// The promotion's cost grows with the token tile, so the smallest that gives most experts
+    /// one tile: up to 4 / 12 rows per expert on average, then 32.
+    W4a8T8,
+    W4a8T16,
+    W4a8T32,
 }
 
 /// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
@@ -219,9 +225,15 @@ pub const FP4_NARROW_MAX_SLOTS: usize = 16;
 
 impl QuantTile {
     /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
-    pub fn choose(format: FdmoeDtype, rows: usize, slots: usize) -> QuantTile {
+    pub fn choose(format: FdmoeDtype, w4a8: bool, rows: usize, slots: usize) -> QuantTile {
         let fp8 = format == FdmoeDtype::Fp8Block;
-        if rows > DECODE32_MAX_ROWS {
+        if w4a8 {
+            match rows {
+                0..=4 => QuantTile::W4a8T8,
+                5..=12 => QuantTile::W4a8T16,
+                _ => QuantTile::W4a8T32,
+            }
+        } else if rows > DECODE32_MAX_ROWS {
             QuantTile::Mid
         } else if fp8 && rows > DECODE16_MAX_ROWS {
             QuantTile::Decode32
@@ -232,29 +244,39 @@ impl QuantTile {
         }
     }
     /// The tiles a format has kernels for.
-    pub fn all(format: FdmoeDtype) -> &'static [QuantTile] {
+    pub fn all(format: FdmoeDtype, w4a8: bool) -> &'static [QuantTile] {
         match format {
+            _ if w4a8 => &[QuantTile::W4a8T8, QuantTile::W4a8T16, QuantTile::W4a8T32],
             FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Decode32, QuantTile::Mid],
             _ => &[QuantTile::Narrow, QuantTile::Small, QuantTile::Mid],
         }
     }
     pub fn block_m(self) -> usize {
         match self {
-            QuantTile::Narrow | QuantTile::Small => 16,
-            QuantTile::Decode32 => 32,
+            QuantTile::Narrow | QuantTile::Small | QuantTile::W4a8T16 => 16,
+            QuantTile::Decode32 | QuantTile::W4a8T32 => 32,
             QuantTile::Mid => 64,
+            QuantTile::W4a8T8 => 8,
         }
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
             (QuantTile::Narrow | QuantTile::Decode32, _)
-            | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
+            | (QuantTile::Small, FdmoeDtype::Fp8Block)
+            | (QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32, _) => 64,
             _ => 128,
         }
     }
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
+    pub fn is_w4a8(self) -> bool {
+        matches!(
+            self,
+            QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32
+        )
+    }
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
+            (QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32, _) => 4,
             (QuantTile::Small | QuantTile::Decode32, FdmoeDtype::Fp8Block) => 2,
             (QuantTile::Narrow | QuantTile::Small, _) => 3,
             _ => 4,
@@ -266,12 +288,20 @@ impl QuantTile {
             QuantTile::Small => "s",
             QuantTile::Decode32 => "d",
             QuantTile::Mid => "m",
+            QuantTile::W4a8T8 => "a8",
+            QuantTile::W4a8T16 => "a16",
+            QuantTile::W4a8T32 => "a32",
         }
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
     pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
         let (bm, bn, stages) = (self.block_m(), self.block_n(format), self.stages(format));
         let rows = (bm + bn) * 8;
+        if self.is_w4a8() {
+            // grouped_gemm_w4a8: tokens, packed weights, their scales, the tokens' scales and a
+            // barrier a stage, and the 1024-byte alignment of the swizzled token rows.
+            return 1024 + stages * (bm * 128 + (bn / 8) * 2 * (256 + 16) + bm * 16 + 8) + rows;
+        }
         match format {
             FdmoeDtype::Fp8Block => stages * (bm + bn) * (128 + 16) + stages * (bm + bn) * 4 + rows,
             _ => {
@@ -309,35 +339,50 @@ mod tests {
     fn fp4_decode_takes_the_narrow_tile_only_for_small_grids() {
         use FdmoeDtype::*;
         for fmt in [Mxfp4, Nvfp4] {
-            assert_eq!(QuantTile::choose(fmt, 1, 8), QuantTile::Narrow);
+            assert_eq!(QuantTile::choose(fmt, false, 1, 8), QuantTile::Narrow);
             assert_eq!(
-                QuantTile::choose(fmt, 1, FP4_NARROW_MAX_SLOTS),
+                QuantTile::choose(fmt, false, 1, FP4_NARROW_MAX_SLOTS),
                 QuantTile::Narrow
             );
             assert_eq!(
-                QuantTile::choose(fmt, 1, FP4_NARROW_MAX_SLOTS + 1),
+                QuantTile::choose(fmt, false, 1, FP4_NARROW_MAX_SLOTS + 1),
                 QuantTile::Small
             );
-            assert_eq!(QuantTile::choose(fmt, 25, 4096), QuantTile::Mid);
-            assert!(QuantTile::all(fmt).contains(&QuantTile::Narrow));
+            assert_eq!(QuantTile::choose(fmt, false, 25, 4096), QuantTile::Mid);
+            assert!(QuantTile::all(fmt, false).contains(&QuantTile::Narrow));
         }
-        assert_eq!(QuantTile::choose(Fp8Block, 1, 8), QuantTile::Small);
-        assert_eq!(QuantTile::choose(Fp8Block, 12, 1536), QuantTile::Small);
+        assert_eq!(QuantTile::choose(Fp8Block, false, 1, 8), QuantTile::Small);
         assert_eq!(
-            QuantTile::choose(Fp8Block, 16, 2048),
+            QuantTile::choose(Fp8Block, false, 12, 1536),
+            QuantTile::Small
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, false, 16, 2048),
             QuantTile::Decode32,
             "Qwen3 T = 256"
         );
-        assert_eq!(QuantTile::choose(Fp8Block, 24, 3072), QuantTile::Decode32);
-        assert_eq!(QuantTile::choose(Fp8Block, 25, 3200), QuantTile::Mid);
-        assert!(!QuantTile::all(Fp8Block).contains(&QuantTile::Narrow));
-        assert_eq!(QuantTile::choose(Mxfp4, 16, 2048), QuantTile::Small);
+        assert_eq!(
+            QuantTile::choose(Fp8Block, false, 24, 3072),
+            QuantTile::Decode32
+        );
+        assert_eq!(QuantTile::choose(Fp8Block, false, 25, 3200), QuantTile::Mid);
+        assert!(!QuantTile::all(Fp8Block, false).contains(&QuantTile::Narrow));
+        assert_eq!(QuantTile::choose(Mxfp4, false, 16, 2048), QuantTile::Small);
         // Every tile fits an SM's shared memory (227 KB a block on sm_90).
         for fmt in [Fp8Block, Mxfp4, Nvfp4] {
-            for &t in QuantTile::all(fmt) {
+            for &t in QuantTile::all(fmt, false) {
                 assert!(t.smem_bytes(fmt) <= 227 * 1024, "{t:?} {fmt:?}");
             }
         }
+        for &t in QuantTile::all(Mxfp4, true) {
+            assert!(t.is_w4a8() && t.smem_bytes(Mxfp4) <= 227 * 1024, "{t:?}");
+        }
+        assert_eq!(QuantTile::choose(Mxfp4, true, 1, 8), QuantTile::W4a8T8);
+        assert_eq!(QuantTile::choose(Mxfp4, true, 8, 2048), QuantTile::W4a8T16);
+        assert_eq!(
+            QuantTile::choose(Mxfp4, true, 64, 65536),
+            QuantTile::W4a8T32
+        );
     }
 
     #[test]
