@@ -687,7 +687,7 @@ fn cases() -> Vec<Case> {
     });
     // act_quant = FP8_MX (W4A8, sm_90a only): both GEMMs on pre-dispatch E4M3 activations.
     // With 16 experts and k = 4, T = 1 / 16 take the 8-token tile, 40 the 16-token one, 256
-    // the 32-token one (ceil(T / 4) rows per expert).
+    // the 32-token one (ceil(T / 4) rows per expert: up to 4 / 24 / more).
     let w4a8 = |cfg: MoeConfig| MoeConfig {
         weight_dtype: FdmoeDtype::Mxfp4,
         act_quant: FdmoeActQuant::Fp8Mx,
