@@ -565,8 +565,9 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // into the FP4 blocks above (8 rows x 64 columns, 256 bytes, scales [8 rows][2] UE8M0) with each
 // lane's 8 bytes of a block holding its wgmma A-fragment codes, and the blocks of a tile's
 // k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
-// a stage's weights with two bulk copies (TMA) that complete on the stage's mbarrier. A warpgroup computes 64 weight
-// rows (wgmma M) x BT tokens (N) from the weights decoded in registers and the tokens in
+// a stage's weights with two bulk copies (TMA) that complete on the stage's mbarrier. A
+// warpgroup computes 64 weight rows (wgmma M) x BT tokens (N) from the weights decoded in
+// registers and the tokens in
 // 128-byte-swizzled shared rows; since weights and activations both have a scale per 32 of K,
 // each k32 wgmma sums into a fresh partial that is promoted into the accumulator as
 // partial * scale_w(row) * scale_x(token).
@@ -579,8 +580,8 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // left per weight is the promotion (a multiply and an FMA per accumulator per k32), which grows
 // with the token tile, hence three of them. SASS of the 8-token tile: ~165 instructions a stage
 // of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
-// floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16+ tokens per expert the
-// 32-token tile's promotion makes it slower than W4A16.
+// floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
+// (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
 #ifdef FDMOE_SM90A
 // Bytes 0-3 of the fragment register at word bits 8i + {7, 4, 3, 2} (sign, e1, e0, m): a mask.
 __device__ __forceinline__ u32 e2m1x4_low_to_e4m3(u32 w) { return w & 0x9C9C9C9Cu; }
