@@ -567,8 +567,8 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
 // a stage's weights with two bulk copies (TMA) that complete on the stage's mbarrier. A
 // warpgroup computes 64 weight rows (wgmma M) x BT tokens (N) from the weights decoded in
-// registers and the tokens in
-// 128-byte-swizzled shared rows; since weights and activations both have a scale per 32 of K,
+// registers and the tokens in 128-byte-swizzled shared rows; since weights and activations
+// both have a scale per 32 of K,
 // each k32 wgmma sums into a fresh partial that is promoted into the accumulator as
 // partial * scale_w(row) * scale_x(token).
 //
