@@ -161,6 +161,16 @@ abi_enum!(
     }
 );
 
+/// How the routed experts' GEMM inputs are rounded, as a config implies it (not ABI): FP8_BLOCK
+/// weights always quantize them (SPEC §5), `act_quant = FP8_MX` by the pre-dispatch rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertInputQuant {
+    /// E4M3 per token per 128 channels, f32 scale amax / 448.
+    Fp8Block,
+    /// E4M3 per token per 32 channels, power-of-two scale (the pre-dispatch rule).
+    Fp8Mx,
+}
+
 /// How the expert matrices are laid out in the caller's memory (SPEC §4).
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -330,6 +340,17 @@ impl Default for MoeConfig {
 }
 
 impl MoeConfig {
+    /// The rounding of the routed experts' GEMM inputs, if any.
+    pub fn expert_input_quant(&self) -> Option<ExpertInputQuant> {
+        if self.weight_dtype == FdmoeDtype::Fp8Block {
+            Some(ExpertInputQuant::Fp8Block)
+        } else if self.act_quant == FdmoeActQuant::Fp8Mx {
+            Some(ExpertInputQuant::Fp8Mx)
+        } else {
+            None
+        }
+    }
+
     /// Hidden size the experts run at: the latent size when there is one.
     pub fn expert_hidden(&self) -> usize {
         self.latent_size.unwrap_or(self.hidden_size)

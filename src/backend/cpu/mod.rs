@@ -21,7 +21,7 @@ use self::experts::{combine, ExpertSort, ExpertStage, ExpertTask, TaskScratch, R
 use self::weights::CpuWeights;
 use super::{Backend, MemoryRequirements};
 use crate::activation::apply_gated;
-use crate::config::{FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, MoeConfig};
+use crate::config::{ExpertInputQuant, FdmoeBackendKind, FdmoeDtype, MoeConfig};
 use crate::dtype::{load_f32, store_f32};
 use crate::error::{Error, FdmoeStatus, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
@@ -61,13 +61,10 @@ struct Workspace {
 /// The rounding the routed-expert GEMMs apply to each input row (SPEC §5's FP8_BLOCK
 /// activations, or `act_quant = FP8_MX`'s pre-dispatch format), as an in-place f32 round trip.
 fn activation_round_trip(cfg: &MoeConfig) -> Option<fn(&mut [f32])> {
-    if cfg.weight_dtype == FdmoeDtype::Fp8Block {
-        Some(fake_quantize_fp8_activation_row)
-    } else if cfg.act_quant == FdmoeActQuant::Fp8Mx {
-        Some(fake_pre_dispatch_row)
-    } else {
-        None
-    }
+    cfg.expert_input_quant().map(|q| match q {
+        ExpertInputQuant::Fp8Block => fake_quantize_fp8_activation_row as fn(&mut [f32]),
+        ExpertInputQuant::Fp8Mx => fake_pre_dispatch_row,
+    })
 }
 
 impl Workspace {

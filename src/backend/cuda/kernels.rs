@@ -7,7 +7,7 @@ use super::compile::{
 };
 use super::driver::{arg, DevicePtr, Function, Module, Stream};
 use super::tiles::{gemm_name, qgemm_name, GemmKind, QuantTile, Tile, GEMM_KINDS};
-use crate::config::{FdmoeActivation, FdmoeDtype};
+use crate::config::{ExpertInputQuant, FdmoeActivation, FdmoeDtype};
 use crate::error::{Error, Result};
 
 /// Mirrors `GemmParams` in kernels/common/gemm_tile.cuh.
@@ -265,29 +265,18 @@ pub struct Kernels {
     sort_place: Function,
     combine: Function,
     gemms: Vec<((Tile, GemmKind), Function)>,
-    /// Quantized experts: the expert GEMMs of the format, and the FP8 activation quantizer.
+    /// Quantized experts: the expert GEMMs of the format, and the activation quantizer.
     qgemms: Vec<((QuantTile, GemmKind), Function)>,
-    quantize_fp8: Option<Function>,
+    quantize: Option<(ExpertInputQuant, Function)>,
     weight_format: FdmoeDtype,
 }
 
-/// How a quantized-expert GEMM's activations are quantized before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ActivationQuant {
-    /// FP8_BLOCK: E4M3, one f32 scale per 128 channels (`quantize_fp8_rows`).
-    Fp8Block,
-    /// `act_quant = FP8_MX`: E4M3 by the pre-dispatch rule, one scale per 32 channels
-    /// (`quantize_mx_fp8_rows`).
-    Fp8Mx,
-}
-
-impl ActivationQuant {
-    /// f32 scales per row of `cols` channels in the quantized buffers.
-    pub fn scales_per_row(self, cols: usize) -> usize {
-        match self {
-            ActivationQuant::Fp8Block => cols.div_ceil(128),
-            ActivationQuant::Fp8Mx => cols.div_ceil(128) * 4,
-        }
+/// f32 scales per row of `cols` channels in the quantized activation buffers: one per 128
+/// (`quantize_fp8_rows`), or one per 32 padded to whole 128s (`quantize_mx_fp8_rows`).
+pub fn activation_scales_per_row(quant: ExpertInputQuant, cols: usize) -> usize {
+    match quant {
+        ExpertInputQuant::Fp8Block => cols.div_ceil(128),
+        ExpertInputQuant::Fp8Mx => cols.div_ceil(128) * 4,
     }
 }
 
@@ -298,7 +287,7 @@ impl Kernels {
         activation: FdmoeActivation,
         num_experts: usize,
         weight_format: FdmoeDtype,
-        activation_quant: Option<ActivationQuant>,
+        input_quant: Option<ExpertInputQuant>,
         dependent_launch: bool,
     ) -> Result<Self> {
         let load = |file| -> Result<Module> {
@@ -350,10 +339,10 @@ impl Kernels {
         let combine_fn = combine.function("combine_slots", 0)?;
         let mut modules = vec![gate, route, sort, gemm, combine];
         let mut qgemms = Vec::new();
-        let mut quantize_fp8 = None;
+        let mut quantize = None;
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
-            let w4a8 = activation_quant == Some(ActivationQuant::Fp8Mx);
+            let w4a8 = input_quant == Some(ExpertInputQuant::Fp8Mx);
             for &tile in QuantTile::all(weight_format, w4a8) {
                 for kind in [GemmKind::UpGated, GemmKind::DownScaled] {
                     let name = qgemm_name(weight_format, tile, kind, activation);
@@ -363,17 +352,19 @@ impl Kernels {
                     ));
                 }
             }
-            quantize_fp8 = match activation_quant {
-                Some(ActivationQuant::Fp8Block) => Some(quant.function("quantize_fp8_rows", 0)?),
-                Some(ActivationQuant::Fp8Mx) => Some(quant.function("quantize_mx_fp8_rows", 0)?),
-                None => None,
-            };
+            if let Some(q) = input_quant {
+                let name = match q {
+                    ExpertInputQuant::Fp8Block => "quantize_fp8_rows",
+                    ExpertInputQuant::Fp8Mx => "quantize_mx_fp8_rows",
+                };
+                quantize = Some((q, quant.function(name, 0)?));
+            }
             modules.push(quant);
         }
         Ok(Kernels {
             weight_format,
             qgemms,
-            quantize_fp8,
+            quantize,
             gate_split,
             gate_split_mid,
             gate_fused,
@@ -444,14 +435,9 @@ impl Kernels {
         launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 
-    /// Whether the quantized GEMMs are W4A8 (`act_quant = FP8_MX`).
-    pub fn w4a8(&self) -> bool {
-        self.qgemms.iter().any(|((t, _), _)| t.is_w4a8())
-    }
-
-    /// Quantized activations (the loaded `ActivationQuant`): rows `T * rows_per_token` of
+    /// Quantized activations (the loaded `ExpertInputQuant`): rows `T * rows_per_token` of
     /// `input` ([rows, cols] elements, or f32 with `input_f32`) to E4M3 `out` and f32 `scales`
-    /// [rows, `scales_per_row(cols)`].
+    /// [rows, `activation_scales_per_row(cols)`].
     ///
     /// # Safety
     /// Pointers cover `max_rows` rows.
@@ -470,15 +456,20 @@ impl Kernels {
         in_arg: i64,
         stream: Stream,
     ) -> Result<()> {
-        let kernel = self
-            .quantize_fp8
+        let (quant, kernel) = self
+            .quantize
             .as_ref()
             .expect("loaded with quantized activations");
         // FP8_BLOCK: a warp per 128 channels, 4 a block; FP8_MX: a warp per 32 (and per padding
         // scale of the last 128).
         let grid = (
             (num_tokens * rows_per_token) as u32,
-            cols.div_ceil(128).div_ceil(if self.w4a8() { 1 } else { 4 }) as u32,
+            cols.div_ceil(128)
+                .div_ceil(if *quant == ExpertInputQuant::Fp8Mx {
+                    1
+                } else {
+                    4
+                }) as u32,
             1,
         );
         let (mut i, mut o, mut s, mut nd, mut ab) =

@@ -24,8 +24,9 @@ use self::driver::{
 };
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    gate_logits_floats, gate_slices, sort_starts_ints, ActivationQuant, FusedRouting, GemmParams,
-    GivenSlots, Kernels, RouteParams, SortBuffers, SortParams, ARG_OUT, ARG_X, ROUTING_COUNTERS,
+    activation_scales_per_row, gate_logits_floats, gate_slices, sort_starts_ints, FusedRouting,
+    GemmParams, GivenSlots, Kernels, RouteParams, SortBuffers, SortParams, ARG_OUT, ARG_X,
+    ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
 use self::tiles::{GemmKind, QuantTile, Tile};
@@ -37,17 +38,6 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
 use crate::weights::WeightSource;
-
-/// How the quantized-expert GEMMs' activations are quantized, if they are.
-fn activation_quant(cfg: &MoeConfig) -> Option<ActivationQuant> {
-    if cfg.weight_dtype == FdmoeDtype::Fp8Block {
-        Some(ActivationQuant::Fp8Block)
-    } else if cfg.act_quant == FdmoeActQuant::Fp8Mx {
-        Some(ActivationQuant::Fp8Mx)
-    } else {
-        None
-    }
-}
 
 /// Checks the parts of a config the kernels cannot take; each answer names the feature.
 pub fn check_config(cfg: &MoeConfig) -> Result<()> {
@@ -170,9 +160,9 @@ impl Workspace {
             Tile::Small.block_m()
         };
         let max_tiles = slots.div_ceil(min_block_m) + e.min(slots) + 1;
-        let quant = activation_quant(cfg);
+        let quant = cfg.expert_input_quant();
         let fp8 = quant.is_some() as usize;
-        let scales = |cols: usize| quant.map_or(0, |q| q.scales_per_row(cols)) * 4;
+        let scales = |cols: usize| quant.map_or(0, |q| activation_scales_per_row(q, cols)) * 4;
         [
             (gate_logits_floats(t, h, e) * 4, "router logits"),
             (slots * 4, "top-k ids"),
@@ -317,7 +307,7 @@ impl CudaBackend {
             cfg.activation,
             cfg.num_experts,
             cfg.weight_dtype,
-            activation_quant(cfg),
+            cfg.expert_input_quant(),
             dependent_launch(major),
         )?;
         let ws = Workspace::new(cfg)?;
@@ -537,7 +527,7 @@ impl CudaBackend {
             }
         };
         let tiles_dense = t.div_ceil(dense_tile.block_m());
-        let fp8 = activation_quant(cfg).is_some();
+        let fp8 = cfg.expert_input_quant().is_some();
         let inputs = match &w.fc1 {
             Some(fc1) => {
                 let p = dense(x, h, fc1.ptr(), h, l, ws.latent_in.ptr);
