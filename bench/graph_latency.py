@@ -63,6 +63,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--library", default="./.device/libfdmoe.so")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--reps", type=int, default=0, help="timed rounds per T (0: 200, 50 from 4096 tokens)")
     args = ap.parse_args()
     gpu_bench.setup_environment(args)
     import torch
@@ -71,16 +73,17 @@ def main():
 
     lib = _lib.load()
     print(f"# device {torch.cuda.get_device_name()}", flush=True)
+    tokens = [int(t) for t in args.tokens.split(",")]
     rows = []
     for name in args.shapes.split(","):
         E, k, H, I = SHAPES[name]
         w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / math.sqrt(H)
         w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / math.sqrt(I)
-        layer = gpu_bench.make_routed(name, E, k, H, I, max(TOKENS), w13, w2, fdmoe, torch)
+        layer = gpu_bench.make_routed(name, E, k, H, I, max(tokens), w13, w2, fdmoe, torch)
         stream = torch.cuda.current_stream()
         layer.capture_graphs(stream=stream)
         handle = layer._live()
-        for T in TOKENS:
+        for T in tokens:
             x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
             out = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
             a = _lib.init_struct(_lib.FdmoeForwardArgs, "fdmoe_forward_args_init")
@@ -93,7 +96,7 @@ def main():
 
             eager = lambda: call(_lib.FORWARD_FORCE_EAGER)  # noqa: E731
             replay = lambda: call(0)  # noqa: E731
-            reps = 50 if T >= 4096 else 200
+            reps = args.reps or (50 if T >= 4096 else 200)
             g = torch.cuda.CUDAGraph()
             side = torch.cuda.Stream()
             with torch.cuda.stream(side):

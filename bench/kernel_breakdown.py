@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--format", default="bfloat16")
     ap.add_argument("--given", action="store_true", help="routing='given' (bf16 only)")
     ap.add_argument("--eager", action="store_true", help="no library graphs: the eager forward")
+    ap.add_argument("--paired", action="store_true",
+                    help="eager and replay forwards alternately in one profile, side by side (run with "
+                         "FDMOE_NO_DEPENDENT_LAUNCH=1, or overlapping kernels blur the per-kernel times)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--library", default="./.device/libfdmoe.so")
     args = ap.parse_args()
@@ -61,38 +64,62 @@ def main() -> int:
         w, ids = torch.topk(torch.softmax(torch.randn(T, E, device="cuda"), -1), k, -1)
         kw = dict(topk_ids=ids.to(torch.int32), topk_weights=(w / w.sum(-1, keepdim=True)).float())
         active = f", {ids.unique().numel()} experts active"
-    if not args.eager:
+    if not args.eager or args.paired:
         layer.capture_graphs(token_counts=[T])
+    modes = [True, False] if args.paired else [args.eager]
     for _ in range(10):
-        layer.forward(x, **kw)
+        for eager in modes:
+            layer.forward(x, force_eager=eager, **kw)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.iters):
-            layer.forward(x, **kw)
-            torch.cuda.synchronize()
+            for eager in modes:
+                layer.forward(x, force_eager=eager, **kw)
+                torch.cuda.synchronize()
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                       and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()),
                      key=lambda e: e.time_range.start)
-    per_call = len(kernels) // args.iters
-    if per_call == 0:
-        print("no kernels recorded")
+    # Calls in launch order: a replayed one starts with the argument-block writer, an eager one
+    # with the first kernel of the forward, once the current call has had its own.
+    first = next(e.name for e in kernels if e.name != "set_forward_args")
+    calls, current = [], []
+    for e in kernels:
+        if current and (e.name == "set_forward_args" or (e.name == first and any(c.name == first for c in current))):
+            calls.append(current)
+            current = []
+        current.append(e)
+    if current:
+        calls.append(current)
+    if len(calls) != args.iters * len(modes):
+        print(f"{len(kernels)} kernels did not split into {args.iters * len(modes)} calls")
         return 1
-    durations, spans, busy = {}, [], []
-    for i in range(args.iters):
-        call = kernels[i * per_call:(i + 1) * per_call]
-        for j, e in enumerate(call):
-            durations.setdefault((j, e.name), []).append(e.time_range.end - e.time_range.start)
-        spans.append(call[-1].time_range.end - call[0].time_range.start)
-        busy.append(sum(e.time_range.end - e.time_range.start for e in call))
+    columns = []
+    for m, eager in enumerate(modes):
+        per = [c for i, c in enumerate(calls) if i % len(modes) == m]
+        durations, spans, busy = {}, [], []
+        for call in per:
+            for j, e in enumerate(c for c in call if c.name != "set_forward_args"):
+                durations.setdefault((j, e.name), []).append(e.time_range.end - e.time_range.start)
+            spans.append(call[-1].time_range.end - call[0].time_range.start)
+            busy.append(sum(e.time_range.end - e.time_range.start for e in call))
+        writer = [e.time_range.end - e.time_range.start for call in per for e in call if e.name == "set_forward_args"]
+        columns.append(("eager" if eager else "replay", durations, spans, busy, writer))
     print(f"# {torch.cuda.get_device_name()}: {args.shape} T={T} format={args.format} "
-          f"{'given' if given else 'routed'}{active}, {'eager' if args.eager else 'replay'}, "
-          f"{per_call} kernels per forward, {args.iters} forwards")
-    print("| # | kernel | median us |\n|---|---|---|")
-    for (j, name), d in sorted(durations.items()):
-        print(f"| {j} | {name[:60]} | {statistics.median(d):.1f} |")
-    span, work = statistics.median(spans), statistics.median(busy)
-    print(f"| | span (first start to last end) | {span:.1f} |")
-    print(f"| | of which no kernel ran | {span - work:.1f} |")
+          f"{'given' if given else 'routed'}{active}, {args.iters} forwards "
+          f"{'each way, alternating' if args.paired else ('eager' if args.eager else 'replay')}")
+    names = [c[0] for c in columns]
+    print("| # | kernel | " + " | ".join(f"{n} median us" for n in names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    if any(c[4] for c in columns):
+        print("| | set_forward_args | " + " | ".join(f"{statistics.median(c[4]):.1f}" if c[4] else "-" for c in columns)
+              + " |")
+    for key in sorted(columns[0][1]):
+        print(f"| {key[0]} | {key[1][:60]} | "
+              + " | ".join(f"{statistics.median(c[1][key]):.1f}" if key in c[1] else "-" for c in columns) + " |")
+    print("| | span (first start to last end) | "
+          + " | ".join(f"{statistics.median(c[2]):.1f}" for c in columns) + " |")
+    print("| | of which no kernel ran | "
+          + " | ".join(f"{statistics.median(c[2]) - statistics.median(c[3]):.1f}" for c in columns) + " |")
     layer.close()
     return 0
 
