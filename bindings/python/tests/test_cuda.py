@@ -7,7 +7,9 @@ scripts/build_gpu_bundle.sh and point FDMOE_LIBRARY at .device/libfdmoe.so).
 The cpu backend computes in f32 from the same bf16/f16-rounded inputs and weights, so the GPU
 output must be within SPEC §8's relative L2 1e-2 of it (on the GPU's own routing, replayed on
 the cpu, so near-tied choices do not count), and the routing ids must match wherever the k-th
-and (k+1)-th scores are more than 1e-4 apart. Also: two GPU runs are bitwise equal; torch
+and (k+1)-th scores are more than 1e-4 apart; router logits with exact ties, NaN and infinities
+route exactly as on the cpu (ids in slot order, weights NaN where they are). Also: two GPU runs
+are bitwise equal; torch
 tensors are used in place, numpy arrays make a round trip, cupy arrays work where cupy is
 installed; host pointers are refused; T > max_tokens is CAPACITY_EXCEEDED; forward captured in
 the caller's torch.cuda.CUDAGraph replays bitwise like eager.
@@ -467,6 +469,45 @@ def test_tokens_above_max_tokens():
             gpu.forward(x)
         with pytest.raises(fdmoe.CapacityExceededError):
             gpu.forward(N(x))
+
+
+def _tied_and_nonfinite_logits(E: int, seed: int) -> np.ndarray:
+    """Router logits whose top k only the tie and NaN rules decide (SPEC §3: larger first, lower
+    index on ties, NaN below every finite value)."""
+    rng = np.random.default_rng(seed)
+    rows = [np.full(E, 0.37), np.full(E, -2.0), rng.normal(0.0, 1.5, E), rng.normal(0.0, 1.5, E),
+            np.round(rng.normal(0.0, 1.5, E) * 2) / 2, np.full(E, np.nan), np.full(E, -np.inf),
+            rng.normal(0.0, 1.5, E)]
+    rows[1][[E - 1, 3, E // 2, 7, 1, E - 2]] = 3.0  # six equal maxima, more than k
+    rows[2][rng.choice(E, E // 3, replace=False)] = np.nan
+    rows[3][[2, E - 3]] = np.inf
+    rows[3][rng.choice(E, E // 4, replace=False)] = -np.inf
+    rows[7][:] = rows[7][0]
+    rows[7][E - 1] = np.nan
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_experts", [16, 200, 320])
+@pytest.mark.parametrize("name", ["softmax", "sigmoid", "grouped", "grouped_bias"])
+def test_tied_and_nonfinite_logits_route_like_the_cpu(name, num_experts):
+    """Each pick path of the GPU routing (8, 4 and 16 keys a lane for 200, 16 and 320 experts)
+    on rows of equal logits, partial ties, NaN and infinities: the same ids in the same slot
+    order as the cpu backend, and the same weights (NaN where the cpu's are NaN)."""
+    case = GpuCase(num_experts=num_experts, source="logits", tokens=8, seed=_seed("ties", name), **ROUTINGS[name])
+    d = case.inputs()
+    d["router_logits"] = _tied_and_nonfinite_logits(num_experts, case.seed)
+    with case.layer("cpu") as cpu, case.layer(DEV) as gpu:
+        cpu.load_weights(**case.weights(d, "numpy"))
+        gpu.load_weights(**case.weights(d, "torch"))
+        _, want_ids, want_w = cpu.forward(d["x"], router_logits=d["router_logits"], return_routing=True)
+        _, ids, w = gpu.forward(T(d["x"]), router_logits=T(d["router_logits"]), return_routing=True)
+    ids, w = N(ids), N(w)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7, equal_nan=True)
+    if not case.correction_bias:  # (a bias breaks the ties of equal logits)
+        assert ids[0].tolist() == list(range(case.top_k))
+    if case.n_group == 1:  # (grouped: tied groups keep the lowest, which need not hold all maxima)
+        assert ids[1].tolist() == sorted([num_experts - 1, 3, num_experts // 2, 7, 1, num_experts - 2])[:case.top_k]
 
 
 @pytest.mark.parametrize("name", ["grouped_bias", "given"])
