@@ -9,6 +9,9 @@ whole forward (first kernel start to last kernel end) and how much of it no kern
 
     python3 bench/kernel_breakdown.py --shape qwen3-30b-a3b --tokens 1
     python3 bench/kernel_breakdown.py --shape deepseek-v3 --tokens 64 --format mxfp4
+    FDMOE_NO_DEPENDENT_LAUNCH=1 python3 bench/kernel_breakdown.py --paired --tokens 8192
+
+--paired alternates eager and replayed forwards in one profile and prints them side by side.
 
 Run from the repository root on the device machine (scripts/build_gpu_bundle.sh first)."""
 
@@ -81,7 +84,10 @@ def main() -> int:
                      key=lambda e: e.time_range.start)
     # Calls in launch order: a replayed one starts with the argument-block writer, an eager one
     # with the first kernel of the forward, once the current call has had its own.
-    first = next(e.name for e in kernels if e.name != "set_forward_args")
+    first = next((e.name for e in kernels if e.name != "set_forward_args"), None)
+    if first is None:
+        print("no kernels recorded")
+        return 1
     calls, current = [], []
     for e in kernels:
         if current and (e.name == "set_forward_args" or (e.name == first and any(c.name == first for c in current))):
