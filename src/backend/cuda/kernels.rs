@@ -460,16 +460,15 @@ impl Kernels {
             .quantize
             .as_ref()
             .expect("loaded with quantized activations");
-        // FP8_BLOCK: a warp per 128 channels, 4 a block; FP8_MX: a warp per 32 (and per padding
-        // scale of the last 128).
+        // 128-channel groups a block: FP8_BLOCK runs a warp per group, 4 a block; FP8_MX a warp
+        // per 32 channels (and per padding scale of the last group), one group a block.
+        let groups_per_block = match quant {
+            ExpertInputQuant::Fp8Block => 4,
+            ExpertInputQuant::Fp8Mx => 1,
+        };
         let grid = (
             (num_tokens * rows_per_token) as u32,
-            cols.div_ceil(128)
-                .div_ceil(if *quant == ExpertInputQuant::Fp8Mx {
-                    1
-                } else {
-                    4
-                }) as u32,
+            cols.div_ceil(128).div_ceil(groups_per_block) as u32,
             1,
         );
         let (mut i, mut o, mut s, mut nd, mut ab) =

@@ -377,11 +377,13 @@ pub fn repack(
                 m.scales(),
                 row_of,
             );
-            if layout == Fp4Layout::W4A8 {
-                let (d, s) = tile_w4a8(&d, &s, rows, cols, gated);
-                return (d, s, None);
+            match layout {
+                Fp4Layout::W4A8 => {
+                    let (d, s) = tile_w4a8(&d, &s, rows, cols, gated);
+                    (d, s, None)
+                }
+                Fp4Layout::W4A16 => (d, s, None),
             }
-            (d, s, None)
         }
         QuantizedMatrix::Nvfp4(m) => {
             let (d, s) = pack_fp4(

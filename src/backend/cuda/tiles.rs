@@ -261,24 +261,25 @@ impl QuantTile {
             QuantTile::W4a8T8 => 8,
         }
     }
-    pub fn block_n(self, format: FdmoeDtype) -> usize {
-        match (self, format) {
-            (QuantTile::Narrow | QuantTile::Decode32, _)
-            | (QuantTile::Small, FdmoeDtype::Fp8Block)
-            | (QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32, _) => 64,
-            _ => 128,
-        }
-    }
-    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu.
+    /// One of `act_quant = FP8_MX`'s tiles (`grouped_gemm_w4a8`).
     pub fn is_w4a8(self) -> bool {
         matches!(
             self,
             QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32
         )
     }
+    pub fn block_n(self, format: FdmoeDtype) -> usize {
+        match (self, format) {
+            _ if self.is_w4a8() => 64,
+            (QuantTile::Narrow | QuantTile::Decode32, _)
+            | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
+            _ => 128,
+        }
+    }
+    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the W4A8 tiles: 4).
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            (QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32, _) => 4,
+            _ if self.is_w4a8() => 4,
             (QuantTile::Small | QuantTile::Decode32, FdmoeDtype::Fp8Block) => 2,
             (QuantTile::Narrow | QuantTile::Small, _) => 3,
             _ => 4,
