@@ -5,11 +5,12 @@
 //   - FP8_BLOCK (W8A8): A is E4M3 with one f32 scale per row per 128 channels (produced by
 //     quantize_fp8_rows), B is E4M3 [N, K] with one f32 scale per 64 rows x 128 columns (the
 //     checkpoint's 128x128 blocks, expanded at load so de-interleaved gate/up rows keep theirs).
-//     One pipeline stage is one 128-deep scale group: the tensor cores (E4M3 converted exactly
-//     to f16 in registers, m16n8k16 f16 MMAs with f32 accumulate) sum the stage into a partial
-//     accumulator, which is then promoted into the
-//     main one as partial * scale_a(row) * scale_b(column) — DeepGEMM's scheme, exact up to
-//     f32 rounding against the CPU reference (which dequantizes both sides).
+//     One pipeline stage is one 128-deep scale group: the tensor cores sum the stage into a
+//     partial accumulator, which is then promoted into the main one as partial * scale_a(row) *
+//     scale_b(column) — DeepGEMM's scheme. On sm_90a W8A8 wgmma (grouped_gemm_w8a8, below);
+//     on sm_89 E4M3 converted exactly to f16 in registers for m16n8k16 f16 MMAs with f32
+//     accumulate (grouped_gemm_fp8), exact up to f32 rounding against the CPU reference
+//     (which dequantizes both sides).
 //   - MXFP4 / NVFP4 (W4A16): A is bf16, B is E2M1 repacked at load (src/backend/cuda/
 //     quant_weights.rs) so each lane's 8 bytes of a 8-row x 64-column block are the E2M1 codes of
 //     its m16n8k16 B fragments, where the decode below takes them. Decoding is bit moves:
@@ -30,7 +31,8 @@
 // (real checkpoints), one bf16x2 multiply per register by multipliers made once per block; its
 // decode tile is 128 wide, which halves the activation tile's shared reads (every warp reads
 // all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
-// (BENCHMARKS.md) FP8 streams at 1.09-1.13x its byte floor, MXFP4 at 1.43-1.58x (0.38-0.42x
+// (BENCHMARKS.md) sm_89's FP8 tiles stream at 1.09-1.13x their byte floor (W8A8 wgmma at
+// ~1.0-1.04x), MXFP4 at 1.43-1.58x (0.38-0.42x
 // the bf16 floor, whose bytes it has 0.27x of), there with 5 warps per scheduler, 65% of issue
 // slots busy and its two decode pipes (integer ALU, FMA) about evenly loaded (ncu): bound by the
 // instructions per weight at that occupancy. A stage of the decode tile issues ~465 a warp for
@@ -583,6 +585,45 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
 // (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
 #ifdef FDMOE_SM90A
+// Shared bytes store_weight_row_tile needs: [tokens, at least 16][64 + 4] f32.
+__host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (bt < 16 ? 16 : bt) * (64 + 4) * 4; }
+
+// The epilogue of the wgmma tiles whose accumulators hold [64 weight rows][BT tokens] (as every
+// wgmma accumulator: warp w's rows 16w + g and + 8, tokens 8j + 2t and + 1): store_fragment takes
+// [token][column] fragments, so they go through shared memory `cs` (the pipeline's weight
+// buffers, free once its last MMAs are done).
+template <int BT, int MODE, int ACT>
+__device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const TileRange& tr, float (*acc)[4], float* cs) {
+    constexpr int CLD = 64 + 4;  // conflict-free stores below
+    constexpr int C_ROWS = BT < 16 ? 16 : BT;
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    __syncthreads();
+    const int row_x = 16 * warp + g;
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j) {
+        const int c0 = 8 * j + 2 * t;
+        cs[c0 * CLD + row_x] = acc[j][0];
+        cs[(c0 + 1) * CLD + row_x] = acc[j][1];
+        cs[c0 * CLD + row_x + 8] = acc[j][2];
+        cs[(c0 + 1) * CLD + row_x + 8] = acc[j][3];
+    }
+    if (BT < 16)
+        for (int i = threadIdx.x; i < (16 - BT) * CLD; i += 128) cs[BT * CLD + i] = 0.0f;
+    __syncthreads();
+#pragma unroll
+    for (int half = 0; half < C_ROWS / 16; ++half) {
+        float frag[2][4];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int q = 0; q < 2; ++q)
+                    frag[jj][hh * 2 + q] = cs[(16 * half + g + 8 * hh) * CLD + 16 * warp + 8 * jj + 2 * t + q];
+        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, 16 * warp);
+    }
+}
+
 // Bytes 0-3 of the fragment register at word bits 8i + {7, 4, 3, 2} (sign, e1, e0, m): a mask.
 __device__ __forceinline__ u32 e2m1x4_low_to_e4m3(u32 w) { return w & 0x9C9C9C9Cu; }
 // The word's other 4 codes, at bits 8i + {5, 6, 1, 0}: 5, 1, 0 move up by 2, 6 down by 2.
@@ -744,37 +785,129 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
     cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(k_tiles, load_tokens, load_weights, begin_dependent,
                                                                [&](int stage, int) { compute(stage); });
 
-    // The accumulators hold [weight row][token]; the epilogues take [token][column] fragments,
-    // so they go through shared memory (the pipeline's weight buffers, free now).
-    constexpr int CLD = BW + 4;  // conflict-free stores below
-    constexpr int C_ROWS = BT < 16 ? 16 : BT;
-    static_assert(C_ROWS * CLD * 4 <= STAGES * W_STAGE, "transpose fits the weight buffers");
-    float* cs = (float*)Wq;
-    __syncthreads();
-    const int row_x = 16 * warp + g;
+    static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
+    store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq);
+}
+
+// FP8_BLOCK on Hopper (W8A8 wgmma, sm_90a): the weights' E4M3 rows are the wgmma's A operand
+// and the tokens' its B, both straight from 128-byte-swizzled shared tiles, which cp.async fills
+// from the checkpoint's [N, K] layout (no repack). A warpgroup computes 64 weight rows (wgmma M)
+// x BT tokens (N); each k32 wgmma sums into a fresh partial, a stage's four are added in order
+// and promoted once per 128 of K as partial * scale_w(row) * scale_x(token), the stage being one
+// scale group of both.
+//
+// Why it is fast: the sm_80 FP8 tiles above convert every weight to f16 (F2FP) for two m16n8k16
+// MMAs per k32, ~1.1x the bytes' time at DeepSeek-V3 decode bound by issued instructions; here a
+// stage of 64 x 128 weights is four wgmma and, per thread, four 16-byte copies, a few for the
+// tokens and ~5 instructions per accumulator, so the weights' stream is what is left. All three
+// token tiles (and every T) sum each output in the same order, so tile choice changes no bit.
+template <int BT, int STAGES, int MODE, int ACT>
+__device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
+    constexpr int THREADS = 128, BW = 64, BK = 128;
+    constexpr int NB = BT / 8;
+    constexpr int X_STAGE = BT * BK, W_STAGE = BW * BK;  // swizzled E4M3 rows
+    constexpr int X_CHUNKS = X_STAGE / 16, W_CHUNKS = W_STAGE / 16;
+    constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS, W_PER = W_CHUNKS / THREADS;
+    static_assert(BT % 8 == 0 && BT <= 32 && W_CHUNKS % THREADS == 0, "tile shape");
+    static_assert(X_STAGE % 1024 == 0, "every stage's tiles stay 1024-byte aligned");
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    // Offset from smem_raw (not a rounded integer) so the compiler keeps shared loads.
+    unsigned char* Xs = smem_raw + ((1024u - ((u32)__cvta_generic_to_shared(smem_raw) & 1023u)) & 1023u);  // [STAGES][X_STAGE]
+    unsigned char* Ws = Xs + STAGES * X_STAGE;           // [STAGES][W_STAGE]
+    float* XSs = (float*)(Ws + STAGES * W_STAGE);        // [STAGES][BT] token scales
+    float* WSs = XSs + STAGES * BT;                      // [STAGES][BW] weight row scales
+    i64* a_rows = (i64*)(WSs + STAGES * BW);
+    i64* b_rows = a_rows + BT;
+    TileRange tr;
+    if (!setup_tile<BT, BW, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    const int groups = (int)p.k / BK;  // K is a multiple of 128 (validated at create)
+    const unsigned char* x = (const unsigned char*)p.a;
+    const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
+    const float* b_scale = (const float*)((const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride);
+
+    // Copy sources at group 0, shared addresses and zero-fill predicates, set once per block.
+    const u32 xs_base = (u32)__cvta_generic_to_shared(Xs), ws_base = (u32)__cvta_generic_to_shared(Ws);
+    const unsigned char* x_src[X_PER];
+    const unsigned char* w_src[W_PER];
+    u32 x_dst[X_PER], w_dst[W_PER];
+    u32 zero_fill = 0;  // bit n: token chunk n, bit X_PER + n: weight chunk n
 #pragma unroll
-    for (int j = 0; j < NB; ++j) {
-        const int c0 = 8 * j + 2 * t;
-        cs[c0 * CLD + row_x] = acc[j][0];
-        cs[(c0 + 1) * CLD + row_x] = acc[j][1];
-        cs[c0 * CLD + row_x + 8] = acc[j][2];
-        cs[(c0 + 1) * CLD + row_x + 8] = acc[j][3];
+    for (int n = 0; n < X_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 row = i < X_CHUNKS ? a_rows[i / 8] : -1;
+        x_src[n] = x + (row >= 0 ? row * p.lda + (i % 8) * 16 : 0);
+        x_dst[n] = xs_base + swizzle_128b(i / 8, i % 8);
+        zero_fill |= (u32)(row < 0) << n;
     }
-    if (BT < 16)
-        for (int i = threadIdx.x; i < (16 - BT) * CLD; i += THREADS) cs[BT * CLD + i] = 0.0f;
-    __syncthreads();
 #pragma unroll
-    for (int half = 0; half < C_ROWS / 16; ++half) {
-        float frag[2][4];
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-                for (int q = 0; q < 2; ++q)
-                    frag[jj][hh * 2 + q] = cs[(16 * half + g + 8 * hh) * CLD + 16 * warp + 8 * jj + 2 * t + q];
-        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, 16 * warp);
+    for (int n = 0; n < W_PER; ++n) {
+        const int i = threadIdx.x + n * THREADS;
+        const i64 row = b_rows[i / 8];
+        w_src[n] = b + (row >= 0 ? row * p.ldb + (i % 8) * 16 : 0);
+        w_dst[n] = ws_base + swizzle_128b(i / 8, i % 8);
+        zero_fill |= (u32)(row < 0) << (X_PER + n);
     }
+    const float* sx_src = nullptr;
+    const float* sw_src = nullptr;
+    if (threadIdx.x < BT && a_rows[threadIdx.x] >= 0) sx_src = p.a_scale + a_rows[threadIdx.x] * groups;
+    if (threadIdx.x < BW && b_rows[threadIdx.x] >= 0) sw_src = b_scale + (b_rows[threadIdx.x] / 64) * groups;
+
+    auto load_tokens = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+#pragma unroll
+        for (int n = 0; n < X_PER; ++n) {
+            if (X_CHUNKS % THREADS != 0 && threadIdx.x + n * THREADS >= X_CHUNKS) break;
+            cp_async_16_zfill(x_dst[n] + stage * X_STAGE, x_src[n] + k0, (zero_fill >> n) & 1);
+        }
+        if (threadIdx.x < BT)
+            cp_async_4(XSs + stage * BT + threadIdx.x, sx_src ? (const void*)(sx_src + kt) : (const void*)p.a_scale, sx_src != nullptr);
+    };
+    auto load_weights = [&](int stage, int kt) {
+        const int k0 = kt * BK;
+#pragma unroll
+        for (int n = 0; n < W_PER; ++n)
+            cp_async_16_zfill(w_dst[n] + stage * W_STAGE, w_src[n] + k0, (zero_fill >> (X_PER + n)) & 1);
+        if (threadIdx.x < BW)
+            cp_async_4(WSs + stage * BW + threadIdx.x, sw_src ? (const void*)(sw_src + kt) : (const void*)b_scale, sw_src != nullptr);
+    };
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    float acc[NB][4];
+    zero_accumulators<1, NB>(&acc);
+
+    auto compute = [&](int stage) {
+        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE);
+        float part[4][NB * 4];
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < 4; ++s) wgmma_e4m3_ss<NB>(part[s], w_desc + 2 * s, x_desc + 2 * s);  // +32 bytes: k + 32
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[s][q]);
+        const float* sw = WSs + stage * BW;
+        const float* sx = XSs + stage * BT;
+        const float w0 = sw[16 * warp + g], w1 = sw[16 * warp + g + 8];
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+            const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
+            const float scale[4] = {w0 * x0, w0 * x1, w1 * x0, w1 * x1};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int i = 4 * j + q;
+                acc[j][q] += (((part[0][i] + part[1][i]) + part[2][i]) + part[3][i]) * scale[q];
+            }
+        }
+    };
+
+    cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, begin_dependent,
+                                                               [&](int stage, int) { compute(stage); });
+    static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
+    store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Ws);
 }
 
 // Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
@@ -896,14 +1029,18 @@ extern "C" __global__ void __launch_bounds__(128)
             resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 
-// W4A8 tiles: 64 weight rows x 8 / 16 / 32 tokens, 4 stages; blocks per SM by registers.
-#define FDMOE_W4A8_MINBLOCKS_8 4
-#define FDMOE_W4A8_MINBLOCKS_16 3
-#define FDMOE_W4A8_MINBLOCKS_32 2
-#define FDMOE_QGEMM_W4A8(tokens, name, mode, act)                                                       \
-    extern "C" __global__ void __launch_bounds__(128, FDMOE_W4A8_MINBLOCKS_##tokens) qgemm_mxfp4_a##tokens##_##name(GemmParams p) { \
+// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens, 4 stages;
+// blocks per SM by registers. W4A8: MXFP4 with act_quant = FP8_MX; W8A8: FP8_BLOCK.
+#define FDMOE_MINBLOCKS_w4a8_8 4
+#define FDMOE_MINBLOCKS_w4a8_16 3
+#define FDMOE_MINBLOCKS_w4a8_32 2
+#define FDMOE_MINBLOCKS_w8a8_8 4
+#define FDMOE_MINBLOCKS_w8a8_16 4
+#define FDMOE_MINBLOCKS_w8a8_32 3
+#define FDMOE_QGEMM_WGMMA(body, fmt_name, tokens, name, mode, act)                                      \
+    extern "C" __global__ void __launch_bounds__(128, FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
-        grouped_gemm_w4a8<tokens, 4, m, act>(resolve_args<!weights_before_wait(m)>(p));                  \
+        grouped_gemm_##body<tokens, 4, m, act>(resolve_args<!weights_before_wait(m)>(p));               \
     }
 
 #define FDMOE_QGEMM_KINDS(GEN, ...)                                                       \
@@ -917,10 +1054,15 @@ FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, s)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, d)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
 #endif
+#ifdef FDMOE_SM90A
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 8)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 16)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 32)
+#endif
 #if defined(FDMOE_SM90A) && !defined(FDMOE_F16)
-FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W4A8, 8)
-FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W4A8, 16)
-FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W4A8, 32)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w4a8, mxfp4, 8)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w4a8, mxfp4, 16)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w4a8, mxfp4, 32)
 #endif
 #ifndef FDMOE_F16
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP4, FMT_MXFP4, mxfp4, n)

@@ -53,6 +53,11 @@ step() {
 for t in ${FDMOE_GPU_TESTS-cuda_graphs cuda_vs_cpu}; do
   step "$t" 300 .device/bin/$t --nocapture --test-threads=1
 done
+# On Hopper FP8_BLOCK runs the W8A8 wgmma tiles; FDMOE_FP8_MMA_SYNC=1 checks the sm_89 ones too.
+if [[ " ${FDMOE_GPU_TESTS-cuda_vs_cpu} " == *" cuda_vs_cpu "* ]]; then
+  step cuda_vs_cpu-fp8-mma-sync 120 env FDMOE_FP8_MMA_SYNC=1 FDMOE_GPU_CASES=fp8_block \
+    .device/bin/cuda_vs_cpu --nocapture --test-threads=1
+fi
 
 # The C++ binding on the CUDA backend (bindings/cpp/tests/test_cuda_layer.cpp).
 if [ -x .device/bin/cpp_test_cuda_layer ]; then
@@ -70,6 +75,9 @@ if [ -n "${FDMOE_SANITIZE:-}" ]; then
     compute-sanitizer --tool memcheck --error-exitcode 9 .device/bin/cuda_vs_cpu
   # The W4A8 GEMMs (bulk copies on mbarriers, wgmma from registers) at every token tile.
   step racecheck-w4a8 120 env FDMOE_GPU_CASES="w4a8 odd,w4a8 interleaved" \
+    compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
+  # The W8A8 GEMMs (FP8_BLOCK on sm_90a: cp.async into swizzled tiles, wgmma from shared).
+  step racecheck-w8a8 120 env FDMOE_GPU_CASES="fp8_block grouped,fp8_block interleaved" \
     compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
 fi
 
@@ -90,7 +98,7 @@ if [ -n "${FDMOE_BENCH:-}" ]; then
 fi
 
 # What each step measured, then the table of steps.
-for f in "$OUT"/cuda_vs_cpu.log; do [ -f "$f" ] && grep -E "FAIL|test result" "$f" | tail -5; done
+for f in "$OUT"/cuda_vs_cpu*.log; do [ -f "$f" ] && grep -E "FAIL|test result" "$f" | tail -5; done
 for f in "$OUT"/memcheck-*.log "$OUT"/racecheck-*.log; do [ -f "$f" ] && { echo "$(basename "$f"):"; grep -E "ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY" "$f" | tail -3; }; done
 [ -f "$OUT/gate-trace.log" ] && grep -E "^T=|stamp (1|2|3|4|5|6|7|8|9|10):" "$OUT/gate-trace.log"
 [ -f "$OUT/graph-latency.log" ] && grep -E "^\|" "$OUT/graph-latency.log" | tail -20

@@ -6,8 +6,8 @@ use super::compile::{
     SORT_BY_EXPERT,
 };
 use super::driver::{arg, DevicePtr, Function, Module, Stream};
-use super::tiles::{gemm_name, qgemm_name, GemmKind, QuantTile, Tile, GEMM_KINDS};
-use crate::config::{ExpertInputQuant, FdmoeActivation, FdmoeDtype};
+use super::tiles::{gemm_name, qgemm_name, GemmKind, QuantFamily, QuantTile, Tile, GEMM_KINDS};
+use crate::config::{ExpertInputQuant, FdmoeActQuant, FdmoeActivation, FdmoeDtype};
 use crate::error::{Error, Result};
 
 /// Mirrors `GemmParams` in kernels/common/gemm_tile.cuh.
@@ -248,6 +248,8 @@ pub struct Kernels {
     _modules: Vec<Module>,
     /// sm_90a: the wgmma tiles are available.
     pub hopper: bool,
+    /// Quantized experts: which kernels run them.
+    pub quant_family: QuantFamily,
     gate_split: Function,
     gate_split_mid: Function,
     gate_fused: Function,
@@ -340,10 +342,14 @@ impl Kernels {
         let mut modules = vec![gate, route, sort, gemm, combine];
         let mut qgemms = Vec::new();
         let mut quantize = None;
+        let act_quant = match input_quant {
+            Some(ExpertInputQuant::Fp8Mx) => FdmoeActQuant::Fp8Mx,
+            _ => FdmoeActQuant::None,
+        };
+        let quant_family = QuantFamily::of(weight_format, act_quant, hopper);
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
-            let w4a8 = input_quant == Some(ExpertInputQuant::Fp8Mx);
-            for &tile in QuantTile::all(weight_format, w4a8) {
+            for &tile in QuantTile::all(weight_format, quant_family) {
                 for kind in [GemmKind::UpGated, GemmKind::DownScaled] {
                     let name = qgemm_name(weight_format, tile, kind, activation);
                     qgemms.push((
@@ -382,6 +388,7 @@ impl Kernels {
             combine: combine_fn,
             gemms,
             hopper,
+            quant_family,
             _modules: modules,
         })
     }

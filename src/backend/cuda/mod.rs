@@ -153,12 +153,13 @@ impl Workspace {
         let el = cfg.act_dtype.dense_size().unwrap_or(2);
         let latent = cfg.latent_size.is_some() as usize;
         let s = cfg.shared_intermediate_size.unwrap_or(0);
-        // The tile table of the smallest row tile (W4A8's 8 tokens, else 16).
-        let min_block_m = if cfg.act_quant == FdmoeActQuant::Fp8Mx {
-            QuantTile::W4a8T8.block_m()
-        } else {
-            Tile::Small.block_m()
-        };
+        // The tile table of the smallest row tile (the wgmma tiles' 8 tokens, else 16).
+        let min_block_m =
+            if cfg.act_quant == FdmoeActQuant::Fp8Mx || cfg.weight_dtype == FdmoeDtype::Fp8Block {
+                QuantTile::WgmmaT8.block_m()
+            } else {
+                Tile::Small.block_m()
+            };
         let max_tiles = slots.div_ceil(min_block_m) + e.min(slots) + 1;
         let quant = cfg.expert_input_quant();
         let fp8 = quant.is_some() as usize;
@@ -400,7 +401,7 @@ impl CudaBackend {
             Tile::for_experts(rows_per_expert, l, k.hopper),
             QuantTile::choose(
                 self.config().weight_dtype,
-                self.config().act_quant == FdmoeActQuant::Fp8Mx,
+                k.quant_family,
                 rows_per_expert,
                 slots,
             ),

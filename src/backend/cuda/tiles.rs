@@ -1,7 +1,7 @@
 //! The grouped GEMMs' tile configurations (FDMOE_TILE_* and FDMOE_QTILE_* in kernels/*.cu),
 //! which one a forward takes for its rows per expert, and the kernel entry point names.
 
-use crate::config::{FdmoeActivation, FdmoeDtype};
+use crate::config::{FdmoeActQuant, FdmoeActivation, FdmoeDtype};
 
 /// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,8 +200,37 @@ pub(super) fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> Str
 
 /// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu), 4 warps each:
 /// for decode 16 x 64 (FP8) or 16 x 128 (FP4), and for FP4 also 16 x 64 when the wide tile would
-/// leave the GPU underfilled; for FP8 32 x 64 at 13-24 rows per expert; 64 x 128 otherwise.
-/// Every tile sums each output in the same order, so the choice never changes a bit.
+/// leave the GPU underfilled; for FP8 32 x 64 at 13-24 rows per expert; 64 x 128 otherwise. On
+/// sm_90a FP8_BLOCK, and MXFP4 with `act_quant = FP8_MX`, take the wgmma tiles instead, at every
+/// T. Within each family every tile sums each output in the same order, so the choice never
+/// changes a bit (graph buckets and eager forwards at other T agree bitwise).
+/// Which kernels run a quantized format's expert GEMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantFamily {
+    /// mma.sync tiles (sm_80 on): W4A16 for FP4, FP8 converted to f16 for FP8_BLOCK (sm_89).
+    MmaSync,
+    /// wgmma on E4M3 activations (sm_90a): W8A8 for FP8_BLOCK, W4A8 for MXFP4 with
+    /// `act_quant = FP8_MX`.
+    Wgmma,
+}
+
+impl QuantFamily {
+    /// The family for `format` on a device with (`hopper`) or without the wgmma kernels.
+    /// `FDMOE_FP8_MMA_SYNC` (read at create) keeps FP8_BLOCK on the sm_89 tiles on Hopper too,
+    /// so that the GPU tests reach them there.
+    pub fn of(format: FdmoeDtype, act_quant: FdmoeActQuant, hopper: bool) -> QuantFamily {
+        let w4a8 = act_quant == FdmoeActQuant::Fp8Mx;
+        let w8a8 = format == FdmoeDtype::Fp8Block
+            && hopper
+            && std::env::var_os("FDMOE_FP8_MMA_SYNC").is_none();
+        if w4a8 || w8a8 {
+            QuantFamily::Wgmma
+        } else {
+            QuantFamily::MmaSync
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantTile {
     Narrow,
@@ -210,14 +239,15 @@ pub enum QuantTile {
     /// read their weights twice (as `Tile::Decode32` for bf16).
     Decode32,
     Mid,
-    /// `act_quant = FP8_MX` (W4A8, sm_90a): 64 weight rows x 8 / 16 / 32 tokens, one warpgroup.
-    /// The promotion's cost grows with the token tile, so the smallest that gives most experts
-    /// one tile: up to 4 / 24 rows per expert on average, then 32 (at 16 rows, Qwen3-30B-A3B
-    /// T = 256, two 16-token tiles of an expert, the second reading its weights from L2, beat
-    /// one 32-token tile: H200 0.223 -> 0.211 ms).
-    W4a8T8,
-    W4a8T16,
-    W4a8T32,
+    /// wgmma on E4M3 activations (sm_90a): W4A8 (`grouped_gemm_w4a8`, MXFP4 with `act_quant =
+    /// FP8_MX`) and W8A8 (`grouped_gemm_w8a8`, FP8_BLOCK), 64 weight rows x 8 / 16 / 32 tokens,
+    /// one warpgroup. W4A8's promotion cost grows with the token tile, so the smallest that
+    /// gives most experts one tile: up to 4 / 24 rows per expert on average, then 32 (at 16
+    /// rows, Qwen3-30B-A3B T = 256, two 16-token tiles of an expert, the second reading its
+    /// weights from L2, beat one 32-token tile: H200 0.223 -> 0.211 ms).
+    WgmmaT8,
+    WgmmaT16,
+    WgmmaT32,
 }
 
 /// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
@@ -227,13 +257,13 @@ pub const FP4_NARROW_MAX_SLOTS: usize = 16;
 
 impl QuantTile {
     /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
-    pub fn choose(format: FdmoeDtype, w4a8: bool, rows: usize, slots: usize) -> QuantTile {
+    pub fn choose(format: FdmoeDtype, family: QuantFamily, rows: usize, slots: usize) -> QuantTile {
         let fp8 = format == FdmoeDtype::Fp8Block;
-        if w4a8 {
+        if family == QuantFamily::Wgmma {
             match rows {
-                0..=4 => QuantTile::W4a8T8,
-                5..=24 => QuantTile::W4a8T16,
-                _ => QuantTile::W4a8T32,
+                0..=4 => QuantTile::WgmmaT8,
+                5..=24 => QuantTile::WgmmaT16,
+                _ => QuantTile::WgmmaT32,
             }
         } else if rows > DECODE32_MAX_ROWS {
             QuantTile::Mid
@@ -245,32 +275,34 @@ impl QuantTile {
             QuantTile::Small
         }
     }
-    /// The tiles a format has kernels for.
-    pub fn all(format: FdmoeDtype, w4a8: bool) -> &'static [QuantTile] {
+    /// The tiles a format has kernels for in `family`.
+    pub fn all(format: FdmoeDtype, family: QuantFamily) -> &'static [QuantTile] {
         match format {
-            _ if w4a8 => &[QuantTile::W4a8T8, QuantTile::W4a8T16, QuantTile::W4a8T32],
+            _ if family == QuantFamily::Wgmma => {
+                &[QuantTile::WgmmaT8, QuantTile::WgmmaT16, QuantTile::WgmmaT32]
+            }
             FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Decode32, QuantTile::Mid],
             _ => &[QuantTile::Narrow, QuantTile::Small, QuantTile::Mid],
         }
     }
     pub fn block_m(self) -> usize {
         match self {
-            QuantTile::Narrow | QuantTile::Small | QuantTile::W4a8T16 => 16,
-            QuantTile::Decode32 | QuantTile::W4a8T32 => 32,
+            QuantTile::Narrow | QuantTile::Small | QuantTile::WgmmaT16 => 16,
+            QuantTile::Decode32 | QuantTile::WgmmaT32 => 32,
             QuantTile::Mid => 64,
-            QuantTile::W4a8T8 => 8,
+            QuantTile::WgmmaT8 => 8,
         }
     }
-    /// One of `act_quant = FP8_MX`'s tiles (`grouped_gemm_w4a8`).
-    pub fn is_w4a8(self) -> bool {
+    /// One of the wgmma tiles on E4M3 activations (`grouped_gemm_w4a8` / `grouped_gemm_w8a8`).
+    pub fn is_wgmma(self) -> bool {
         matches!(
             self,
-            QuantTile::W4a8T8 | QuantTile::W4a8T16 | QuantTile::W4a8T32
+            QuantTile::WgmmaT8 | QuantTile::WgmmaT16 | QuantTile::WgmmaT32
         )
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            _ if self.is_w4a8() => 64,
+            _ if self.is_wgmma() => 64,
             (QuantTile::Narrow | QuantTile::Decode32, _)
             | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
             _ => 128,
@@ -279,7 +311,7 @@ impl QuantTile {
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the W4A8 tiles: 4).
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            _ if self.is_w4a8() => 4,
+            _ if self.is_wgmma() => 4,
             (QuantTile::Small | QuantTile::Decode32, FdmoeDtype::Fp8Block) => 2,
             (QuantTile::Narrow | QuantTile::Small, _) => 3,
             _ => 4,
@@ -291,16 +323,21 @@ impl QuantTile {
             QuantTile::Small => "s",
             QuantTile::Decode32 => "d",
             QuantTile::Mid => "m",
-            QuantTile::W4a8T8 => "a8",
-            QuantTile::W4a8T16 => "a16",
-            QuantTile::W4a8T32 => "a32",
+            QuantTile::WgmmaT8 => "a8",
+            QuantTile::WgmmaT16 => "a16",
+            QuantTile::WgmmaT32 => "a32",
         }
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
     pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
         let (bm, bn, stages) = (self.block_m(), self.block_n(format), self.stages(format));
         let rows = (bm + bn) * 8;
-        if self.is_w4a8() {
+        if self.is_wgmma() && format == FdmoeDtype::Fp8Block {
+            // grouped_gemm_w8a8: token and weight rows, one scale each a stage, and the
+            // 1024-byte alignment of the swizzled rows.
+            return 1024 + stages * ((bm + bn) * 128 + (bm + bn) * 4) + rows;
+        }
+        if self.is_wgmma() {
             // grouped_gemm_w4a8: tokens, packed weights, their scales, the tokens' scales and a
             // barrier a stage, and the 1024-byte alignment of the swizzled token rows.
             return 1024 + stages * (bm * 128 + (bn / 8) * 2 * (256 + 16) + bm * 16 + 8) + rows;
@@ -342,49 +379,94 @@ mod tests {
     fn fp4_decode_takes_the_narrow_tile_only_for_small_grids() {
         use FdmoeDtype::*;
         for fmt in [Mxfp4, Nvfp4] {
-            assert_eq!(QuantTile::choose(fmt, false, 1, 8), QuantTile::Narrow);
             assert_eq!(
-                QuantTile::choose(fmt, false, 1, FP4_NARROW_MAX_SLOTS),
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, 8),
                 QuantTile::Narrow
             );
             assert_eq!(
-                QuantTile::choose(fmt, false, 1, FP4_NARROW_MAX_SLOTS + 1),
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, FP4_NARROW_MAX_SLOTS),
+                QuantTile::Narrow
+            );
+            assert_eq!(
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, FP4_NARROW_MAX_SLOTS + 1),
                 QuantTile::Small
             );
-            assert_eq!(QuantTile::choose(fmt, false, 25, 4096), QuantTile::Mid);
-            assert!(QuantTile::all(fmt, false).contains(&QuantTile::Narrow));
+            assert_eq!(
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 25, 4096),
+                QuantTile::Mid
+            );
+            assert!(QuantTile::all(fmt, QuantFamily::MmaSync).contains(&QuantTile::Narrow));
         }
-        assert_eq!(QuantTile::choose(Fp8Block, false, 1, 8), QuantTile::Small);
         assert_eq!(
-            QuantTile::choose(Fp8Block, false, 12, 1536),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 1, 8),
             QuantTile::Small
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, false, 16, 2048),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 12, 1536),
+            QuantTile::Small
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 16, 2048),
             QuantTile::Decode32,
             "Qwen3 T = 256"
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, false, 24, 3072),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 24, 3072),
             QuantTile::Decode32
         );
-        assert_eq!(QuantTile::choose(Fp8Block, false, 25, 3200), QuantTile::Mid);
-        assert!(!QuantTile::all(Fp8Block, false).contains(&QuantTile::Narrow));
-        assert_eq!(QuantTile::choose(Mxfp4, false, 16, 2048), QuantTile::Small);
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 25, 3200),
+            QuantTile::Mid
+        );
+        assert!(!QuantTile::all(Fp8Block, QuantFamily::MmaSync).contains(&QuantTile::Narrow));
+        assert_eq!(
+            QuantTile::choose(Mxfp4, QuantFamily::MmaSync, 16, 2048),
+            QuantTile::Small
+        );
         // Every tile fits an SM's shared memory (227 KB a block on sm_90).
         for fmt in [Fp8Block, Mxfp4, Nvfp4] {
-            for &t in QuantTile::all(fmt, false) {
+            for &t in QuantTile::all(fmt, QuantFamily::MmaSync) {
                 assert!(t.smem_bytes(fmt) <= 227 * 1024, "{t:?} {fmt:?}");
             }
         }
-        for &t in QuantTile::all(Mxfp4, true) {
-            assert!(t.is_w4a8() && t.smem_bytes(Mxfp4) <= 227 * 1024, "{t:?}");
+        for fmt in [Mxfp4, Fp8Block] {
+            for &t in QuantTile::all(fmt, QuantFamily::Wgmma) {
+                assert!(t.is_wgmma() && t.smem_bytes(fmt) <= 227 * 1024, "{t:?}");
+            }
         }
-        assert_eq!(QuantTile::choose(Mxfp4, true, 1, 8), QuantTile::W4a8T8);
-        assert_eq!(QuantTile::choose(Mxfp4, true, 8, 2048), QuantTile::W4a8T16);
+        // W8A8: at least 4 blocks of each tile share an SM.
+        for &t in QuantTile::all(Fp8Block, QuantFamily::Wgmma) {
+            assert!(4 * t.smem_bytes(Fp8Block) <= 227 * 1024, "{t:?}");
+        }
         assert_eq!(
-            QuantTile::choose(Mxfp4, true, 64, 65536),
-            QuantTile::W4a8T32
+            QuantFamily::of(Fp8Block, FdmoeActQuant::None, false),
+            QuantFamily::MmaSync
+        );
+        assert_eq!(
+            QuantFamily::of(Mxfp4, FdmoeActQuant::None, true),
+            QuantFamily::MmaSync
+        );
+        assert_eq!(
+            QuantFamily::of(Mxfp4, FdmoeActQuant::Fp8Mx, true),
+            QuantFamily::Wgmma
+        );
+        if std::env::var_os("FDMOE_FP8_MMA_SYNC").is_none() {
+            assert_eq!(
+                QuantFamily::of(Fp8Block, FdmoeActQuant::None, true),
+                QuantFamily::Wgmma
+            );
+        }
+        assert_eq!(
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 1, 8),
+            QuantTile::WgmmaT8
+        );
+        assert_eq!(
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 8, 2048),
+            QuantTile::WgmmaT16
+        );
+        assert_eq!(
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 64, 65536),
+            QuantTile::WgmmaT32
         );
     }
 
