@@ -616,6 +616,15 @@ fn cases() -> Vec<Case> {
             )
         });
     }
+    // On sm_90a FP8_BLOCK's W8A8 tiles by rows per expert (ceil(T / 4) with 16 experts, k = 4):
+    // 5 and 10 rows the 16-token tile, 13 the 32-token one.
+    v.push(Case {
+        tokens: vec![20, 40, 52],
+        ..mk(
+            "fp8_block token tiles",
+            q(FdmoeDtype::Fp8Block, FdmoeDtype::Bf16),
+        )
+    });
     v.push(mk(
         "fp8_block f16",
         q(FdmoeDtype::Fp8Block, FdmoeDtype::F16),

@@ -244,7 +244,9 @@ pub enum QuantTile {
     /// one warpgroup. W4A8's promotion cost grows with the token tile, so the smallest that
     /// gives most experts one tile: up to 4 / 24 rows per expert on average, then 32 (at 16
     /// rows, Qwen3-30B-A3B T = 256, two 16-token tiles of an expert, the second reading its
-    /// weights from L2, beat one 32-token tile: H200 0.223 -> 0.211 ms).
+    /// weights from L2, beat one 32-token tile: H200 0.223 -> 0.211 ms; the 8-token tile up to
+    /// 8 rows lost too: DeepSeek-V3 T = 256 2.04 -> 2.19 ms). W8A8 promotes once per 128 of K,
+    /// so there one 32-token tile wins from 13 rows (Qwen3 T = 256 0.209 -> 0.197 ms).
     WgmmaT8,
     WgmmaT16,
     WgmmaT32,
@@ -262,6 +264,7 @@ impl QuantTile {
         if family == QuantFamily::Wgmma {
             match rows {
                 0..=4 => QuantTile::WgmmaT8,
+                13..=24 if fp8 => QuantTile::WgmmaT32,
                 5..=24 => QuantTile::WgmmaT16,
                 _ => QuantTile::WgmmaT32,
             }
@@ -308,7 +311,7 @@ impl QuantTile {
             _ => 128,
         }
     }
-    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the W4A8 tiles: 4).
+    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the wgmma tiles: 4).
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
             _ if self.is_wgmma() => 4,
@@ -463,6 +466,20 @@ mod tests {
         assert_eq!(
             QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 8, 2048),
             QuantTile::WgmmaT16
+        );
+        assert_eq!(
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 16, 2048),
+            QuantTile::WgmmaT16,
+            "W4A8, Qwen3 T = 256"
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 12, 1536),
+            QuantTile::WgmmaT16
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 16, 2048),
+            QuantTile::WgmmaT32,
+            "W8A8, Qwen3 T = 256"
         );
         assert_eq!(
             QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 64, 65536),
