@@ -198,12 +198,6 @@ pub(super) fn gemm_name(tile: Tile, kind: GemmKind, act: FdmoeActivation) -> Str
     format!("gemm_{}_{kind}", tile.suffix())
 }
 
-/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu), 4 warps each:
-/// for decode 16 x 64 (FP8) or 16 x 128 (FP4), and for FP4 also 16 x 64 when the wide tile would
-/// leave the GPU underfilled; for FP8 32 x 64 at 13-24 rows per expert; 64 x 128 otherwise. On
-/// sm_90a FP8_BLOCK, and MXFP4 with `act_quant = FP8_MX`, take the wgmma tiles instead, at every
-/// T. Within each family every tile sums each output in the same order, so the choice never
-/// changes a bit (graph buckets and eager forwards at other T agree bitwise).
 /// Which kernels run a quantized format's expert GEMMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantFamily {
@@ -231,6 +225,12 @@ impl QuantFamily {
     }
 }
 
+/// Tiles of the quantized expert GEMMs (FDMOE_QTILE_* in grouped_gemm_quant.cu), 4 warps each:
+/// for decode 16 x 64 (FP8) or 16 x 128 (FP4), and for FP4 also 16 x 64 when the wide tile would
+/// leave the GPU underfilled; for FP8 32 x 64 at 13-24 rows per expert; 64 x 128 otherwise. On
+/// sm_90a FP8_BLOCK, and MXFP4 with `act_quant = FP8_MX`, take the wgmma tiles instead, at every
+/// T. Within each family every tile sums each output in the same order, so the choice never
+/// changes a bit (graph buckets and eager forwards at other T agree bitwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantTile {
     Narrow,
