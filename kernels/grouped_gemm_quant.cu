@@ -31,9 +31,9 @@
 // (real checkpoints), one bf16x2 multiply per register by multipliers made once per block; its
 // decode tile is 128 wide, which halves the activation tile's shared reads (every warp reads
 // all of it) and the fixed instructions per weight. On the H200 at DeepSeek-V3 T = 16-256
-// (BENCHMARKS.md) sm_89's FP8 tiles stream at 1.09-1.13x their byte floor (W8A8 wgmma at
-// ~1.0-1.04x), MXFP4 at 1.43-1.58x (0.38-0.42x
-// the bf16 floor, whose bytes it has 0.27x of), there with 5 warps per scheduler, 65% of issue
+// (BENCHMARKS.md) the mma.sync FP8 tiles stream at 1.09-1.13x their byte floor (the W8A8 wgmma
+// ones at 1.00-1.04x), MXFP4 at 1.43-1.58x (0.38-0.42x the bf16 floor, whose bytes it has
+// 0.27x of), there with 5 warps per scheduler, 65% of issue
 // slots busy and its two decode pipes (integer ALU, FMA) about evenly loaded (ncu): bound by the
 // instructions per weight at that occupancy. A stage of the decode tile issues ~465 a warp for
 // 128 weights a lane: ~305 decode and MMA, ~70 copies, ~90 fragment loads, scale set-up and
@@ -790,17 +790,19 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 }
 
 // FP8_BLOCK on Hopper (W8A8 wgmma, sm_90a): the weights' E4M3 rows are the wgmma's A operand
-// and the tokens' its B, both straight from 128-byte-swizzled shared tiles, which cp.async fills
-// from the checkpoint's [N, K] layout (no repack). A warpgroup computes 64 weight rows (wgmma M)
-// x BT tokens (N); each k32 wgmma sums into a fresh partial, a stage's four are added in order
-// and promoted once per 128 of K as partial * scale_w(row) * scale_x(token), the stage being one
-// scale group of both.
+// and the tokens' rows its B operand, both straight from 128-byte-swizzled shared tiles that
+// cp.async fills from the checkpoint's [N, K] layout (no repack). A warpgroup computes 64
+// weight rows (wgmma M) x BT tokens (N); each k32 wgmma sums into a fresh partial, a stage's
+// four are added in order and promoted once per 128 of K as partial * scale_w(row) *
+// scale_x(token), the stage being one scale group of both.
 //
-// Why it is fast: the sm_80 FP8 tiles above convert every weight to f16 (F2FP) for two m16n8k16
-// MMAs per k32, ~1.1x the bytes' time at DeepSeek-V3 decode bound by issued instructions; here a
-// stage of 64 x 128 weights is four wgmma and, per thread, four 16-byte copies, a few for the
-// tokens and ~5 instructions per accumulator, so the weights' stream is what is left. All three
-// token tiles (and every T) sum each output in the same order, so tile choice changes no bit.
+// Why it is fast: the mma.sync FP8 tiles above (sm_89) convert every weight to f16 (F2FP) for
+// two m16n8k16 MMAs per k32, ~1.1x the bytes' time at DeepSeek-V3 decode, bound by issued
+// instructions; here a stage of 64 x 128 weights is four wgmma and, per thread, four 16-byte
+// copies, a few for the tokens and ~5 instructions per accumulator, so the weights' stream is
+// what is left (H200, DeepSeek-V3 T = 16-256: 0.50-0.52x the bf16 floor against 0.56-0.58x).
+// All three token tiles (and every T) sum each output in the same order, so tile choice
+// changes no bit.
 template <int BT, int STAGES, int MODE, int ACT>
 __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     constexpr int THREADS = 128, BW = 64, BK = 128;
