@@ -178,10 +178,11 @@ extern "C" __global__ void __launch_bounds__(256)
 // its threads read them (CUTLASS's barrier pattern). The last block's work is a chain of
 // latencies, so each link counts. Phase stamps (bench/gate_trace.cu, H200, Qwen3 T = 1, us
 // after the first block starts): gate summed 3.4, counted 4.1, logits loaded 4.8 (2026-12-01);
-// scores 5.1, 8 picks 6.1, weights written 6.6, sorted 8.3 (2026-12-03). A sequentially consistent __threadfence() by
-// every thread in place of the one atomic cost ~1.5 us; with one group (T <= 4) there is no
-// second count, and at most 32 slots sort in one warp (sort_slots_warp) from the picks still
-// in shared memory. Needs E <= 256 (one sort thread per expert).
+// scores 5.1, 8 picks 6.1, weights written 6.6, sorted 8.3 (2026-12-03). A sequentially
+// consistent __threadfence() by every thread in place of the one atomic cost ~1.5 us; with
+// one group (T <= 4) there is no second count, and at most 32 slots sort in one warp
+// (sort_slots_warp) from the picks still in shared memory. Needs E <= 256 (one sort thread
+// per expert).
 // Dynamic smem: max(4 tokens of routing scratch, 8 * E sort counts).
 struct FusedRouting {
     RouteParams route;

@@ -7,7 +7,7 @@ use super::compile::{
 };
 use super::driver::{arg, DevicePtr, Function, Module, Stream};
 use super::tiles::{gemm_name, qgemm_name, GemmKind, QuantFamily, QuantTile, Tile, GEMM_KINDS};
-use crate::config::{ExpertInputQuant, FdmoeActQuant, FdmoeActivation, FdmoeDtype};
+use crate::config::{ExpertInputQuant, FdmoeActivation, FdmoeDtype};
 use crate::error::{Error, Result};
 
 /// Mirrors `GemmParams` in kernels/common/gemm_tile.cuh.
@@ -342,11 +342,7 @@ impl Kernels {
         let mut modules = vec![gate, route, sort, gemm, combine];
         let mut qgemms = Vec::new();
         let mut quantize = None;
-        let act_quant = match input_quant {
-            Some(ExpertInputQuant::Fp8Mx) => FdmoeActQuant::Fp8Mx,
-            _ => FdmoeActQuant::None,
-        };
-        let quant_family = QuantFamily::of(weight_format, act_quant, hopper);
+        let quant_family = QuantFamily::of(weight_format, input_quant, hopper);
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
             for &tile in QuantTile::all(weight_format, quant_family) {

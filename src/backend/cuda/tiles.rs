@@ -1,7 +1,7 @@
 //! The grouped GEMMs' tile configurations (FDMOE_TILE_* and FDMOE_QTILE_* in kernels/*.cu),
 //! which one a forward takes for its rows per expert, and the kernel entry point names.
 
-use crate::config::{FdmoeActQuant, FdmoeActivation, FdmoeDtype};
+use crate::config::{ExpertInputQuant, FdmoeActivation, FdmoeDtype};
 
 /// A GEMM tile configuration (must match FDMOE_TILE_* in grouped_gemm.cu).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,11 +209,16 @@ pub enum QuantFamily {
 }
 
 impl QuantFamily {
-    /// The family for `format` on a device with (`hopper`) or without the wgmma kernels.
-    /// `FDMOE_FP8_MMA_SYNC` (read at create) keeps FP8_BLOCK on the sm_89 tiles on Hopper too,
-    /// so that the GPU tests reach them there.
-    pub fn of(format: FdmoeDtype, act_quant: FdmoeActQuant, hopper: bool) -> QuantFamily {
-        let w4a8 = act_quant == FdmoeActQuant::Fp8Mx;
+    /// The family for `format` with the expert GEMMs' input quantization `input_quant`, on a
+    /// device with (`hopper`) or without the wgmma kernels. `FDMOE_FP8_MMA_SYNC` (read at
+    /// create) keeps FP8_BLOCK on the sm_89 tiles on Hopper too, so that the GPU tests reach
+    /// them there.
+    pub fn of(
+        format: FdmoeDtype,
+        input_quant: Option<ExpertInputQuant>,
+        hopper: bool,
+    ) -> QuantFamily {
+        let w4a8 = input_quant == Some(ExpertInputQuant::Fp8Mx);
         let w8a8 = format == FdmoeDtype::Fp8Block
             && hopper
             && std::env::var_os("FDMOE_FP8_MMA_SYNC").is_none();
@@ -442,20 +447,17 @@ mod tests {
             assert!(4 * t.smem_bytes(Fp8Block) <= 227 * 1024, "{t:?}");
         }
         assert_eq!(
-            QuantFamily::of(Fp8Block, FdmoeActQuant::None, false),
+            QuantFamily::of(Fp8Block, Some(ExpertInputQuant::Fp8Block), false),
             QuantFamily::MmaSync
         );
+        assert_eq!(QuantFamily::of(Mxfp4, None, true), QuantFamily::MmaSync);
         assert_eq!(
-            QuantFamily::of(Mxfp4, FdmoeActQuant::None, true),
-            QuantFamily::MmaSync
-        );
-        assert_eq!(
-            QuantFamily::of(Mxfp4, FdmoeActQuant::Fp8Mx, true),
+            QuantFamily::of(Mxfp4, Some(ExpertInputQuant::Fp8Mx), true),
             QuantFamily::Wgmma
         );
         if std::env::var_os("FDMOE_FP8_MMA_SYNC").is_none() {
             assert_eq!(
-                QuantFamily::of(Fp8Block, FdmoeActQuant::None, true),
+                QuantFamily::of(Fp8Block, Some(ExpertInputQuant::Fp8Block), true),
                 QuantFamily::Wgmma
             );
         }
