@@ -28,9 +28,12 @@ import gpu_bench  # noqa: E402  (environment setup and layer builders)
 def build_layer(args, torch, fdmoe, A):
     E, k, H, I = A.SHAPES[args.shape]
     if args.format != "bfloat16":
+        w4a8 = args.format == "mxfp4_a8"  # MXFP4 experts on FP8 activations, as in gpu_bench
+        weights = "mxfp4" if w4a8 else args.format
         layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
-                               weight_dtype=args.format, max_tokens=args.tokens, device="cuda")
-        gpu_bench.QuantizedExperts(torch, args.format, E, H, I).load_into(layer)
+                               weight_dtype=weights, max_tokens=args.tokens, device="cuda",
+                               act_quant="fp8_mx" if w4a8 else "none")
+        gpu_bench.QuantizedExperts(torch, weights, E, H, I).load_into(layer)
         return layer, True
     w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / math.sqrt(H)
     w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / math.sqrt(I)

@@ -38,6 +38,7 @@
 // instructions per weight at that occupancy. A stage of the decode tile issues ~465 a warp for
 // 128 weights a lane: ~305 decode and MMA, ~70 copies, ~90 fragment loads, scale set-up and
 // loop control (SASS of the executed path).
+#include "common/block_arrive.cuh"
 #include "common/gemm_tile.cuh"
 #include "common/mma.cuh"
 #include "common/fp8.cuh"
@@ -584,9 +585,100 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
 // floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
 // (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
+// One FP8_BLOCK activation group: a warp's 128 channels of a row (4 a lane, `v`) as E4M3
+// (the lane's 4 bytes at `out4`) and the group's f32 scale, exactly as src/quant/fp8_act.rs:
+// amax over the finite values (at least 1e-4), codes = RNE-saturate(x * (448 / amax)),
+// scale = amax / 448.
+__device__ __forceinline__ void quantize_fp8_block_group(const float (&v)[4], unsigned char* out4, float* scale, int lane) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        if (isfinite(v[q])) amax = fmaxf(amax, fabsf(v[q]));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    amax = fmaxf(amax, 1.0e-4f);
+    const float multiplier = 448.0f / amax;
+    u32 codes = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) codes |= encode_e4m3(v[q] * multiplier) << (8 * q);
+    *(u32*)out4 = codes;
+    if (lane == 0) *scale = amax / 448.0f;
+}
+
+// One FP8_MX activation group: a warp's 32 channels (one a lane) by the pre-dispatch rule, the
+// scale stored as the f32 2^(exponent + 6) (the 2^-6 of the W4A8 weights' decode undone; NaN
+// for a group holding ±inf).
+__device__ __forceinline__ void quantize_mx_group(float v, unsigned char* out, float* scale, int lane) {
+    int e;
+    bool inf_group;
+    *out = (unsigned char)pre_dispatch_code(v, e, inf_group);
+    if (lane == 0) *scale = inf_group ? __uint_as_float(0x7FC00000u) : __uint_as_float((u32)(e + 127 + 6) << 23);
+}
+
+// Loads through L2 only: values other blocks stored in this launch, after the acquire that
+// made them visible (L1 is not coherent).
+__device__ __forceinline__ float load_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 load_cg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+
 #ifdef FDMOE_SM90A
 // Shared bytes store_weight_row_tile needs: [tokens, at least 16][64 + 4] f32.
 __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (bt < 16 ? 16 : bt) * (64 + 4) * 4; }
+
+// GEMM 1's activations quantized where the wgmma bodies make them (the f32 tile they just
+// stored, read back from L2), by quantize_mx_fp8_rows' rule (MX) or quantize_fp8_rows' (else),
+// so that no launch sits between the GEMMs and GEMM 2's blocks copy their first weights while
+// GEMM 1 drains. An FP8_MX group (32 channels) is one block's columns; an FP8_BLOCK group (128)
+// spans four column tiles of a row tile, and the last of their blocks to arrive quantizes it
+// (the values are the same whoever does, so the bits do not depend on the order). A warp's
+// rows are all loaded before any is quantized: one L2 round trip a block, not one a row (one
+// a row cost ~20 us at Qwen3-30B-A3B T = 256, 32-row tiles).
+template <bool MX, int BT>
+__device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const TileRange& tr) {
+    constexpr int COLS = 32;                // a gated tile's output columns (64 weight rows)
+    constexpr int ROWS_A_WARP = (BT + 3) / 4;
+    const int N = (int)p.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float* act = (const float*)p.c;
+    int g;
+    if (MX) {
+        __syncthreads();  // the block's own stores, visible to all its threads
+        g = tr.col_base / 32;
+    } else {
+        const int col_tiles = N / COLS, tile = blockIdx.x / col_tiles, col_tile = blockIdx.x % col_tiles;
+        int* counter = p.arrivals + (i64)tile * (N / 128) + col_tile / 4;
+        if (!block_arrive(counter, 4)) return;
+        if (threadIdx.x == 0) *counter = 0;
+        g = col_tile / 4;
+    }
+    const int channel = MX ? g * 32 + lane : g * 128 + lane * 4;
+    float4 v[ROWS_A_WARP];
+#pragma unroll
+    for (int j = 0; j < ROWS_A_WARP; ++j) {
+        const int r = warp + 4 * j;
+        if (r >= tr.rows) continue;
+        const float* src = act + (i64)(tr.row0 + r) * p.ldc + channel;
+        if (MX) v[j].x = load_cg(src);
+        else v[j] = load_cg4(src);
+    }
+#pragma unroll
+    for (int j = 0; j < ROWS_A_WARP; ++j) {
+        const int r = warp + 4 * j;
+        if (r >= tr.rows) continue;
+        const i64 row = tr.row0 + r, i = row * p.ldc + channel;
+        if (MX) {
+            quantize_mx_group(v[j].x, p.c_fp8 + i, p.c_fp8_scale + row * ((N + 127) / 128 * 4) + g, lane);
+        } else {
+            const float q[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+            quantize_fp8_block_group(q, p.c_fp8 + i, p.c_fp8_scale + row * (N / 128) + g, lane);
+        }
+    }
+}
 
 // The epilogue of the wgmma tiles whose accumulators hold [64 weight rows][BT tokens] (as every
 // wgmma accumulator: warp w's rows 16w + g and + 8, tokens 8j + 2t and + 1): store_fragment takes
@@ -787,6 +879,7 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 
     static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
     store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq);
+    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT>(p, tr);
 }
 
 // FP8_BLOCK on Hopper (W8A8 wgmma, sm_90a): the weights' E4M3 rows are the wgmma's A operand
@@ -910,6 +1003,7 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
                                                                [&](int stage, int) { compute(stage); });
     static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
     store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Ws);
+    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT>(p, tr);
 }
 
 // Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
@@ -917,11 +1011,9 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
 // channels, stored as the f32 2^(exponent + 6) (the 2^-6 of the weights' decode undone; NaN for
 // a group holding ±inf) in rows of ceil(K / 128) * 4 scales, the padding ones 0. One warp per
 // group. Grid: (max rows, ceil(K / 128)); block 128.
-extern "C" __global__ void __launch_bounds__(128)
-    quantize_mx_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out,
-                         float* __restrict__ scales, int cols, const int* num_tokens_dev, int num_tokens,
-                         int rows_per_token, const u64* args_block, int in_arg) {
-    begin_dependent();
+__device__ __forceinline__ void quantize_mx_fp8_row(const void* in, int in_f32, unsigned char* out, float* scales, int cols,
+                                                    const int* num_tokens_dev, int num_tokens, int rows_per_token,
+                                                    const u64* args_block, int in_arg) {
     const int row = blockIdx.x;
     if (row >= token_count(num_tokens_dev, num_tokens) * rows_per_token) return;
     if (args_block && in_arg >= 0) in = (const void*)args_block[in_arg];
@@ -932,27 +1024,34 @@ extern "C" __global__ void __launch_bounds__(128)
         return;
     }
     const i64 i = (i64)row * cols + g * 32 + lane;
-    const float v = in_f32 ? ((const float*)in)[i] : elem_to_float(((const u16*)in)[i]);
-    int e;
-    bool inf_group;
-    out[i] = (unsigned char)pre_dispatch_code(v, e, inf_group);
-    if (lane == 0) *scale = inf_group ? __uint_as_float(0x7FC00000u) : __uint_as_float((u32)(e + 127 + 6) << 23);
+    quantize_mx_group(in_f32 ? ((const float*)in)[i] : elem_to_float(((const u16*)in)[i]), out + i, scale, lane);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    quantize_mx_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out,
+                         float* __restrict__ scales, int cols, const int* num_tokens_dev, int num_tokens,
+                         int rows_per_token, const u64* args_block, int in_arg) {
+    // The caller's x is read before the wait (types.cuh, allow_dependents).
+    const bool input_ready = in_arg == ARG_X;
+    if (input_ready) allow_dependents();
+    else begin_dependent();
+    quantize_mx_fp8_row(in, in_f32, out, scales, cols, num_tokens_dev, num_tokens, rows_per_token, args_block, in_arg);
+    if (input_ready) wait_for_previous();
 }
 #endif
 
 // ---------------------------------------------------------------------------------------------
 // FP8_BLOCK activations: each row of a [rows, K] matrix (the element type, or f32 when
-// `in_f32`: GEMM 1's activations and fc1's output stay f32 until here, so they are rounded once,
-// to E4M3, as in the CPU reference) becomes E4M3 with one f32 scale per 128 channels, exactly as
+// `in_f32`: fc1's output and the mma.sync tiles' GEMM 1 activations stay f32 until here (the
+// wgmma tiles quantize theirs in GEMM 1, quantize_gated_tile), so they are rounded once, to
+// E4M3, as in the CPU reference) becomes E4M3 with one f32 scale per 128 channels, exactly as
 // src/quant/fp8_act.rs: amax over the finite values (at least 1e-4), codes =
 // RNE-saturate(x * (448 / amax)), scale = amax / 448. One warp per group (4 channels a lane), so
 // the amax is one warp reduction. rows = T * rows_per_token (T from the device when graphs
 // replay). Grid: (max rows, ceil(K / 128 / 4)); block 128.
-extern "C" __global__ void __launch_bounds__(128)
-    quantize_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out, float* __restrict__ scales,
-                      int cols, const int* num_tokens_dev, int num_tokens, int rows_per_token, const u64* args_block,
-                      int in_arg) {
-    begin_dependent();
+__device__ __forceinline__ void quantize_fp8_row(const void* in, int in_f32, unsigned char* out, float* scales, int cols,
+                                                 const int* num_tokens_dev, int num_tokens, int rows_per_token,
+                                                 const u64* args_block, int in_arg) {
     const int row = blockIdx.x;
     if (row >= token_count(num_tokens_dev, num_tokens) * rows_per_token) return;
     if (args_block && in_arg >= 0) in = (const void*)args_block[in_arg];
@@ -969,18 +1068,19 @@ extern "C" __global__ void __launch_bounds__(128)
         v[0] = elem_to_float(raw.x & 0xFFFFu), v[1] = elem_to_float(raw.x >> 16);
         v[2] = elem_to_float(raw.y & 0xFFFFu), v[3] = elem_to_float(raw.y >> 16);
     }
-    float amax = 0.0f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        if (isfinite(v[q])) amax = fmaxf(amax, fabsf(v[q]));
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    amax = fmaxf(amax, 1.0e-4f);
-    const float multiplier = 448.0f / amax;
-    u32 codes = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) codes |= encode_e4m3(v[q] * multiplier) << (8 * q);
-    *(u32*)(out + base) = codes;
-    if (lane == 0) scales[(i64)row * groups + g] = amax / 448.0f;
+    quantize_fp8_block_group(v, out + base, scales + (i64)row * groups + g, lane);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    quantize_fp8_rows(const void* __restrict__ in, int in_f32, unsigned char* __restrict__ out, float* __restrict__ scales,
+                      int cols, const int* num_tokens_dev, int num_tokens, int rows_per_token, const u64* args_block,
+                      int in_arg) {
+    // The caller's x is read before the wait (types.cuh, allow_dependents).
+    const bool input_ready = in_arg == ARG_X;
+    if (input_ready) allow_dependents();
+    else begin_dependent();
+    quantize_fp8_row(in, in_f32, out, scales, cols, num_tokens_dev, num_tokens, rows_per_token, args_block, in_arg);
+    if (input_ready) wait_for_previous();
 }
 
 // Entry points: qgemm_<format>_<tile>_<up_act | down_scaled>. Tiles: s = 16 x 64 (FP8) or

@@ -44,6 +44,12 @@ struct GemmParams {
     i64 b_scale_group_stride;   // bytes per expert
     const float* b_global;      // NVFP4: [E] f32 global scales
     i64 b_scales_plain;         // FP4: 1 when every scale byte of B is plain (fp4_scales_plain)
+    // The wgmma bodies' GEMM 1 (GATED): its f32 output also as E4M3 with scales (the layouts of
+    // quantize_fp8_rows / quantize_mx_fp8_rows), and FP8_BLOCK's arrival counters, one per row
+    // tile per 128 output columns (zero between launches).
+    unsigned char* c_fp8;
+    float* c_fp8_scale;
+    int* arrivals;
 };
 
 // GEMM 2 (SCALE) may copy its first weight tiles before its begin_dependent: what it reads

@@ -69,6 +69,22 @@ __device__ __forceinline__ void begin_dependent() {
 #endif
 }
 
+// The two halves of begin_dependent, for a kernel whose input was complete before the forward
+// began (the caller's x): it may read it before waiting, since every kernel of the forward waits
+// before it lets its dependents launch, so everything before its predecessor has completed by
+// the time it runs. It lets its dependents launch first and waits last, so that its completion
+// still implies its predecessor's (what begin_dependent's readers of older writes rely on).
+__device__ __forceinline__ void allow_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Phase stamps of the decode gate's chain (bench/gate_trace.cu defines them): nothing here.
 #ifndef FDMOE_TRACE
 #define FDMOE_TRACE(i)

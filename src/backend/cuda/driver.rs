@@ -160,6 +160,13 @@ impl DeviceBuffer {
         Ok(buf)
     }
 
+    /// Allocates `bytes` of zeros (synchronous; create and load time only).
+    pub fn zeroed(bytes: usize, what: &str) -> Result<Self> {
+        let buf = Self::alloc(bytes, what)?;
+        buf.write_at(0, &vec![0u8; bytes])?;
+        Ok(buf)
+    }
+
     /// Copies `data` in at byte `offset` (synchronous; load time only).
     pub fn write_at<T: Copy>(&self, offset: usize, data: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(data);

@@ -48,6 +48,11 @@ pub struct GemmParams {
     pub b_scale_group_stride: i64,
     pub b_global: DevicePtr,
     pub b_scales_plain: i64,
+    /// The wgmma bodies' GEMM 1: its output quantized as GEMM 2 takes it (E4M3 and scales),
+    /// and the FP8_BLOCK arrival counters (`act_quant_arrivals`, zero between launches).
+    pub c_fp8: DevicePtr,
+    pub c_fp8_scale: DevicePtr,
+    pub arrivals: DevicePtr,
 }
 
 impl Default for GemmParams {
@@ -82,6 +87,9 @@ impl Default for GemmParams {
             b_scale_group_stride: 0,
             b_global: 0,
             b_scales_plain: 0,
+            c_fp8: 0,
+            c_fp8_scale: 0,
+            arrivals: 0,
         }
     }
 }

@@ -29,11 +29,12 @@ use self::kernels::{
     ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
-use self::tiles::{GemmKind, QuantTile, Tile};
+use self::tiles::{GemmKind, QuantFamily, QuantTile, Tile};
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
 use super::{Backend, MemoryRequirements};
 use crate::config::{
-    FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig,
+    ExpertInputQuant, FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring,
+    MoeConfig,
 };
 use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
@@ -131,7 +132,11 @@ struct Workspace {
     inputs_fp8: DeviceBuffer,
     inputs_fp8_scales: DeviceBuffer,
     act_fp8: DeviceBuffer,
+    /// Zeroed at create: FP8_MX rows' padding scales, which GEMM 1 never writes.
     act_fp8_scales: DeviceBuffer,
+    /// FP8_BLOCK on the wgmma tiles: GEMM 1's arrival counters, one per row tile per 128
+    /// activation channels (zero between launches).
+    act_quant_arrivals: DeviceBuffer,
     /// The fused decode routing's counters (zero between launches).
     routing_counters: DeviceBuffer,
     /// The multi-block sort's arrival counter (zero between launches) and block starts.
@@ -139,8 +144,9 @@ struct Workspace {
 }
 
 impl Workspace {
-    /// (bytes, purpose) of every buffer, in field order.
-    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str); 21] {
+    /// (bytes, purpose, zeroed at create) of every buffer, in field order: counters (zero
+    /// between launches) and padding no kernel writes start as zeros.
+    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str, bool); 22] {
         let (t, e, k, h, i, l) = (
             cfg.max_tokens,
             cfg.num_experts,
@@ -165,38 +171,55 @@ impl Workspace {
         let fp8 = quant.is_some() as usize;
         let scales = |cols: usize| quant.map_or(0, |q| activation_scales_per_row(q, cols)) * 4;
         [
-            (gate_logits_floats(t, h, e) * 4, "router logits"),
-            (slots * 4, "top-k ids"),
-            (slots * 4, "top-k weights"),
-            ((e + 1) * 4, "expert offsets"),
-            (slots * 4, "sorted slots"),
-            (slots * 4, "slot positions"),
-            (max_tiles * 4, "tile experts"),
-            (max_tiles * 4, "tile rows"),
-            (4, "tile count"),
+            (gate_logits_floats(t, h, e) * 4, "router logits", false),
+            (slots * 4, "top-k ids", false),
+            (slots * 4, "top-k weights", false),
+            ((e + 1) * 4, "expert offsets", false),
+            (slots * 4, "sorted slots", false),
+            (slots * 4, "slot positions", false),
+            (max_tiles * 4, "tile experts", false),
+            (max_tiles * 4, "tile rows", false),
+            (4, "tile count", false),
             // Quantized activations (FP8_BLOCK, FP8_MX) keep fc1's output and the expert
             // activations in f32 until they are quantized (one rounding, as in the CPU
             // reference).
-            (latent * t * l * el.max(4 * fp8), "fc1 output"),
-            (latent * t * l * el, "combined latent output"),
-            (slots * i * el.max(4 * fp8), "expert activations"),
-            (slots * l * el, "expert outputs"),
-            (t * s * el, "shared-expert activations"),
-            (if s > 0 { t * h * 4 } else { 0 }, "shared-expert output"),
-            (fp8 * t * l, "FP8 expert inputs"),
-            (t * scales(l), "FP8 expert input scales"),
-            (fp8 * slots * i, "FP8 expert activations"),
-            (slots * scales(i), "FP8 expert activation scales"),
-            (ROUTING_COUNTERS * 4, "routing counters"),
-            (sort_starts_ints(slots, e) * 4, "sort block starts"),
+            (latent * t * l * el.max(4 * fp8), "fc1 output", false),
+            (latent * t * l * el, "combined latent output", false),
+            (slots * i * el.max(4 * fp8), "expert activations", false),
+            (slots * l * el, "expert outputs", false),
+            (t * s * el, "shared-expert activations", false),
+            (
+                if s > 0 { t * h * 4 } else { 0 },
+                "shared-expert output",
+                false,
+            ),
+            (fp8 * t * l, "FP8 expert inputs", false),
+            (t * scales(l), "FP8 expert input scales", false),
+            (fp8 * slots * i, "FP8 expert activations", false),
+            (slots * scales(i), "FP8 expert activation scales", true),
+            (
+                if quant == Some(ExpertInputQuant::Fp8Block) {
+                    max_tiles * i.div_ceil(128) * 4
+                } else {
+                    0
+                },
+                "FP8 activation arrival counters",
+                true,
+            ),
+            (ROUTING_COUNTERS * 4, "routing counters", true),
+            (sort_starts_ints(slots, e) * 4, "sort block starts", true),
         ]
     }
 
     fn new(cfg: &MoeConfig) -> Result<Self> {
-        let mut bufs = Self::sizes(cfg)
-            .into_iter()
-            .map(|(b, what)| DeviceBuffer::alloc(b, what));
-        let mut next = || bufs.next().expect("21 buffers");
+        let mut bufs = Self::sizes(cfg).into_iter().map(|(b, what, zeroed)| {
+            if zeroed {
+                DeviceBuffer::zeroed(b, what)
+            } else {
+                DeviceBuffer::alloc(b, what)
+            }
+        });
+        let mut next = || bufs.next().expect("22 buffers");
         Ok(Workspace {
             logits: next()?,
             topk_ids: next()?,
@@ -217,16 +240,9 @@ impl Workspace {
             inputs_fp8_scales: next()?,
             act_fp8: next()?,
             act_fp8_scales: next()?,
-            routing_counters: {
-                let counters = next()?;
-                driver::copy_to_device(counters.ptr, &[0i32; ROUTING_COUNTERS])?;
-                counters
-            },
-            sort_starts: {
-                let starts = next()?;
-                driver::copy_to_device(starts.ptr, &[0i32])?;
-                starts
-            },
+            act_quant_arrivals: next()?,
+            routing_counters: next()?,
+            sort_starts: next()?,
         })
     }
 }
@@ -236,7 +252,7 @@ pub fn memory_requirements(cfg: &MoeConfig) -> Result<MemoryRequirements> {
     check_config(cfg)?;
     Ok(MemoryRequirements {
         device_weight_bytes: weight_bytes(cfg),
-        device_workspace_bytes: Workspace::sizes(cfg).iter().map(|(b, _)| b).sum(),
+        device_workspace_bytes: Workspace::sizes(cfg).iter().map(|(b, ..)| b).sum(),
         device_graph_bytes: GraphBuffers::bytes().iter().map(|(b, _)| b).sum(),
         host_weight_bytes: 0,
         host_workspace_bytes: 0,
@@ -633,9 +649,16 @@ impl CudaBackend {
                     p.a = ws.inputs_fp8.ptr;
                     p.a_scale = ws.inputs_fp8_scales.ptr;
                 }
+                // The wgmma tiles quantize GEMM 1's activations in its epilogue.
+                let fused_quant = fp8 && k.quant_family == QuantFamily::Wgmma;
+                if fused_quant {
+                    p.c_fp8 = ws.act_fp8.ptr;
+                    p.c_fp8_scale = ws.act_fp8_scales.ptr;
+                    p.arrivals = ws.act_quant_arrivals.ptr;
+                }
                 k.qgemm(qtile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
                 let mut p = weights(gemm2, &q.w2);
-                if fp8 {
+                if fp8 && !fused_quant {
                     k.quantize_fp8_rows(
                         ws.act.ptr,
                         true,
@@ -649,6 +672,8 @@ impl CudaBackend {
                         -1,
                         stream,
                     )?;
+                }
+                if fp8 {
                     p.a = ws.act_fp8.ptr;
                     p.a_scale = ws.act_fp8_scales.ptr;
                 }
@@ -893,5 +918,26 @@ mod tests {
         // FP8 adds its quantized inputs/activations and keeps the activations in f32.
         assert!(fp8.device_workspace_bytes > bf16.device_workspace_bytes);
         assert_eq!(mx.device_workspace_bytes, bf16.device_workspace_bytes);
+    }
+
+    #[test]
+    fn fp8_block_workspace_holds_an_arrival_counter_per_tile_and_group() {
+        let counters = |c: &MoeConfig| {
+            Workspace::sizes(c)
+                .into_iter()
+                .find(|(_, what, _)| *what == "FP8 activation arrival counters")
+                .map(|(bytes, _, zeroed)| (bytes, zeroed))
+                .unwrap()
+        };
+        // 64 tokens x k 2 = 128 slots: 128 / 8 + 8 + 1 row tiles of the 8-token wgmma tile,
+        // one counter per 128 of I = 128 each, zeroed at create.
+        let fp8 = cfg(FdmoeDtype::Fp8Block, FdmoeDtype::Bf16);
+        assert_eq!(counters(&fp8), ((128 / 8 + 8 + 1) * 4, true));
+        let wide = MoeConfig {
+            intermediate_size: 384,
+            ..fp8
+        };
+        assert_eq!(counters(&wide), ((128 / 8 + 8 + 1) * 3 * 4, true));
+        assert_eq!(counters(&cfg(FdmoeDtype::Mxfp4, FdmoeDtype::Bf16)).0, 0);
     }
 }
