@@ -3,8 +3,9 @@
 // quantized form and never dequantized into global memory:
 //
 //   - FP8_BLOCK (W8A8): A is E4M3 with one f32 scale per row per 128 channels (produced by
-//     quantize_fp8_rows), B is E4M3 [N, K] with one f32 scale per 64 rows x 128 columns (the
-//     checkpoint's 128x128 blocks, expanded at load so de-interleaved gate/up rows keep theirs).
+//     quantize_fp8_rows, or for GEMM 2 on sm_90a by GEMM 1 itself), B is E4M3 [N, K] with one
+//     f32 scale per 64 rows x 128 columns (the checkpoint's 128x128 blocks, expanded at load so
+//     de-interleaved gate/up rows keep theirs).
 //     One pipeline stage is one 128-deep scale group: the tensor cores sum the stage into a
 //     partial accumulator, which is then promoted into the main one as partial * scale_a(row) *
 //     scale_b(column) — DeepGEMM's scheme. On sm_90a W8A8 wgmma (grouped_gemm_w8a8, below);
@@ -563,8 +564,8 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 
 // ---------------------------------------------------------------------------------------------
 // MXFP4 weights x FP8 activations (act_quant = FP8_MX, sm_90a): W4A8 on the FP8 tensor cores.
-// The activations are E4M3 with one scale per 32 channels (quantize_mx_fp8_rows: the
-// pre-dispatch rule, each scale stored as an f32 times 2^6), the weights MXFP4 repacked at load
+// The activations are E4M3 with one scale per 32 channels (the pre-dispatch rule, each scale
+// stored as an f32 times 2^6: quantize_mx_fp8_rows for x, GEMM 1's epilogue for GEMM 2), the weights MXFP4 repacked at load
 // into the FP4 blocks above (8 rows x 64 columns, 256 bytes, scales [8 rows][2] UE8M0) with each
 // lane's 8 bytes of a block holding its wgmma A-fragment codes, and the blocks of a tile's
 // k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
@@ -1109,7 +1110,8 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_QSTAGES_fp4_n 3
 #define FDMOE_QSTAGES_fp4_m 4
 
-// FP8's GEMM 1 writes f32 activations (quantize_fp8_rows rounds them once, to E4M3).
+// FP8's GEMM 1 writes f32 activations (rounded once, to E4M3: by quantize_fp8_rows after the
+// mma.sync tiles, by quantize_gated_tile in the wgmma ones).
 // Blocks per SM the tiles are compiled for: the FP8 decode tile at 8 (64 registers, no spills)
 // instead of the 6 its 80 registers allowed: 16% faster on the H200 (DeepSeek-V3 T = 16-256);
 // the FP4 one at 5 (its shared memory allows 5; 114-120 registers would give 4). The 32-row FP8
