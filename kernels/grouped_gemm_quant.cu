@@ -50,6 +50,48 @@
 #define FMT_MXFP4 1
 #define FMT_NVFP4 2
 
+// One FP8_BLOCK activation group: a warp's 128 channels of a row (4 a lane, `v`) as E4M3
+// (the lane's 4 bytes at `out4`) and the group's f32 scale, exactly as src/quant/fp8_act.rs:
+// amax over the finite values (at least 1e-4), codes = RNE-saturate(x * (448 / amax)),
+// scale = amax / 448.
+__device__ __forceinline__ void quantize_fp8_block_group(const float (&v)[4], unsigned char* out4, float* scale, int lane) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        if (isfinite(v[q])) amax = fmaxf(amax, fabsf(v[q]));
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    amax = fmaxf(amax, 1.0e-4f);
+    const float multiplier = 448.0f / amax;
+    u32 codes = 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) codes |= encode_e4m3(v[q] * multiplier) << (8 * q);
+    *(u32*)out4 = codes;
+    if (lane == 0) *scale = amax / 448.0f;
+}
+
+// One FP8_MX activation group: a warp's 32 channels (one a lane) by the pre-dispatch rule, the
+// scale stored as the f32 2^(exponent + 6) (the 2^-6 of the W4A8 weights' decode undone; NaN
+// for a group holding ±inf).
+__device__ __forceinline__ void quantize_mx_group(float v, unsigned char* out, float* scale, int lane) {
+    int e;
+    bool inf_group;
+    *out = (unsigned char)pre_dispatch_code(v, e, inf_group);
+    if (lane == 0) *scale = inf_group ? __uint_as_float(0x7FC00000u) : __uint_as_float((u32)(e + 127 + 6) << 23);
+}
+
+// Loads through L2 only: values other blocks stored in this launch, after the acquire that
+// made them visible (L1 is not coherent).
+__device__ __forceinline__ float load_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 load_cg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // FP8_BLOCK: A and B are E4M3 bytes, K a multiple of 128 (validated at create).
 #if __CUDA_ARCH__ >= 890
@@ -565,10 +607,10 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // ---------------------------------------------------------------------------------------------
 // MXFP4 weights x FP8 activations (act_quant = FP8_MX, sm_90a): W4A8 on the FP8 tensor cores.
 // The activations are E4M3 with one scale per 32 channels (the pre-dispatch rule, each scale
-// stored as an f32 times 2^6: quantize_mx_fp8_rows for x, GEMM 1's epilogue for GEMM 2), the weights MXFP4 repacked at load
-// into the FP4 blocks above (8 rows x 64 columns, 256 bytes, scales [8 rows][2] UE8M0) with each
-// lane's 8 bytes of a block holding its wgmma A-fragment codes, and the blocks of a tile's
-// k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
+// stored as an f32 times 2^6: quantize_mx_fp8_rows for x, GEMM 1's epilogue for GEMM 2), the
+// weights MXFP4 repacked at load into the FP4 blocks above (8 rows x 64 columns, 256 bytes,
+// scales [8 rows][2] UE8M0) with each lane's 8 bytes of a block holding its wgmma A-fragment
+// codes, and the blocks of a tile's k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
 // a stage's weights with two bulk copies (TMA) that complete on the stage's mbarrier. A
 // warpgroup computes 64 weight rows (wgmma M) x BT tokens (N) from the weights decoded in
 // registers and the tokens in 128-byte-swizzled shared rows; since weights and activations
@@ -586,48 +628,6 @@ __device__ __forceinline__ void grouped_gemm_fp4(const GemmParams& p) {
 // of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
 // floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
 // (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
-// One FP8_BLOCK activation group: a warp's 128 channels of a row (4 a lane, `v`) as E4M3
-// (the lane's 4 bytes at `out4`) and the group's f32 scale, exactly as src/quant/fp8_act.rs:
-// amax over the finite values (at least 1e-4), codes = RNE-saturate(x * (448 / amax)),
-// scale = amax / 448.
-__device__ __forceinline__ void quantize_fp8_block_group(const float (&v)[4], unsigned char* out4, float* scale, int lane) {
-    float amax = 0.0f;
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        if (isfinite(v[q])) amax = fmaxf(amax, fabsf(v[q]));
-    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    amax = fmaxf(amax, 1.0e-4f);
-    const float multiplier = 448.0f / amax;
-    u32 codes = 0;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) codes |= encode_e4m3(v[q] * multiplier) << (8 * q);
-    *(u32*)out4 = codes;
-    if (lane == 0) *scale = amax / 448.0f;
-}
-
-// One FP8_MX activation group: a warp's 32 channels (one a lane) by the pre-dispatch rule, the
-// scale stored as the f32 2^(exponent + 6) (the 2^-6 of the W4A8 weights' decode undone; NaN
-// for a group holding ±inf).
-__device__ __forceinline__ void quantize_mx_group(float v, unsigned char* out, float* scale, int lane) {
-    int e;
-    bool inf_group;
-    *out = (unsigned char)pre_dispatch_code(v, e, inf_group);
-    if (lane == 0) *scale = inf_group ? __uint_as_float(0x7FC00000u) : __uint_as_float((u32)(e + 127 + 6) << 23);
-}
-
-// Loads through L2 only: values other blocks stored in this launch, after the acquire that
-// made them visible (L1 is not coherent).
-__device__ __forceinline__ float load_cg(const float* p) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ float4 load_cg4(const float* p) {
-    float4 v;
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
-    return v;
-}
-
 #ifdef FDMOE_SM90A
 // Shared bytes store_weight_row_tile needs: [tokens, at least 16][64 + 4] f32.
 __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (bt < 16 ? 16 : bt) * (64 + 4) * 4; }
