@@ -642,7 +642,6 @@ __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (
 // a row cost ~20 us at Qwen3-30B-A3B T = 256, 32-row tiles).
 template <bool MX, int BT>
 __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const TileRange& tr) {
-    constexpr int COLS = 32;                // a gated tile's output columns (64 weight rows)
     constexpr int ROWS_A_WARP = (BT + 3) / 4;
     const int N = (int)p.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float* act = (const float*)p.c;
@@ -651,11 +650,11 @@ __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const T
         __syncthreads();  // the block's own stores, visible to all its threads
         g = tr.col_base / 32;
     } else {
-        const int col_tiles = N / COLS, tile = blockIdx.x / col_tiles, col_tile = blockIdx.x % col_tiles;
-        int* counter = p.arrivals + (i64)tile * (N / 128) + col_tile / 4;
+        // A gated tile has 32 output columns: four make a group.
+        int* counter = p.arrivals + (i64)tr.tile * (N / 128) + tr.col_tile / 4;
         if (!block_arrive(counter, 4)) return;
         if (threadIdx.x == 0) *counter = 0;
-        g = col_tile / 4;
+        g = tr.col_tile / 4;
     }
     const int channel = MX ? g * 32 + lane : g * 128 + lane * 4;
     float4 v[ROWS_A_WARP];

@@ -73,6 +73,7 @@ __device__ __forceinline__ GemmParams resolve_args(GemmParams p) {
 // The rows and columns one block covers, and each tile row's / column's source offset.
 struct TileRange {
     int expert, row0, rows, col_base;
+    int tile, col_tile;  // the block's entry of the tile table and its column tile
 };
 
 // Returns false when the block has no work (past the real T or the real tile count). Fills
@@ -91,6 +92,8 @@ __device__ __forceinline__ bool setup_tile(const GemmParams& p, i64* a_rows, i64
     constexpr int COLS = (MODE & MODE_GATED) ? BN / 2 : BN;  // output columns per tile
     const int col_tiles = (N + COLS - 1) / COLS;
     const int tile = (int)(blockIdx.x / col_tiles), col_tile = (int)(blockIdx.x % col_tiles);
+    tr.tile = tile;
+    tr.col_tile = col_tile;
     tr.expert = 0;
     if (MODE & MODE_DENSE) {
         const int T = token_count(p.num_tokens_dev, (int)p.num_tokens);

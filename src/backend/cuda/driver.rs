@@ -163,7 +163,13 @@ impl DeviceBuffer {
     /// Allocates `bytes` of zeros (synchronous; create and load time only).
     pub fn zeroed(bytes: usize, what: &str) -> Result<Self> {
         let buf = Self::alloc(bytes, what)?;
-        buf.write_at(0, &vec![0u8; bytes])?;
+        if bytes > 0 {
+            // SAFETY: the buffer holds `bytes` bytes.
+            check(
+                unsafe { sys::cuMemsetD8_v2(buf.ptr, 0, bytes) },
+                &format!("cuMemsetD8 of {bytes} bytes for {what}"),
+            )?;
+        }
         Ok(buf)
     }
 
