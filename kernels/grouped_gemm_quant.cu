@@ -639,10 +639,13 @@ __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (
 // spans four column tiles of a row tile, and the last of their blocks to arrive quantizes it
 // (the values are the same whoever does, so the bits do not depend on the order). A warp's
 // rows are all loaded before any is quantized: one L2 round trip a block, not one a row (one
-// a row cost ~20 us at Qwen3-30B-A3B T = 256, 32-row tiles).
-template <bool MX, int BT>
+// a row cost ~20 us at Qwen3-30B-A3B T = 256, 32-row tiles), eight rows a warp at a time on
+// the prefill tiles.
+// WARPS: the block's; COLS: the gated tile's output columns (half its weight rows).
+template <bool MX, int BT, int WARPS, int COLS>
 __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const TileRange& tr) {
-    constexpr int ROWS_A_WARP = (BT + 3) / 4;
+    constexpr int ROWS_A_WARP = (BT + WARPS - 1) / WARPS;
+    static_assert(MX ? COLS == 32 : 128 % COLS == 0, "a tile holds one FP8_MX group, a part of an FP8_BLOCK one");
     const int N = (int)p.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float* act = (const float*)p.c;
     int g;
@@ -650,40 +653,45 @@ __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const T
         __syncthreads();  // the block's own stores, visible to all its threads
         g = tr.col_base / 32;
     } else {
-        // A gated tile has 32 output columns: four make a group.
-        int* counter = p.arrivals + (i64)tr.tile * (N / 128) + tr.col_tile / 4;
-        if (!block_arrive(counter, 4)) return;
+        // 128 / COLS gated tiles make a group.
+        int* counter = p.arrivals + (i64)tr.tile * (N / 128) + tr.col_tile / (128 / COLS);
+        if (!block_arrive(counter, 128 / COLS)) return;
         if (threadIdx.x == 0) *counter = 0;
-        g = tr.col_tile / 4;
+        g = tr.col_tile / (128 / COLS);
     }
     const int channel = MX ? g * 32 + lane : g * 128 + lane * 4;
-    float4 v[ROWS_A_WARP];
+    // Up to 8 rows a warp in flight (all of them for the decode tiles).
+    constexpr int BATCH = ROWS_A_WARP < 8 ? ROWS_A_WARP : 8;
+#pragma unroll 1
+    for (int j0 = 0; j0 < ROWS_A_WARP; j0 += BATCH) {
+        float4 v[BATCH];
 #pragma unroll
-    for (int j = 0; j < ROWS_A_WARP; ++j) {
-        const int r = warp + 4 * j;
-        if (r >= tr.rows) continue;
-        const float* src = act + (i64)(tr.row0 + r) * p.ldc + channel;
-        if (MX) v[j].x = load_cg(src);
-        else v[j] = load_cg4(src);
-    }
+        for (int j = 0; j < BATCH; ++j) {
+            const int r = warp + WARPS * (j0 + j);
+            if (r >= tr.rows) continue;
+            const float* src = act + (i64)(tr.row0 + r) * p.ldc + channel;
+            if (MX) v[j].x = load_cg(src);
+            else v[j] = load_cg4(src);
+        }
 #pragma unroll
-    for (int j = 0; j < ROWS_A_WARP; ++j) {
-        const int r = warp + 4 * j;
-        if (r >= tr.rows) continue;
-        const i64 row = tr.row0 + r, i = row * p.ldc + channel;
-        if (MX) {
-            quantize_mx_group(v[j].x, p.c_fp8 + i, p.c_fp8_scale + row * ((N + 127) / 128 * 4) + g, lane);
-        } else {
-            const float q[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-            quantize_fp8_block_group(q, p.c_fp8 + i, p.c_fp8_scale + row * (N / 128) + g, lane);
+        for (int j = 0; j < BATCH; ++j) {
+            const int r = warp + WARPS * (j0 + j);
+            if (r >= tr.rows) continue;
+            const i64 row = tr.row0 + r, i = row * p.ldc + channel;
+            if (MX) {
+                quantize_mx_group(v[j].x, p.c_fp8 + i, p.c_fp8_scale + row * ((N + 127) / 128 * 4) + g, lane);
+            } else {
+                const float q[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+                quantize_fp8_block_group(q, p.c_fp8 + i, p.c_fp8_scale + row * (N / 128) + g, lane);
+            }
         }
     }
 }
 
 // The epilogue of the wgmma tiles whose accumulators hold [64 weight rows][BT tokens] (as every
 // wgmma accumulator: warp w's rows 16w + g and + 8, tokens 8j + 2t and + 1): store_fragment takes
-// [token][column] fragments, so they go through shared memory `cs` (the pipeline's weight
-// buffers, free once its last MMAs are done).
+// [token][column] fragments, so they go through shared memory `cs` (the pipeline's buffers, free
+// once its last MMAs are done).
 template <int BT, int MODE, int ACT>
 __device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const TileRange& tr, float (*acc)[4], float* cs) {
     constexpr int CLD = 64 + 4;  // conflict-free stores below
@@ -879,31 +887,36 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 
     static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
     store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq);
-    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT>(p, tr);
+    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT, THREADS / 32, BW / 2>(p, tr);
 }
 
 // FP8_BLOCK on Hopper (W8A8 wgmma, sm_90a): the weights' E4M3 rows are the wgmma's A operand
 // and the tokens' rows its B operand, both straight from 128-byte-swizzled shared tiles that
 // cp.async fills from the checkpoint's [N, K] layout (no repack). A warpgroup computes 64
-// weight rows (wgmma M) x BT tokens (N); each k32 wgmma sums into a fresh partial, a stage's
-// four are added in order and promoted once per 128 of K as partial * scale_w(row) *
-// scale_x(token), the stage being one scale group of both.
+// weight rows (wgmma M) x BT tokens (N); a stage's four k32 wgmma chain into one partial (the
+// tensor cores' own accumulation over 128 of K), promoted once per stage as partial *
+// scale_w(row) * scale_x(token), the stage being one scale group of both — DeepGEMM's scheme.
 //
 // Why it is fast: the mma.sync FP8 tiles above (sm_89) convert every weight to f16 (F2FP) for
 // two m16n8k16 MMAs per k32, ~1.1x the bytes' time at DeepSeek-V3 decode, bound by issued
 // instructions; here a stage of 64 x 128 weights is four wgmma and, per thread, four 16-byte
-// copies, a few for the tokens and ~5 instructions per accumulator, so the weights' stream is
+// copies, a few for the tokens and ~2 instructions per accumulator, so the weights' stream is
 // what is left (H200, DeepSeek-V3 T = 16-256: 0.50-0.52x the bf16 floor against 0.56-0.58x).
-// All three token tiles (and every T) sum each output in the same order, so tile choice
-// changes no bit.
-template <int BT, int STAGES, int MODE, int ACT>
+// Prefill takes 64 or 128 tokens a tile, so an expert's weights are read once per 64-128 tokens
+// and a wgmma is m64n64/n128. Each output's chain is the same in every tile (the tensor cores
+// compute each element from its own row and column whatever N is), so tile choice changes no
+// bit.
+template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false>
 __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
-    constexpr int THREADS = 128, BW = 64, BK = 128;
-    constexpr int NB = BT / 8;
+    // TOKENS_M: BT / 64 warpgroups, each 64 tokens (wgmma M) x 128 weight rows (N).
+    constexpr int WG = TOKENS_M ? BT / 64 : 1;
+    constexpr int THREADS = 128 * WG, BW = TOKENS_M ? 128 : 64, BK = 128;
+    constexpr int NB = (TOKENS_M ? BW : BT) / 8;  // n8 blocks of the wgmma
+    static_assert(!TOKENS_M || BT % 64 == 0, "whole warpgroups of tokens");
     constexpr int X_STAGE = BT * BK, W_STAGE = BW * BK;  // swizzled E4M3 rows
     constexpr int X_CHUNKS = X_STAGE / 16, W_CHUNKS = W_STAGE / 16;
     constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS, W_PER = W_CHUNKS / THREADS;
-    static_assert(BT % 8 == 0 && BT <= 32 && W_CHUNKS % THREADS == 0, "tile shape");
+    static_assert(BT % 8 == 0 && BT <= THREADS && W_CHUNKS % THREADS == 0, "tile shape");
     static_assert(X_STAGE % 1024 == 0, "every stage's tiles stay 1024-byte aligned");
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -967,43 +980,69 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
             cp_async_4(WSs + stage * BW + threadIdx.x, sw_src ? (const void*)(sw_src + kt) : (const void*)b_scale, sw_src != nullptr);
     };
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     float acc[NB][4];
     zero_accumulators<1, NB>(&acc);
 
-    auto compute = [&](int stage) {
-        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE);
-        float part[4][NB * 4];
+    // A stage's four k32 wgmma, chained into `part` (committed as one group).
+    auto issue = [&](int stage, float* part) {
+        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE + wg * 64 * BK);
+        const u64 a_desc = TOKENS_M ? x_desc : w_desc, b_desc = TOKENS_M ? w_desc : x_desc;
         wgmma_fence();
 #pragma unroll
-        for (int s = 0; s < 4; ++s) wgmma_e4m3_ss<NB>(part[s], w_desc + 2 * s, x_desc + 2 * s);  // +32 bytes: k + 32
+        for (int s = 0; s < 4; ++s) wgmma_e4m3_ss<NB>(part, a_desc + 2 * s, b_desc + 2 * s, s > 0);  // +32 bytes: k + 32
         wgmma_commit();
-        wgmma_wait_all();
+    };
+    // The stage's partial, once its group is done, promoted with its row and token scales.
+    auto promote = [&](int stage, float* part) {
 #pragma unroll
-        for (int s = 0; s < 4; ++s)
-#pragma unroll
-            for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[s][q]);
+        for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[q]);
         const float* sw = WSs + stage * BW;
         const float* sx = XSs + stage * BT;
-        const float w0 = sw[16 * warp + g], w1 = sw[16 * warp + g + 8];
+        if constexpr (TOKENS_M) {
+            // Rows are tokens 16 warp + g and + 8; an n8 block's weight rows share one scale,
+            // and the tile has two: gate / up rows (alternate n8 blocks) or its two 64-row
+            // halves. The products are the decode tiles' (weight scale * token scale).
+            const float x0 = sx[64 * wg + 16 * warp + g], x1 = sx[64 * wg + 16 * warp + g + 8];
+            const float s0 = sw[0], s1 = sw[(MODE & MODE_GATED) ? 8 : 64];
 #pragma unroll
-        for (int j = 0; j < NB; ++j) {
-            const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
-            const float scale[4] = {w0 * x0, w0 * x1, w1 * x0, w1 * x1};
+            for (int j = 0; j < NB; ++j) {
+                const float w = ((MODE & MODE_GATED) ? (j & 1) : (j >= NB / 2)) ? s1 : s0;
+                acc[j][0] += part[4 * j + 0] * (w * x0);
+                acc[j][1] += part[4 * j + 1] * (w * x0);
+                acc[j][2] += part[4 * j + 2] * (w * x1);
+                acc[j][3] += part[4 * j + 3] * (w * x1);
+            }
+        } else {
+            // Rows are weight rows 16 warp + g and + 8, columns tokens.
+            const float w0 = sw[16 * warp + g], w1 = sw[16 * warp + g + 8];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int i = 4 * j + q;
-                acc[j][q] += (((part[0][i] + part[1][i]) + part[2][i]) + part[3][i]) * scale[q];
+            for (int j = 0; j < NB; ++j) {
+                const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
+                acc[j][0] += part[4 * j + 0] * (w0 * x0);
+                acc[j][1] += part[4 * j + 1] * (w0 * x1);
+                acc[j][2] += part[4 * j + 2] * (w1 * x0);
+                acc[j][3] += part[4 * j + 3] * (w1 * x1);
             }
         }
     };
 
     cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, begin_dependent,
-                                                               [&](int stage, int) { compute(stage); });
-    static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
-    store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Ws);
-    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT>(p, tr);
+                                                               [&](int stage, int) {
+                                                                   float part[NB * 4];
+                                                                   issue(stage, part);
+                                                                   wgmma_wait_all();
+                                                                   promote(stage, part);
+                                                               });
+    if constexpr (TOKENS_M) {
+        store_fragment<NB, MODE, ACT>(p, tr, acc, 64 * wg + 16 * warp + g, 0);
+    } else {
+        // The transpose takes the token and weight buffers (contiguous), free after the last MMA.
+        static_assert(weight_tile_transpose_bytes(BT) <= STAGES * (X_STAGE + W_STAGE), "transpose fits the tiles' buffers");
+        store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Xs);
+    }
+    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, THREADS / 32, BW / 2>(p, tr);
 }
 
 // Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
@@ -1132,18 +1171,28 @@ extern "C" __global__ void __launch_bounds__(128)
             resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 
-// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens, 4 stages;
-// blocks per SM by registers. W4A8: MXFP4 with act_quant = FP8_MX; W8A8: FP8_BLOCK.
+// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens (W8A8 also
+// 64), 4 stages, blocks per SM by registers (the 64-token one by shared memory); and for W8A8
+// prefill 128 weight rows (two warpgroups) x 128 tokens. W4A8: MXFP4 with act_quant = FP8_MX;
+// W8A8: FP8_BLOCK.
 #define FDMOE_MINBLOCKS_w4a8_8 4
 #define FDMOE_MINBLOCKS_w4a8_16 3
 #define FDMOE_MINBLOCKS_w4a8_32 2
 #define FDMOE_MINBLOCKS_w8a8_8 4
 #define FDMOE_MINBLOCKS_w8a8_16 4
 #define FDMOE_MINBLOCKS_w8a8_32 3
+#define FDMOE_MINBLOCKS_w8a8_64 3
 #define FDMOE_QGEMM_WGMMA(body, fmt_name, tokens, name, mode, act)                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
         grouped_gemm_##body<tokens, 4, m, act>(resolve_args<!weights_before_wait(m)>(p));               \
+    }
+// W8A8 prefill with tokens as wgmma M: 128 tokens (two warpgroups) x 128 weight rows, one block
+// an SM (182-184 registers).
+#define FDMOE_QGEMM_W8A8_WIDE(tokens, name, mode, act)                                              \
+    extern "C" __global__ void __launch_bounds__(2 * tokens, 1) qgemm_fp8_block_p##tokens##_##name(GemmParams p) { \
+        constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
+        grouped_gemm_w8a8<tokens, 4, m, act, true>(resolve_args<!weights_before_wait(m)>(p));         \
     }
 
 #define FDMOE_QGEMM_KINDS(GEN, ...)                                                       \
@@ -1161,6 +1210,8 @@ FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 8)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 16)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 32)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 64)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W8A8_WIDE, 128)
 #endif
 #if defined(FDMOE_SM90A) && !defined(FDMOE_F16)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w4a8, mxfp4, 8)

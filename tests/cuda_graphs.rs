@@ -289,6 +289,59 @@ fn thin_decode_tile_gives_the_bits_of_the_16_row_tile() {
 }
 
 #[test]
+fn a_tokens_output_does_not_depend_on_the_quantized_tile() {
+    // The quantized experts' token tile follows the rows per expert (T * k / E = T / 8 here):
+    // on sm_90a W8A8 takes 8 tokens at T = 1, 16 at 40, 32 at 120, 64 at 500 and 128 at 800
+    // and 1024; the first tokens of one batch must come out bitwise the same from each.
+    let Some(ctx) = gpu() else { return };
+    let _cur = ctx.enter().unwrap();
+    let stream = OwnedStream::new().unwrap();
+    for format in [FdmoeDtype::Fp8Block, FdmoeDtype::Mxfp4] {
+        let c = MoeConfig {
+            weight_dtype: format,
+            routing: FdmoeRouting::Given,
+            ..cfg(1024)
+        };
+        let mut l = layer(&c, 21, false);
+        let inp = inputs(&c, 1024, 77);
+        let tokens = [1024usize, 1, 40, 120, 500, 800];
+        let mut full = None;
+        for t in tokens {
+            let o = Outputs::new(&c, t);
+            unsafe {
+                l.moe
+                    .forward(&args(
+                        t,
+                        &inp,
+                        &o,
+                        Source::Given,
+                        stream.0 as *mut c_void,
+                        true,
+                    ))
+                    .unwrap()
+            };
+            stream.synchronize().unwrap();
+            let (out, _, _) = o.host(&c, t);
+            assert!(
+                out.iter().all(|&v| v != 0xFFFF),
+                "{format} T = {t}: every output written"
+            );
+            let full: &Vec<u16> = full.get_or_insert(out.clone());
+            let first = t * c.hidden_size;
+            if let Some(i) = (0..first).find(|&i| out[i] != full[i]) {
+                panic!(
+                    "{format}: token {} of T = {t} differs from the T = 1024 batch ({:#06x} vs {:#06x})",
+                    i / c.hidden_size,
+                    out[i],
+                    full[i]
+                );
+            }
+        }
+        println!("{format}: tokens bitwise equal at T = {tokens:?}");
+    }
+}
+
+#[test]
 fn routing_of_a_token_does_not_depend_on_the_batch() {
     // The gate kernel has split variants (one block per 512 of H, partials added by the
     // routing: decode, fused with the routing and sort; 16 tokens a block for mid-size batches

@@ -258,6 +258,9 @@ pub struct Kernels {
     pub hopper: bool,
     /// Quantized experts: which kernels run them.
     pub quant_family: QuantFamily,
+    /// `FDMOE_QUANT_TILE` (read at create; tile sweeps in benchmarks): the quantized experts'
+    /// tile at every T instead of the one chosen by rows per expert.
+    pub forced_quant_tile: Option<QuantTile>,
     gate_split: Function,
     gate_split_mid: Function,
     gate_fused: Function,
@@ -351,6 +354,18 @@ impl Kernels {
         let mut qgemms = Vec::new();
         let mut quantize = None;
         let quant_family = QuantFamily::of(weight_format, input_quant, hopper);
+        let forced_quant_tile = match std::env::var("FDMOE_QUANT_TILE") {
+            Ok(name) if weight_format.is_quantized() => {
+                let tiles = QuantTile::all(weight_format, quant_family);
+                Some(*tiles.iter().find(|t| t.suffix() == name).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "FDMOE_QUANT_TILE={name}: this backend's {weight_format:?} tiles are {:?}",
+                        tiles.iter().map(|t| t.suffix()).collect::<Vec<_>>()
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
             for &tile in QuantTile::all(weight_format, quant_family) {
@@ -393,6 +408,7 @@ impl Kernels {
             gemms,
             hopper,
             quant_family,
+            forced_quant_tile,
             _modules: modules,
         })
     }
@@ -442,7 +458,11 @@ impl Kernels {
             .expect("loaded with a quantized format")
             .1;
         let format = self.weight_format;
-        let shape = (tile.block_n(format), 128, tile.smem_bytes(format));
+        let shape = (
+            tile.block_n(format),
+            tile.threads(),
+            tile.smem_bytes(format),
+        );
         launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 

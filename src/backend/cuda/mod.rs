@@ -415,12 +415,14 @@ impl CudaBackend {
         let rows_per_expert = slots.div_ceil(e.min(slots));
         let (tile, qtile) = (
             Tile::for_experts(rows_per_expert, l, k.hopper),
-            QuantTile::choose(
-                self.config().weight_dtype,
-                k.quant_family,
-                rows_per_expert,
-                slots,
-            ),
+            k.forced_quant_tile.unwrap_or_else(|| {
+                QuantTile::choose(
+                    self.config().weight_dtype,
+                    k.quant_family,
+                    rows_per_expert,
+                    slots,
+                )
+            }),
         );
         let block_m = match w.experts {
             DeviceExperts::Dense { .. } => tile.block_m(),

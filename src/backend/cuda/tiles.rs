@@ -255,12 +255,23 @@ pub enum QuantTile {
     WgmmaT8,
     WgmmaT16,
     WgmmaT32,
+    /// W8A8 prefill: 64 weight rows x 64 tokens, and 128 weight rows (two warpgroups) x 128
+    /// tokens, so an expert's weights are read once per 64 / 128 of its rows, not once per 32,
+    /// and each byte copied into shared memory feeds 2-4x the MMAs.
+    WgmmaT64,
+    WgmmaT128,
 }
 
 /// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
 /// give DeepSeek-V3's GEMM 1 at most 16 * 2I / 128 = 512 blocks for 660 resident ones (5 per SM
 /// on 132 SMs). H200, T = 1: MXFP4 0.109 ms narrow against 0.118 wide, NVFP4 0.112 / 0.130.
 pub const FP4_NARROW_MAX_SLOTS: usize = 16;
+
+/// W8A8 rows per expert (on average) up to which the 32-token tile runs, then the 64-token
+/// one, then the 128-token one (H200 sweeps, BENCHMARKS.md fourteenth session: DeepSeek-V3 T =
+/// 512 / 1024 / 2048 at 16 / 32 / 64 rows, Qwen3-30B-A3B T = 512 / 1024 at 32 / 64).
+const W8A8_T32_MAX_ROWS: usize = 31;
+const W8A8_T64_MAX_ROWS: usize = 63;
 
 impl QuantTile {
     /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
@@ -271,7 +282,9 @@ impl QuantTile {
                 0..=4 => QuantTile::WgmmaT8,
                 13..=24 if fp8 => QuantTile::WgmmaT32,
                 5..=24 => QuantTile::WgmmaT16,
-                _ => QuantTile::WgmmaT32,
+                _ if !fp8 || rows <= W8A8_T32_MAX_ROWS => QuantTile::WgmmaT32,
+                _ if rows <= W8A8_T64_MAX_ROWS => QuantTile::WgmmaT64,
+                _ => QuantTile::WgmmaT128,
             }
         } else if rows > DECODE32_MAX_ROWS {
             QuantTile::Mid
@@ -286,6 +299,13 @@ impl QuantTile {
     /// The tiles a format has kernels for in `family`.
     pub fn all(format: FdmoeDtype, family: QuantFamily) -> &'static [QuantTile] {
         match format {
+            FdmoeDtype::Fp8Block if family == QuantFamily::Wgmma => &[
+                QuantTile::WgmmaT8,
+                QuantTile::WgmmaT16,
+                QuantTile::WgmmaT32,
+                QuantTile::WgmmaT64,
+                QuantTile::WgmmaT128,
+            ],
             _ if family == QuantFamily::Wgmma => {
                 &[QuantTile::WgmmaT8, QuantTile::WgmmaT16, QuantTile::WgmmaT32]
             }
@@ -297,23 +317,37 @@ impl QuantTile {
         match self {
             QuantTile::Narrow | QuantTile::Small | QuantTile::WgmmaT16 => 16,
             QuantTile::Decode32 | QuantTile::WgmmaT32 => 32,
-            QuantTile::Mid => 64,
+            QuantTile::Mid | QuantTile::WgmmaT64 => 64,
             QuantTile::WgmmaT8 => 8,
+            QuantTile::WgmmaT128 => 128,
         }
     }
     /// One of the wgmma tiles on E4M3 activations (`grouped_gemm_w4a8` / `grouped_gemm_w8a8`).
     pub fn is_wgmma(self) -> bool {
         matches!(
             self,
-            QuantTile::WgmmaT8 | QuantTile::WgmmaT16 | QuantTile::WgmmaT32
+            QuantTile::WgmmaT8
+                | QuantTile::WgmmaT16
+                | QuantTile::WgmmaT32
+                | QuantTile::WgmmaT64
+                | QuantTile::WgmmaT128
         )
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
+            (QuantTile::WgmmaT128, _) => 128,
             _ if self.is_wgmma() => 64,
             (QuantTile::Narrow | QuantTile::Decode32, _)
             | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
             _ => 128,
+        }
+    }
+    /// Threads a block: 4 warps, 8 for the two-warpgroup W8A8 tile.
+    pub fn threads(self) -> u32 {
+        if self == QuantTile::WgmmaT128 {
+            256
+        } else {
+            128
         }
     }
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the wgmma tiles: 4).
@@ -325,7 +359,8 @@ impl QuantTile {
             _ => 4,
         }
     }
-    fn suffix(self) -> &'static str {
+    /// The kernel names' tile part (`FDMOE_QUANT_TILE` takes it).
+    pub fn suffix(self) -> &'static str {
         match self {
             QuantTile::Narrow => "n",
             QuantTile::Small => "s",
@@ -334,6 +369,8 @@ impl QuantTile {
             QuantTile::WgmmaT8 => "a8",
             QuantTile::WgmmaT16 => "a16",
             QuantTile::WgmmaT32 => "a32",
+            QuantTile::WgmmaT64 => "a64",
+            QuantTile::WgmmaT128 => "p128",
         }
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
@@ -442,9 +479,15 @@ mod tests {
                 assert!(t.is_wgmma() && t.smem_bytes(fmt) <= 227 * 1024, "{t:?}");
             }
         }
-        // W8A8: at least 4 blocks of each tile share an SM.
+        // W8A8: at least 4 blocks of each decode tile share an SM, 3 of the 64-token one (the
+        // two-warpgroup one takes an SM).
         for &t in QuantTile::all(Fp8Block, QuantFamily::Wgmma) {
-            assert!(4 * t.smem_bytes(Fp8Block) <= 227 * 1024, "{t:?}");
+            let blocks = match t {
+                QuantTile::WgmmaT64 => 3,
+                QuantTile::WgmmaT128 => 1,
+                _ => 4,
+            };
+            assert!(blocks * t.smem_bytes(Fp8Block) <= 227 * 1024, "{t:?}");
         }
         assert_eq!(
             QuantFamily::of(Fp8Block, Some(ExpertInputQuant::Fp8Block), false),
@@ -487,6 +530,26 @@ mod tests {
             QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 64, 65536),
             QuantTile::WgmmaT32
         );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 31, 4096),
+            QuantTile::WgmmaT32
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 32, 8192),
+            QuantTile::WgmmaT64,
+            "DeepSeek-V3 T = 1024"
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 64, 8192),
+            QuantTile::WgmmaT128,
+            "Qwen3-30B-A3B T = 1024"
+        );
+        assert_eq!(
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 128, 32768),
+            QuantTile::WgmmaT128,
+            "DeepSeek-V3 T = 4096"
+        );
+        assert!(!QuantTile::all(Mxfp4, QuantFamily::Wgmma).contains(&QuantTile::WgmmaT128));
     }
 
     #[test]
