@@ -902,10 +902,12 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 // instructions; here a stage of 64 x 128 weights is four wgmma and, per thread, four 16-byte
 // copies, a few for the tokens and ~2 instructions per accumulator, so the weights' stream is
 // what is left (H200, DeepSeek-V3 T = 16-256: 0.50-0.52x the bf16 floor against 0.56-0.58x).
-// Prefill takes 64 or 128 tokens a tile, so an expert's weights are read once per 64-128 tokens
-// and a wgmma is m64n64/n128. Each output's chain is the same in every tile (the tensor cores
-// compute each element from its own row and column whatever N is), so tile choice changes no
-// bit.
+// Prefill takes 64 tokens a tile (m64n64), or 128 with the operands swapped (TOKENS_M: two
+// warpgroups of 64 tokens as wgmma M against 128 weight rows as N, so a thread's accumulators
+// need two token and two weight scales, one multiply-add each to promote, and come out in
+// store_fragment's [token][column] layout). Each output's chain is the same in every tile (the
+// tensor cores compute an element from its own row and column whatever N is, and whichever
+// operand holds which: a GPU test compares the tiles bitwise), so tile choice changes no bit.
 template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false>
 __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     // TOKENS_M: BT / 64 warpgroups, each 64 tokens (wgmma M) x 128 weight rows (N).
@@ -1173,7 +1175,7 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens (W8A8 also
 // 64), 4 stages, blocks per SM by registers (the 64-token one by shared memory); and for W8A8
-// prefill 128 weight rows (two warpgroups) x 128 tokens. W4A8: MXFP4 with act_quant = FP8_MX;
+// prefill 128 tokens (two warpgroups) x 128 weight rows. W4A8: MXFP4 with act_quant = FP8_MX;
 // W8A8: FP8_BLOCK.
 #define FDMOE_MINBLOCKS_w4a8_8 4
 #define FDMOE_MINBLOCKS_w4a8_16 3

@@ -190,6 +190,21 @@ fn args(
     }
 }
 
+/// One eager forward of T tokens (`inp`'s first T) into `out`, enqueued on `stream`.
+fn forward_eager(
+    moe: &mut Moe,
+    t: usize,
+    inp: &Inputs,
+    out: &Outputs,
+    source: Source,
+    stream: &OwnedStream,
+) {
+    unsafe {
+        moe.forward(&args(t, inp, out, source, stream.0 as *mut c_void, true))
+            .unwrap()
+    };
+}
+
 /// Runs T tokens of fresh inputs eagerly and through the layer's graphs; asserts eager wrote
 /// every output and replay gave the same bits (output and routing record).
 fn replay_equals_eager(
@@ -308,18 +323,7 @@ fn a_tokens_output_does_not_depend_on_the_quantized_tile() {
         let mut full = None;
         for t in tokens {
             let o = Outputs::new(&c, t);
-            unsafe {
-                l.moe
-                    .forward(&args(
-                        t,
-                        &inp,
-                        &o,
-                        Source::Given,
-                        stream.0 as *mut c_void,
-                        true,
-                    ))
-                    .unwrap()
-            };
+            forward_eager(&mut l.moe, t, &inp, &o, Source::Given, &stream);
             stream.synchronize().unwrap();
             let (out, _, _) = o.host(&c, t);
             assert!(
@@ -368,18 +372,7 @@ fn routing_of_a_token_does_not_depend_on_the_batch() {
         let inp = inputs(&c, max_tokens, 4);
         let outs: Vec<Outputs> = batches.iter().map(|&t| Outputs::new(&c, t)).collect();
         for (&t, out) in batches.iter().zip(&outs) {
-            unsafe {
-                l.moe
-                    .forward(&args(
-                        t,
-                        &inp,
-                        out,
-                        Source::Gate,
-                        stream.0 as *mut c_void,
-                        true,
-                    ))
-                    .unwrap();
-            }
+            forward_eager(&mut l.moe, t, &inp, out, Source::Gate, &stream);
         }
         stream.synchronize().unwrap();
         let all = outs.last().unwrap().host(&c, max_tokens);
@@ -442,18 +435,7 @@ fn forward_inside_a_caller_graph() {
     let t = 37;
     let inp = inputs(&c, t, 1);
     let (eager, captured) = (Outputs::new(&c, t), Outputs::new(&c, t));
-    unsafe {
-        l.moe
-            .forward(&args(
-                t,
-                &inp,
-                &eager,
-                Source::Gate,
-                stream.0 as *mut c_void,
-                true,
-            ))
-            .unwrap()
-    };
+    forward_eager(&mut l.moe, t, &inp, &eager, Source::Gate, &stream);
     let capture = |moe: &mut Moe| unsafe {
         moe.forward(&args(
             t,
@@ -489,18 +471,7 @@ fn layers_share_a_stream_and_destroy_with_graphs() {
     let mut expected = Vec::new();
     for l in &mut layers {
         let o = Outputs::new(&c, t);
-        unsafe {
-            l.moe
-                .forward(&args(
-                    t,
-                    &inp,
-                    &o,
-                    Source::Gate,
-                    stream.0 as *mut c_void,
-                    true,
-                ))
-                .unwrap()
-        };
+        forward_eager(&mut l.moe, t, &inp, &o, Source::Gate, &stream);
         stream.synchronize().unwrap();
         expected.push(o.host(&c, t));
         l.moe

@@ -255,9 +255,9 @@ pub enum QuantTile {
     WgmmaT8,
     WgmmaT16,
     WgmmaT32,
-    /// W8A8 prefill: 64 weight rows x 64 tokens, and 128 weight rows (two warpgroups) x 128
-    /// tokens, so an expert's weights are read once per 64 / 128 of its rows, not once per 32,
-    /// and each byte copied into shared memory feeds 2-4x the MMAs.
+    /// W8A8 prefill: 64 weight rows x 64 tokens, and 128 tokens (two warpgroups, tokens as
+    /// wgmma M) x 128 weight rows, so an expert's weights are read once per 64 / 128 of its
+    /// rows, not once per 32, and each byte copied into shared memory feeds 2-4x the MMAs.
     WgmmaT64,
     WgmmaT128,
 }
