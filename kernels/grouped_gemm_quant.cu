@@ -641,10 +641,10 @@ __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (
 // rows are all loaded before any is quantized: one L2 round trip a block, not one a row (one
 // a row cost ~20 us at Qwen3-30B-A3B T = 256, 32-row tiles), eight rows a warp at a time on
 // the prefill tiles.
-// WARPS: the block's; COLS: the gated tile's output columns (half its weight rows).
-template <bool MX, int BT, int WARPS, int COLS>
+// BT: the tile's tokens; COLS: its gated output columns (half its weight rows); one warpgroup.
+template <bool MX, int BT, int COLS>
 __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const TileRange& tr) {
-    constexpr int ROWS_A_WARP = (BT + WARPS - 1) / WARPS;
+    constexpr int WARPS = 4, ROWS_A_WARP = (BT + WARPS - 1) / WARPS;
     static_assert(MX ? COLS == 32 : 128 % COLS == 0, "a tile holds one FP8_MX group, a part of an FP8_BLOCK one");
     const int N = (int)p.n, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float* act = (const float*)p.c;
@@ -887,7 +887,7 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 
     static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
     store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq);
-    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT, THREADS / 32, BW / 2>(p, tr);
+    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT, BW / 2>(p, tr);
 }
 
 // FP8_BLOCK on Hopper (W8A8 wgmma, sm_90a): the weights' E4M3 rows are the wgmma's A operand
@@ -902,19 +902,19 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 // instructions; here a stage of 64 x 128 weights is four wgmma and, per thread, four 16-byte
 // copies, a few for the tokens and ~2 instructions per accumulator, so the weights' stream is
 // what is left (H200, DeepSeek-V3 T = 16-256: 0.50-0.52x the bf16 floor against 0.56-0.58x).
-// Prefill takes 64 tokens a tile (m64n64), or 128 with the operands swapped (TOKENS_M: two
-// warpgroups of 64 tokens as wgmma M against 128 weight rows as N, so a thread's accumulators
-// need two token and two weight scales, one multiply-add each to promote, and come out in
-// store_fragment's [token][column] layout). Each output's chain is the same in every tile (the
+// Prefill swaps the operands (TOKENS_M: 64 tokens as wgmma M against 128 weight rows as N, so a
+// thread's accumulators need two token and two weight scales, one multiply-add each to promote,
+// and come out in store_fragment's [token][column] layout; two blocks share an SM, so one's
+// promotion and epilogue overlap the other's MMAs). Each output's chain is the same in every tile (the
 // tensor cores compute an element from its own row and column whatever N is, and whichever
 // operand holds which: a GPU test compares the tiles bitwise), so tile choice changes no bit.
 template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false>
 __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
-    // TOKENS_M: BT / 64 warpgroups, each 64 tokens (wgmma M) x 128 weight rows (N).
-    constexpr int WG = TOKENS_M ? BT / 64 : 1;
-    constexpr int THREADS = 128 * WG, BW = TOKENS_M ? 128 : 64, BK = 128;
+    // One warpgroup: BT = 64 tokens (wgmma M) x 128 weight rows (N) if TOKENS_M, else 64 weight
+    // rows (M) x BT tokens (N).
+    constexpr int THREADS = 128, BW = TOKENS_M ? 128 : 64, BK = 128;
     constexpr int NB = (TOKENS_M ? BW : BT) / 8;  // n8 blocks of the wgmma
-    static_assert(!TOKENS_M || BT % 64 == 0, "whole warpgroups of tokens");
+    static_assert(!TOKENS_M || BT == 64, "tokens as M: one warpgroup's 64 rows");
     constexpr int X_STAGE = BT * BK, W_STAGE = BW * BK;  // swizzled E4M3 rows
     constexpr int X_CHUNKS = X_STAGE / 16, W_CHUNKS = W_STAGE / 16;
     constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS, W_PER = W_CHUNKS / THREADS;
@@ -982,14 +982,14 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
             cp_async_4(WSs + stage * BW + threadIdx.x, sw_src ? (const void*)(sw_src + kt) : (const void*)b_scale, sw_src != nullptr);
     };
 
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     float acc[NB][4];
     zero_accumulators<1, NB>(&acc);
 
     // A stage's four k32 wgmma, chained into `part` (committed as one group).
     auto issue = [&](int stage, float* part) {
-        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE + wg * 64 * BK);
+        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE);
         const u64 a_desc = TOKENS_M ? x_desc : w_desc, b_desc = TOKENS_M ? w_desc : x_desc;
         wgmma_fence();
 #pragma unroll
@@ -1006,7 +1006,7 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
             // Rows are tokens 16 warp + g and + 8; an n8 block's weight rows share one scale,
             // and the tile has two: gate / up rows (alternate n8 blocks) or its two 64-row
             // halves. The products are the decode tiles' (weight scale * token scale).
-            const float x0 = sx[64 * wg + 16 * warp + g], x1 = sx[64 * wg + 16 * warp + g + 8];
+            const float x0 = sx[16 * warp + g], x1 = sx[16 * warp + g + 8];
             const float s0 = sw[0], s1 = sw[(MODE & MODE_GATED) ? 8 : 64];
 #pragma unroll
             for (int j = 0; j < NB; ++j) {
@@ -1038,13 +1038,13 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
                                                                    promote(stage, part);
                                                                });
     if constexpr (TOKENS_M) {
-        store_fragment<NB, MODE, ACT>(p, tr, acc, 64 * wg + 16 * warp + g, 0);
+        store_fragment<NB, MODE, ACT>(p, tr, acc, 16 * warp + g, 0);
     } else {
         // The transpose takes the token and weight buffers (contiguous), free after the last MMA.
         static_assert(weight_tile_transpose_bytes(BT) <= STAGES * (X_STAGE + W_STAGE), "transpose fits the tiles' buffers");
         store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Xs);
     }
-    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, THREADS / 32, BW / 2>(p, tr);
+    if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, BW / 2>(p, tr);
 }
 
 // Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
@@ -1173,26 +1173,22 @@ extern "C" __global__ void __launch_bounds__(128)
             resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 
-// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens (W8A8 also
-// 64), 4 stages, blocks per SM by registers (the 64-token one by shared memory); and for W8A8
-// prefill 128 tokens (two warpgroups) x 128 weight rows. W4A8: MXFP4 with act_quant = FP8_MX;
-// W8A8: FP8_BLOCK.
+// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens, 4 stages,
+// blocks per SM by registers; and for W8A8 prefill 64 tokens x 128 weight rows, two blocks an SM
+// (by shared memory; 198-199 registers). W4A8: MXFP4 with act_quant = FP8_MX; W8A8: FP8_BLOCK.
 #define FDMOE_MINBLOCKS_w4a8_8 4
 #define FDMOE_MINBLOCKS_w4a8_16 3
 #define FDMOE_MINBLOCKS_w4a8_32 2
 #define FDMOE_MINBLOCKS_w8a8_8 4
 #define FDMOE_MINBLOCKS_w8a8_16 4
 #define FDMOE_MINBLOCKS_w8a8_32 3
-#define FDMOE_MINBLOCKS_w8a8_64 3
 #define FDMOE_QGEMM_WGMMA(body, fmt_name, tokens, name, mode, act)                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
         grouped_gemm_##body<tokens, 4, m, act>(resolve_args<!weights_before_wait(m)>(p));               \
     }
-// W8A8 prefill with tokens as wgmma M: 128 tokens (two warpgroups) x 128 weight rows, one block
-// an SM (182-184 registers).
-#define FDMOE_QGEMM_W8A8_WIDE(tokens, name, mode, act)                                              \
-    extern "C" __global__ void __launch_bounds__(2 * tokens, 1) qgemm_fp8_block_p##tokens##_##name(GemmParams p) { \
+#define FDMOE_QGEMM_W8A8_PREFILL(tokens, name, mode, act)                                           \
+    extern "C" __global__ void __launch_bounds__(128, 2) qgemm_fp8_block_p##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
         grouped_gemm_w8a8<tokens, 4, m, act, true>(resolve_args<!weights_before_wait(m)>(p));         \
     }
@@ -1212,8 +1208,7 @@ FDMOE_QGEMM_KINDS(FDMOE_QGEMM_FP8, m)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 8)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 16)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 32)
-FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w8a8, fp8_block, 64)
-FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W8A8_WIDE, 128)
+FDMOE_QGEMM_KINDS(FDMOE_QGEMM_W8A8_PREFILL, 64)
 #endif
 #if defined(FDMOE_SM90A) && !defined(FDMOE_F16)
 FDMOE_QGEMM_KINDS(FDMOE_QGEMM_WGMMA, w4a8, mxfp4, 8)

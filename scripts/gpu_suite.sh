@@ -78,7 +78,7 @@ if [ -n "${FDMOE_SANITIZE:-}" ]; then
     compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
   # The W8A8 GEMMs (FP8_BLOCK on sm_90a: cp.async into swizzled tiles, wgmma from shared, GEMM
   # 1's last-arriving block quantizing each 128-channel group from the others' stores), every
-  # token tile (the token tiles case: 16 / 32 / 64 / two-warpgroup 128).
+  # token tile (the token tiles case: 16 / 32 tokens, and the 64-token prefill tile).
   step racecheck-w8a8 150 env FDMOE_GPU_CASES="fp8_block grouped,fp8_block interleaved,fp8_block token tiles" \
     compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
 fi

@@ -306,8 +306,9 @@ fn thin_decode_tile_gives_the_bits_of_the_16_row_tile() {
 #[test]
 fn a_tokens_output_does_not_depend_on_the_quantized_tile() {
     // The quantized experts' token tile follows the rows per expert (T * k / E = T / 8 here):
-    // on sm_90a W8A8 takes 8 tokens at T = 1, 16 at 40, 32 at 120, 64 at 500 and 128 at 800
-    // and 1024; the first tokens of one batch must come out bitwise the same from each.
+    // on sm_90a W8A8 takes 8 tokens at T = 1, 16 at 40, 32 at 120 and the 64-token prefill tile
+    // (tokens as wgmma M) from 500; the first tokens of one batch must come out bitwise the same
+    // from each.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
     let stream = OwnedStream::new().unwrap();

@@ -617,8 +617,8 @@ fn cases() -> Vec<Case> {
         });
     }
     // On sm_90a FP8_BLOCK's W8A8 tiles by rows per expert (ceil(T / 4) with 16 experts, k = 4):
-    // 5 and 10 rows the 16-token tile, 13 the 32-token one, 50 the 64-token one, 130 the
-    // 128-token one (the other cases' T = 300, 75 rows, that one too).
+    // 5 and 10 rows the 16-token tile, 13 the 32-token one, 50 and 130 the 64-token prefill one
+    // (the other cases' T = 300, 75 rows, that one too).
     v.push(Case {
         tokens: vec![20, 40, 52, 200, 520],
         ..mk(

@@ -458,11 +458,7 @@ impl Kernels {
             .expect("loaded with a quantized format")
             .1;
         let format = self.weight_format;
-        let shape = (
-            tile.block_n(format),
-            tile.threads(),
-            tile.smem_bytes(format),
-        );
+        let shape = (tile.block_n(format), 128, tile.smem_bytes(format));
         launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 

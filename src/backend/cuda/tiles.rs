@@ -255,11 +255,13 @@ pub enum QuantTile {
     WgmmaT8,
     WgmmaT16,
     WgmmaT32,
-    /// W8A8 prefill: 64 weight rows x 64 tokens, and 128 tokens (two warpgroups, tokens as
-    /// wgmma M) x 128 weight rows, so an expert's weights are read once per 64 / 128 of its
-    /// rows, not once per 32, and each byte copied into shared memory feeds 2-4x the MMAs.
-    WgmmaT64,
-    WgmmaT128,
+    /// W8A8 prefill: 64 tokens (as wgmma M) x 128 weight rows, two blocks an SM, so an
+    /// expert's weights are read once per 64 of its rows, not once per 32, and each byte copied
+    /// into shared memory feeds 2-4x the MMAs. It beat a 64 x 64 tile with the weights as M and
+    /// a two-warpgroup 128 x 128 one (one block an SM) at every prefill size measured (H200,
+    /// BENCHMARKS.md fifteenth session: DeepSeek-V3 T = 1024 2.98 / 3.51 / 4.35 ms, Qwen3-30B-A3B
+    /// T = 2048 0.518 / 0.641 / 0.575; a tie at DeepSeek-V3 T = 4096).
+    WgmmaP64,
 }
 
 /// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
@@ -268,10 +270,9 @@ pub enum QuantTile {
 pub const FP4_NARROW_MAX_SLOTS: usize = 16;
 
 /// W8A8 rows per expert (on average) up to which the 32-token tile runs, then the 64-token
-/// one, then the 128-token one (H200 sweeps, BENCHMARKS.md fourteenth session: DeepSeek-V3 T =
-/// 512 / 1024 / 2048 at 16 / 32 / 64 rows, Qwen3-30B-A3B T = 512 / 1024 at 32 / 64).
+/// prefill one (H200 sweeps, BENCHMARKS.md fourteenth and fifteenth sessions: DeepSeek-V3 T =
+/// 512 at 16 rows 2.76 against 2.84 ms, Qwen3-30B-A3B T = 512 at 32 rows 0.255 against 0.227).
 const W8A8_T32_MAX_ROWS: usize = 31;
-const W8A8_T64_MAX_ROWS: usize = 63;
 
 impl QuantTile {
     /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
@@ -283,8 +284,7 @@ impl QuantTile {
                 13..=24 if fp8 => QuantTile::WgmmaT32,
                 5..=24 => QuantTile::WgmmaT16,
                 _ if !fp8 || rows <= W8A8_T32_MAX_ROWS => QuantTile::WgmmaT32,
-                _ if rows <= W8A8_T64_MAX_ROWS => QuantTile::WgmmaT64,
-                _ => QuantTile::WgmmaT128,
+                _ => QuantTile::WgmmaP64,
             }
         } else if rows > DECODE32_MAX_ROWS {
             QuantTile::Mid
@@ -303,8 +303,7 @@ impl QuantTile {
                 QuantTile::WgmmaT8,
                 QuantTile::WgmmaT16,
                 QuantTile::WgmmaT32,
-                QuantTile::WgmmaT64,
-                QuantTile::WgmmaT128,
+                QuantTile::WgmmaP64,
             ],
             _ if family == QuantFamily::Wgmma => {
                 &[QuantTile::WgmmaT8, QuantTile::WgmmaT16, QuantTile::WgmmaT32]
@@ -317,37 +316,24 @@ impl QuantTile {
         match self {
             QuantTile::Narrow | QuantTile::Small | QuantTile::WgmmaT16 => 16,
             QuantTile::Decode32 | QuantTile::WgmmaT32 => 32,
-            QuantTile::Mid | QuantTile::WgmmaT64 => 64,
+            QuantTile::Mid | QuantTile::WgmmaP64 => 64,
             QuantTile::WgmmaT8 => 8,
-            QuantTile::WgmmaT128 => 128,
         }
     }
     /// One of the wgmma tiles on E4M3 activations (`grouped_gemm_w4a8` / `grouped_gemm_w8a8`).
     pub fn is_wgmma(self) -> bool {
         matches!(
             self,
-            QuantTile::WgmmaT8
-                | QuantTile::WgmmaT16
-                | QuantTile::WgmmaT32
-                | QuantTile::WgmmaT64
-                | QuantTile::WgmmaT128
+            QuantTile::WgmmaT8 | QuantTile::WgmmaT16 | QuantTile::WgmmaT32 | QuantTile::WgmmaP64
         )
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
-            (QuantTile::WgmmaT128, _) => 128,
+            (QuantTile::WgmmaP64, _) => 128,
             _ if self.is_wgmma() => 64,
             (QuantTile::Narrow | QuantTile::Decode32, _)
             | (QuantTile::Small, FdmoeDtype::Fp8Block) => 64,
             _ => 128,
-        }
-    }
-    /// Threads a block: 4 warps, 8 for the two-warpgroup W8A8 tile.
-    pub fn threads(self) -> u32 {
-        if self == QuantTile::WgmmaT128 {
-            256
-        } else {
-            128
         }
     }
     /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the wgmma tiles: 4).
@@ -369,8 +355,7 @@ impl QuantTile {
             QuantTile::WgmmaT8 => "a8",
             QuantTile::WgmmaT16 => "a16",
             QuantTile::WgmmaT32 => "a32",
-            QuantTile::WgmmaT64 => "a64",
-            QuantTile::WgmmaT128 => "p128",
+            QuantTile::WgmmaP64 => "p64",
         }
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
@@ -479,14 +464,9 @@ mod tests {
                 assert!(t.is_wgmma() && t.smem_bytes(fmt) <= 227 * 1024, "{t:?}");
             }
         }
-        // W8A8: at least 4 blocks of each decode tile share an SM, 3 of the 64-token one (the
-        // two-warpgroup one takes an SM).
+        // W8A8: at least 4 blocks of each decode tile share an SM, 2 of the prefill one.
         for &t in QuantTile::all(Fp8Block, QuantFamily::Wgmma) {
-            let blocks = match t {
-                QuantTile::WgmmaT64 => 3,
-                QuantTile::WgmmaT128 => 1,
-                _ => 4,
-            };
+            let blocks = if t == QuantTile::WgmmaP64 { 2 } else { 4 };
             assert!(blocks * t.smem_bytes(Fp8Block) <= 227 * 1024, "{t:?}");
         }
         assert_eq!(
@@ -536,20 +516,20 @@ mod tests {
         );
         assert_eq!(
             QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 32, 8192),
-            QuantTile::WgmmaT64,
+            QuantTile::WgmmaP64,
             "DeepSeek-V3 T = 1024"
         );
         assert_eq!(
             QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 64, 8192),
-            QuantTile::WgmmaT128,
+            QuantTile::WgmmaP64,
             "Qwen3-30B-A3B T = 1024"
         );
         assert_eq!(
             QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 128, 32768),
-            QuantTile::WgmmaT128,
+            QuantTile::WgmmaP64,
             "DeepSeek-V3 T = 4096"
         );
-        assert!(!QuantTile::all(Mxfp4, QuantFamily::Wgmma).contains(&QuantTile::WgmmaT128));
+        assert!(!QuantTile::all(Mxfp4, QuantFamily::Wgmma).contains(&QuantTile::WgmmaP64));
     }
 
     #[test]
