@@ -18,7 +18,7 @@ import gpu_bench  # noqa: E402  (environment setup and the random quantized expe
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--format", default="fp8_block", help="fp8_block, mxfp4, nvfp4 or bfloat16")
+    ap.add_argument("--format", default="fp8_block", help="fp8_block, mxfp4, mxfp4_a8 (on FP8 activations), nvfp4 or bfloat16")
     ap.add_argument("--shape", default="qwen3-30b-a3b")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--iters", type=int, default=3)
@@ -43,9 +43,12 @@ def main() -> int:
     else:
         if args.routed:
             sys.exit("--routed is for bfloat16 layers")
+        w4a8 = args.format == "mxfp4_a8"  # MXFP4 experts on FP8 activations, as in gpu_bench
+        weights = "mxfp4" if w4a8 else args.format
         layer = fdmoe.MoELayer(E, k, H, I, routing="given", act_dtype="bfloat16",
-                               weight_dtype=args.format, max_tokens=args.tokens, device="cuda")
-        gpu_bench.QuantizedExperts(torch, args.format, E, H, I).load_into(layer)
+                               weight_dtype=weights, max_tokens=args.tokens, device="cuda",
+                               act_quant="fp8_mx" if w4a8 else "none")
+        gpu_bench.QuantizedExperts(torch, weights, E, H, I).load_into(layer)
     x = torch.randn(args.tokens, H, device="cuda", dtype=torch.bfloat16)
     topk_w, topk_ids = torch.topk(torch.softmax(torch.randn(args.tokens, E, device="cuda"), -1), k, -1)
     topk_w = (topk_w / topk_w.sum(-1, keepdim=True)).float().contiguous()
