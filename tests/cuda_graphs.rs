@@ -307,15 +307,20 @@ fn thin_decode_tile_gives_the_bits_of_the_16_row_tile() {
 fn a_tokens_output_does_not_depend_on_the_quantized_tile() {
     // The quantized experts' token tile follows the rows per expert (T * k / E = T / 8 here):
     // on sm_90a W8A8 takes 8 tokens at T = 1, 16 at 40, 32 at 120 and the 64-token prefill tile
-    // (tokens as wgmma M) from 500; the first tokens of one batch must come out bitwise the same
-    // from each.
+    // (tokens as wgmma M) from 500; FP4 the mma.sync tiles up to 500 and the 128-token wgmma
+    // one at 800 and 1024 (there with H = 288 and I = 96: partial k-tiles in both GEMMs and
+    // partial column tiles). The first tokens of one batch must come out bitwise the same from
+    // each.
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
     let stream = OwnedStream::new().unwrap();
-    for format in [FdmoeDtype::Fp8Block, FdmoeDtype::Mxfp4] {
+    for format in [FdmoeDtype::Fp8Block, FdmoeDtype::Mxfp4, FdmoeDtype::Nvfp4] {
+        let fp4 = format != FdmoeDtype::Fp8Block;
         let c = MoeConfig {
             weight_dtype: format,
             routing: FdmoeRouting::Given,
+            hidden_size: if fp4 { 288 } else { 256 },
+            intermediate_size: if fp4 { 96 } else { 128 },
             ..cfg(1024)
         };
         let mut l = layer(&c, 21, false);

@@ -640,9 +640,11 @@ fn cases() -> Vec<Case> {
             },
         )
     });
-    // K not a multiple of the 64-column packing block (zero-padded at load).
+    // K not a multiple of the 64-column packing block (zero-padded at load); T = 200 (100 / 200
+    // rows per expert) takes the FP4 prefill wgmma tile on sm_90a, with partial k-tiles and
+    // column tiles in both GEMMs.
     v.push(Case {
-        tokens: vec![1, 5, 33],
+        tokens: vec![1, 5, 33, 200],
         ..mk(
             "mxfp4 odd sizes",
             MoeConfig {
@@ -652,7 +654,7 @@ fn cases() -> Vec<Case> {
         )
     });
     v.push(Case {
-        tokens: vec![1, 5, 33],
+        tokens: vec![1, 5, 33, 200],
         layout: FdmoeLayout::PerExpert,
         ..mk(
             "nvfp4 odd per_expert",

@@ -356,7 +356,7 @@ impl Kernels {
         let quant_family = QuantFamily::of(weight_format, input_quant, hopper);
         let forced_quant_tile = match std::env::var("FDMOE_QUANT_TILE") {
             Ok(name) if weight_format.is_quantized() => {
-                let tiles = QuantTile::all(weight_format, quant_family);
+                let tiles = QuantTile::all(weight_format, quant_family, hopper);
                 Some(*tiles.iter().find(|t| t.suffix() == name).ok_or_else(|| {
                     Error::invalid(format!(
                         "FDMOE_QUANT_TILE={name}: this backend's {weight_format:?} tiles are {:?}",
@@ -368,7 +368,7 @@ impl Kernels {
         };
         if weight_format.is_quantized() {
             let quant = load(GROUPED_GEMM_QUANT)?;
-            for &tile in QuantTile::all(weight_format, quant_family) {
+            for &tile in QuantTile::all(weight_format, quant_family, hopper) {
                 for kind in [GemmKind::UpGated, GemmKind::DownScaled] {
                     let name = qgemm_name(weight_format, tile, kind, activation);
                     qgemms.push((
@@ -458,7 +458,11 @@ impl Kernels {
             .expect("loaded with a quantized format")
             .1;
         let format = self.weight_format;
-        let shape = (tile.block_n(format), 128, tile.smem_bytes(format));
+        let shape = (
+            tile.block_n(format),
+            tile.threads(),
+            tile.smem_bytes(format),
+        );
         launch_gemm(f, kind, shape, p, tiles_m, stream)
     }
 

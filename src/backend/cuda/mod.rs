@@ -421,6 +421,7 @@ impl CudaBackend {
                     k.quant_family,
                     rows_per_expert,
                     slots,
+                    k.hopper,
                 )
             }),
         );

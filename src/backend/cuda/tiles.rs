@@ -262,6 +262,14 @@ pub enum QuantTile {
     /// BENCHMARKS.md fifteenth session: DeepSeek-V3 T = 1024 2.98 / 3.51 / 4.35 ms, Qwen3-30B-A3B
     /// T = 2048 0.518 / 0.641 / 0.575; a tie at DeepSeek-V3 T = 4096).
     WgmmaP64,
+    /// FP4 (W4A16) prefill on sm_90a (`grouped_gemm_fp4_wgmma`): 128 tokens (two warpgroups,
+    /// wgmma M) x 256 weight rows, the weights decoded once per block into shared bf16 tiles
+    /// (the mma.sync tiles decode each weight once per 32 tokens in each row warp, which bounds
+    /// them at prefill). Same bits as the mma.sync tiles. H200 MXFP4 (BENCHMARKS.md, sixteenth
+    /// session), against the 64 x 128 mma.sync tile: Qwen3-30B-A3B T = 1024 / 2048 / 4096 0.559 /
+    /// 0.922 / 1.614 -> 0.425 / 0.634 / 1.066 ms, DeepSeek-V3 T = 2048 / 4096 8.87 / 14.50 ->
+    /// 6.29 / 9.11 (bf16 0.42 / 0.56 / 0.90 and 6.20 / 8.51).
+    Fp4Wgmma,
 }
 
 /// Up to this many slots (T * k) the FP4 decode GEMMs use the narrow tile: the wide one would
@@ -274,9 +282,21 @@ pub const FP4_NARROW_MAX_SLOTS: usize = 16;
 /// 512 at 16 rows 2.76 against 2.84 ms, Qwen3-30B-A3B T = 512 at 32 rows 0.255 against 0.227).
 const W8A8_T32_MAX_ROWS: usize = 31;
 
+/// FP4 rows per expert (on average) from which sm_90a takes the 128-token wgmma tile: at 32 it
+/// lost to the 64-row mma.sync tile (Qwen3-30B-A3B T = 512 0.413 against 0.391 ms; a tie at
+/// DeepSeek-V3 T = 1024), at 64 it won (Qwen3 T = 1024 0.425 against 0.559).
+pub const FP4_WGMMA_MIN_ROWS: usize = 64;
+
 impl QuantTile {
-    /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average.
-    pub fn choose(format: FdmoeDtype, family: QuantFamily, rows: usize, slots: usize) -> QuantTile {
+    /// The tile for `slots` (T * k) routed rows, `rows` of them per expert on average, on a
+    /// device with (`hopper`) or without the sm_90a kernels.
+    pub fn choose(
+        format: FdmoeDtype,
+        family: QuantFamily,
+        rows: usize,
+        slots: usize,
+        hopper: bool,
+    ) -> QuantTile {
         let fp8 = format == FdmoeDtype::Fp8Block;
         if family == QuantFamily::Wgmma {
             match rows {
@@ -286,6 +306,8 @@ impl QuantTile {
                 _ if !fp8 || rows <= W8A8_T32_MAX_ROWS => QuantTile::WgmmaT32,
                 _ => QuantTile::WgmmaP64,
             }
+        } else if !fp8 && hopper && rows >= FP4_WGMMA_MIN_ROWS {
+            QuantTile::Fp4Wgmma
         } else if rows > DECODE32_MAX_ROWS {
             QuantTile::Mid
         } else if fp8 && rows > DECODE16_MAX_ROWS {
@@ -296,8 +318,8 @@ impl QuantTile {
             QuantTile::Small
         }
     }
-    /// The tiles a format has kernels for in `family`.
-    pub fn all(format: FdmoeDtype, family: QuantFamily) -> &'static [QuantTile] {
+    /// The tiles a format has kernels for in `family` (`hopper`: with the sm_90a ones).
+    pub fn all(format: FdmoeDtype, family: QuantFamily, hopper: bool) -> &'static [QuantTile] {
         match format {
             FdmoeDtype::Fp8Block if family == QuantFamily::Wgmma => &[
                 QuantTile::WgmmaT8,
@@ -309,6 +331,12 @@ impl QuantTile {
                 &[QuantTile::WgmmaT8, QuantTile::WgmmaT16, QuantTile::WgmmaT32]
             }
             FdmoeDtype::Fp8Block => &[QuantTile::Small, QuantTile::Decode32, QuantTile::Mid],
+            _ if hopper => &[
+                QuantTile::Narrow,
+                QuantTile::Small,
+                QuantTile::Mid,
+                QuantTile::Fp4Wgmma,
+            ],
             _ => &[QuantTile::Narrow, QuantTile::Small, QuantTile::Mid],
         }
     }
@@ -318,6 +346,14 @@ impl QuantTile {
             QuantTile::Decode32 | QuantTile::WgmmaT32 => 32,
             QuantTile::Mid | QuantTile::WgmmaP64 => 64,
             QuantTile::WgmmaT8 => 8,
+            QuantTile::Fp4Wgmma => 128,
+        }
+    }
+    pub fn threads(self) -> u32 {
+        if self == QuantTile::Fp4Wgmma {
+            256
+        } else {
+            128
         }
     }
     /// One of the wgmma tiles on E4M3 activations (`grouped_gemm_w4a8` / `grouped_gemm_w8a8`).
@@ -329,6 +365,7 @@ impl QuantTile {
     }
     pub fn block_n(self, format: FdmoeDtype) -> usize {
         match (self, format) {
+            (QuantTile::Fp4Wgmma, _) => 256,
             (QuantTile::WgmmaP64, _) => 128,
             _ if self.is_wgmma() => 64,
             (QuantTile::Narrow | QuantTile::Decode32, _)
@@ -356,12 +393,22 @@ impl QuantTile {
             QuantTile::WgmmaT16 => "a16",
             QuantTile::WgmmaT32 => "a32",
             QuantTile::WgmmaP64 => "p64",
+            QuantTile::Fp4Wgmma => "w",
         }
     }
     /// Shared memory of the body for `format` (mirrors the carve-up in the kernel).
     pub fn smem_bytes(self, format: FdmoeDtype) -> usize {
         let (bm, bn, stages) = (self.block_m(), self.block_n(format), self.stages(format));
         let rows = (bm + bn) * 8;
+        if self == QuantTile::Fp4Wgmma {
+            // grouped_gemm_fp4_wgmma: tokens, packed weights and their scales a stage, two
+            // decoded weight tiles, and the 1024-byte alignment of the swizzled rows.
+            let scale_block = if format == FdmoeDtype::Mxfp4 { 16 } else { 32 };
+            return 1024
+                + stages * (bm * 128 + (bn / 8) * (256 + scale_block))
+                + 2 * bn * 128
+                + rows;
+        }
         if self.is_wgmma() && format == FdmoeDtype::Fp8Block {
             // grouped_gemm_w8a8: token and weight rows, one scale each a stage, and the
             // 1024-byte alignment of the swizzled rows.
@@ -410,62 +457,86 @@ mod tests {
         use FdmoeDtype::*;
         for fmt in [Mxfp4, Nvfp4] {
             assert_eq!(
-                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, 8),
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, 8, true),
                 QuantTile::Narrow
             );
             assert_eq!(
-                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, FP4_NARROW_MAX_SLOTS),
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, FP4_NARROW_MAX_SLOTS, true),
                 QuantTile::Narrow
             );
             assert_eq!(
-                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, FP4_NARROW_MAX_SLOTS + 1),
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 1, FP4_NARROW_MAX_SLOTS + 1, true),
                 QuantTile::Small
             );
             assert_eq!(
-                QuantTile::choose(fmt, QuantFamily::MmaSync, 25, 4096),
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 25, 4096, true),
                 QuantTile::Mid
             );
-            assert!(QuantTile::all(fmt, QuantFamily::MmaSync).contains(&QuantTile::Narrow));
+            assert!(QuantTile::all(fmt, QuantFamily::MmaSync, true).contains(&QuantTile::Narrow));
+            // FP4 prefill: the wgmma tile on sm_90a only.
+            assert_eq!(
+                QuantTile::choose(fmt, QuantFamily::MmaSync, FP4_WGMMA_MIN_ROWS, 8192, true),
+                QuantTile::Fp4Wgmma
+            );
+            assert_eq!(
+                QuantTile::choose(
+                    fmt,
+                    QuantFamily::MmaSync,
+                    FP4_WGMMA_MIN_ROWS - 1,
+                    8064,
+                    true
+                ),
+                QuantTile::Mid
+            );
+            assert_eq!(
+                QuantTile::choose(fmt, QuantFamily::MmaSync, 256, 32768, false),
+                QuantTile::Mid
+            );
+            assert!(
+                !QuantTile::all(fmt, QuantFamily::MmaSync, false).contains(&QuantTile::Fp4Wgmma)
+            );
+            assert_eq!(QuantTile::Fp4Wgmma.threads(), 256);
+            assert!(QuantTile::Fp4Wgmma.smem_bytes(fmt) <= 227 * 1024);
         }
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 1, 8),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 1, 8, true),
             QuantTile::Small
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 12, 1536),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 12, 1536, true),
             QuantTile::Small
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 16, 2048),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 16, 2048, true),
             QuantTile::Decode32,
             "Qwen3 T = 256"
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 24, 3072),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 24, 3072, true),
             QuantTile::Decode32
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 25, 3200),
+            QuantTile::choose(Fp8Block, QuantFamily::MmaSync, 25, 3200, true),
             QuantTile::Mid
         );
-        assert!(!QuantTile::all(Fp8Block, QuantFamily::MmaSync).contains(&QuantTile::Narrow));
+        assert!(!QuantTile::all(Fp8Block, QuantFamily::MmaSync, true).contains(&QuantTile::Narrow));
         assert_eq!(
-            QuantTile::choose(Mxfp4, QuantFamily::MmaSync, 16, 2048),
+            QuantTile::choose(Mxfp4, QuantFamily::MmaSync, 16, 2048, true),
             QuantTile::Small
         );
         // Every tile fits an SM's shared memory (227 KB a block on sm_90).
         for fmt in [Fp8Block, Mxfp4, Nvfp4] {
-            for &t in QuantTile::all(fmt, QuantFamily::MmaSync) {
+            for &t in QuantTile::all(fmt, QuantFamily::MmaSync, true) {
                 assert!(t.smem_bytes(fmt) <= 227 * 1024, "{t:?} {fmt:?}");
             }
         }
         for fmt in [Mxfp4, Fp8Block] {
-            for &t in QuantTile::all(fmt, QuantFamily::Wgmma) {
+            for &t in QuantTile::all(fmt, QuantFamily::Wgmma, true) {
                 assert!(t.is_wgmma() && t.smem_bytes(fmt) <= 227 * 1024, "{t:?}");
             }
         }
         // W8A8: at least 4 blocks of each decode tile share an SM, 2 of the prefill one.
-        for &t in QuantTile::all(Fp8Block, QuantFamily::Wgmma) {
+        for &t in QuantTile::all(Fp8Block, QuantFamily::Wgmma, true) {
             let blocks = if t == QuantTile::WgmmaP64 { 2 } else { 4 };
             assert!(blocks * t.smem_bytes(Fp8Block) <= 227 * 1024, "{t:?}");
         }
@@ -485,51 +556,51 @@ mod tests {
             );
         }
         assert_eq!(
-            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 1, 8),
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 1, 8, true),
             QuantTile::WgmmaT8
         );
         assert_eq!(
-            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 8, 2048),
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 8, 2048, true),
             QuantTile::WgmmaT16
         );
         assert_eq!(
-            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 16, 2048),
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 16, 2048, true),
             QuantTile::WgmmaT16,
             "W4A8, Qwen3 T = 256"
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 12, 1536),
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 12, 1536, true),
             QuantTile::WgmmaT16
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 16, 2048),
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 16, 2048, true),
             QuantTile::WgmmaT32,
             "W8A8, Qwen3 T = 256"
         );
         assert_eq!(
-            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 64, 65536),
+            QuantTile::choose(Mxfp4, QuantFamily::Wgmma, 64, 65536, true),
             QuantTile::WgmmaT32
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 31, 4096),
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 31, 4096, true),
             QuantTile::WgmmaT32
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 32, 8192),
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 32, 8192, true),
             QuantTile::WgmmaP64,
             "DeepSeek-V3 T = 1024"
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 64, 8192),
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 64, 8192, true),
             QuantTile::WgmmaP64,
             "Qwen3-30B-A3B T = 1024"
         );
         assert_eq!(
-            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 128, 32768),
+            QuantTile::choose(Fp8Block, QuantFamily::Wgmma, 128, 32768, true),
             QuantTile::WgmmaP64,
             "DeepSeek-V3 T = 4096"
         );
-        assert!(!QuantTile::all(Mxfp4, QuantFamily::Wgmma).contains(&QuantTile::WgmmaP64));
+        assert!(!QuantTile::all(Mxfp4, QuantFamily::Wgmma, true).contains(&QuantTile::WgmmaP64));
     }
 
     #[test]
