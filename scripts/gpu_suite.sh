@@ -76,6 +76,10 @@ if [ -n "${FDMOE_SANITIZE:-}" ]; then
   # The W4A8 GEMMs (bulk copies on mbarriers, wgmma from registers) at every token tile.
   step racecheck-w4a8 120 env FDMOE_GPU_CASES="w4a8 odd,w4a8 interleaved" \
     compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
+  # FP4 prefill on sm_90a (the odd cases' T = 200): generic stores of the decoded weights
+  # between cp.async copies and wgmma reads of the same buffers.
+  step racecheck-fp4-wgmma 120 env FDMOE_GPU_CASES="mxfp4 odd,nvfp4 odd" \
+    compute-sanitizer --tool racecheck --error-exitcode 9 .device/bin/cuda_vs_cpu
   # The W8A8 GEMMs (FP8_BLOCK on sm_90a: cp.async into swizzled tiles, wgmma from shared, GEMM
   # 1's last-arriving block quantizing each 128-channel group from the others' stores), every
   # token tile (the token tiles case: 16 / 32 tokens, and the 64-token prefill tile).
