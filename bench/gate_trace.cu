@@ -3,7 +3,14 @@
 // launches, as in a graph: back to back) and reads phase stamps the kernel writes when
 // FDMOE_TRACE is defined (globaltimer, ns). Qwen3-30B-A3B's router: E = 128, k = 8, H = 2048.
 //
-//   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels -o /tmp/gate_trace bench/gate_trace.cu && /tmp/gate_trace [T]
+//   nvcc -O3 -arch=sm_90a -std=c++17 -I kernels -o /tmp/gate_trace bench/gate_trace.cu && /tmp/gate_trace [T [before [warm]]]
+//
+// `before` sets what runs ahead of each timed launch, to imitate what precedes the gate in a
+// forward (where it is 14.6 us against ~9 here, Qwen3 T = 1): 0 nothing; 1 an L2 flush (a
+// 256 MB memset, as the experts' weights stream through L2); 2 a kernel of ~256 KB of code on
+// every SM (evicts the SMs' instruction caches, as the GEMMs' code does); 3 both; 4 a kernel
+// holding 200 KB of shared memory on every SM (the GEMMs' carveout). `warm` (default 1) turns
+// on the kernel's warm-up slice of blocks, as the library launches it.
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -16,18 +23,38 @@ __device__ __forceinline__ unsigned long long trace_now() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+// The warm-up slice (the grid's last x, when on) runs the same code on scratch: not stamped.
+__constant__ int g_warm_on;
+__device__ __forceinline__ bool trace_block() {
+    return threadIdx.x == 0 && !(g_warm_on && blockIdx.x == gridDim.x - 1);
+}
 // Stamp i by thread 0 of the block that gets there (the last block, past the gate phase).
-#define FDMOE_TRACE(i)                                   \
-    do {                                                 \
-        if (threadIdx.x == 0) g_trace[i] = trace_now(); \
+#define FDMOE_TRACE(i)                                 \
+    do {                                               \
+        if (trace_block()) g_trace[i] = trace_now(); \
     } while (0)
 // Stamp 0: the earliest block start.
-#define FDMOE_TRACE_START()                                     \
-    do {                                                        \
-        if (threadIdx.x == 0) atomicMin(&g_trace[0], trace_now()); \
+#define FDMOE_TRACE_START()                                      \
+    do {                                                         \
+        if (trace_block()) atomicMin(&g_trace[0], trace_now()); \
     } while (0)
 
 #include "gate_logits.cu"
+
+// ~16K distinct FFMA instructions (256 KB of SASS), run by every SM.
+__global__ void __launch_bounds__(128) code_polluter(float* out, float a) {
+    float v = threadIdx.x;
+#pragma unroll
+    for (int i = 0; i < 16384; ++i) v = fmaf(v, a, (float)i * 1.0001f);
+    if (v == 12345.0f) out[threadIdx.x] = v;
+}
+
+__global__ void smem_hog(float* out) {
+    extern __shared__ float hog[];
+    for (int i = threadIdx.x; i < 200 * 256; i += blockDim.x) hog[i] = i;
+    __syncthreads();
+    if (hog[threadIdx.x * 7] == -1.0f) out[0] = 1.0f;
+}
 
 #define CHECK(x)                                                                       \
     do {                                                                               \
@@ -40,6 +67,8 @@ __device__ __forceinline__ unsigned long long trace_now() {
 
 int main(int argc, char** argv) {
     const int T = argc > 1 ? atoi(argv[1]) : 1;
+    const int before = argc > 2 ? atoi(argv[2]) : 0;
+    const int warm = argc > 3 ? atoi(argv[3]) : 1;
     const int E = 128, K = 8, H = 2048, BLOCK_M = 16;
     const int rounds = (H + GATE_ROUND - 1) / GATE_ROUND;
     std::vector<unsigned short> x(T * H);
@@ -84,8 +113,37 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&dtiles, 4));
     f.sort.num_tiles = dtiles;
     f.counters = dcount;
+    // The warm-up's scratch outputs, as FusedRouting::new carves them (kernels.rs).
+    int* scratch;
+    const int slots = T * K;
+    CHECK(cudaMalloc(&scratch, (4 * slots + E + 1 + 2 * (slots + E) + 1) * 4));
+    CHECK(cudaMemset(scratch, 0, (4 * slots + E + 1 + 2 * (slots + E) + 1) * 4));
+    f.warm_route = f.route;
+    f.warm_route.topk_ids = scratch;
+    f.warm_route.topk_weights = (float*)scratch + slots;
+    f.warm_sort = SortParams{scratch, scratch + 2 * slots, scratch + 2 * slots + E + 1, scratch + 3 * slots + E + 1,
+                             scratch + 4 * slots + E + 1, scratch + 5 * slots + 2 * E + 1, dnt + 0, nullptr, T, K, E,
+                             BLOCK_M};
+    f.warm_sort.num_tiles = scratch + 6 * slots + 3 * E + 1;
+    f.warm_up = warm;
+    CHECK(cudaMemcpyToSymbol(g_warm_on, &warm, sizeof(int)));
     const size_t smem = std::max<size_t>(4 * (2 * E + 1 + K) * 4, 8 * E * 4);
-    dim3 grid((T + 3) / 4, (E + 31) / 32, rounds);
+    dim3 grid((T + 3) / 4 + (warm ? 1 : 0), (E + 31) / 32, rounds);
+
+    unsigned char* flush;
+    const size_t flush_bytes = 256u << 20;
+    CHECK(cudaMalloc(&flush, flush_bytes));
+    float* sink;
+    CHECK(cudaMalloc(&sink, 4096));
+    CHECK(cudaFuncSetAttribute(smem_hog, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    int sms;
+    CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    auto run_before = [&](int it) {
+        if (before & 2) code_polluter<<<sms * 4, 128>>>(sink, 1.0f + it * 1e-7f);
+        if (before & 1) CHECK(cudaMemsetAsync(flush, it & 0xff, flush_bytes));
+        if (before == 4) smem_hog<<<sms, 256, 200 * 1024>>>(sink);
+        CHECK(cudaGetLastError());
+    };
 
     cudaEvent_t a, b;
     CHECK(cudaEventCreate(&a));
@@ -95,6 +153,7 @@ int main(int argc, char** argv) {
     for (int it = 0; it < 300; ++it) {
         unsigned long long reset[64] = {~0ull};
         CHECK(cudaMemcpyToSymbol(g_trace, reset, sizeof(reset)));
+        run_before(it);
         CHECK(cudaEventRecord(a));
         gate_route_sort<<<grid, 256, smem>>>(dx, dg, dlogits, (i64)T * E, nullptr, T, H, E, nullptr, f);
         CHECK(cudaGetLastError());
@@ -122,8 +181,9 @@ int main(int argc, char** argv) {
     std::sort(times.begin(), times.end());
     int ids[64];
     CHECK(cudaMemcpy(ids, dids, T * K * 4, cudaMemcpyDeviceToHost));
-    printf("T=%d gate_route_sort: one launch (event pair) median %.2f us, back to back %.2f us per launch\n", T,
-           times[times.size() / 2], total);
+    printf("before=%d warm=%d: T=%d gate_route_sort: one launch (event pair) median %.2f us, back to back %.2f us per "
+           "launch\n",
+           before, warm, T, times[times.size() / 2], total);
     printf("ids of token 0:");
     for (int j = 0; j < K; ++j) printf(" %d", ids[j]);
     printf("\nphase stamps, ns after stamp 0 (the first block's start), median of %zu (-1: not reached):\n"

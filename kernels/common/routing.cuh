@@ -75,8 +75,11 @@ __device__ __forceinline__ void resolve_route_args(RouteParams& p) {
 // largest head key, which the one lane holding it (keys are unique) drops by shifting its
 // list, with selects instead of a branch. With more keys a lane keeps its best and the winning
 // lane rescans, since sorting 16 or 32 would cost more than the picks.
+//
+// Not inlined: the decode gate's warm-up blocks (gate_logits.cu) run this very code early so
+// that its instructions are in L2 when the routing block gets here.
 template <int PER_LANE>
-__device__ __forceinline__ void pick_top_k(const float* choice, const int* group_keep, int group_size, bool grouped,
+__device__ __noinline__ void pick_top_k(const float* choice, const int* group_keep, int group_size, bool grouped,
                                            int E, int K, int* picked) {
     const int lane = threadIdx.x % 32;
     u64 keys[PER_LANE];
@@ -123,6 +126,20 @@ __device__ __forceinline__ void pick_top_k(const float* choice, const int* group
                 }
             }
         }
+    }
+}
+
+// pick_top_k for E experts, by one warp.
+__device__ __forceinline__ void pick_for_experts(const float* choice, const int* group_keep, int group_size,
+                                                 bool grouped, int E, int K, int* picked) {
+    if (E <= 128) {
+        pick_top_k<4>(choice, group_keep, group_size, grouped, E, K, picked);
+    } else if (E <= 256) {
+        pick_top_k<8>(choice, group_keep, group_size, grouped, E, K, picked);
+    } else if (E <= 512) {
+        pick_top_k<16>(choice, group_keep, group_size, grouped, E, K, picked);
+    } else {
+        pick_top_k<32>(choice, group_keep, group_size, grouped, E, K, picked);  // E <= 1024
     }
 }
 
@@ -257,15 +274,7 @@ __device__ void route_tokens(const RouteParams& p, int t_base, int tokens_per_bl
     // Picks: each lane keeps the keys of its experts (lane, lane + 32, ...) in registers, so a
     // pick is one warp arg-max (see pick_top_k). Qwen3 T = 1's 8 picks: 2.3 us rescanning
     // shared memory, 1.6 us with a register rescan by the winning lane, 1.0 us sorted lanes.
-    if (E <= 128) {
-        pick_top_k<4>(choice, group_keep, group_size, p.mode == MODE_GROUPED, E, K, picked);
-    } else if (E <= 256) {
-        pick_top_k<8>(choice, group_keep, group_size, p.mode == MODE_GROUPED, E, K, picked);
-    } else if (E <= 512) {
-        pick_top_k<16>(choice, group_keep, group_size, p.mode == MODE_GROUPED, E, K, picked);
-    } else {
-        pick_top_k<32>(choice, group_keep, group_size, p.mode == MODE_GROUPED, E, K, picked);  // E <= 1024
-    }
+    pick_for_experts(choice, group_keep, group_size, p.mode == MODE_GROUPED, E, K, picked);
     __syncwarp();
     FDMOE_TRACE(5);
 

@@ -143,13 +143,76 @@ pub struct SortParams {
 }
 
 /// Mirrors `FusedRouting` in kernels/gate_logits.cu: the routing and sort that the decode gate
-/// kernel runs itself, and its counters (`ROUTING_COUNTERS` ints, zero between launches).
+/// kernel runs itself, its counters (`ROUTING_COUNTERS` ints, zero between launches), and the
+/// same routing and sort over scratch outputs, which its warm-up blocks run so that the code
+/// is in L2 when the routing block needs it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct FusedRouting {
     pub route: RouteParams,
     pub sort: SortParams,
     pub counters: DevicePtr,
+    pub warm_route: RouteParams,
+    pub warm_sort: SortParams,
+    pub warm_up: i64,
+}
+
+impl FusedRouting {
+    /// Bytes of the warm-up blocks' scratch outputs for up to `max_tokens` tokens.
+    pub fn warm_scratch_bytes(max_tokens: usize, num_experts: usize, top_k: usize) -> usize {
+        let slots = max_tokens.min(GATE_SPLIT_MAX_TOKENS) * top_k;
+        // ids, weights, sorted slots, slot positions; offsets; two tile tables; the tile count.
+        (4 * slots + (num_experts + 1) + 2 * (slots + num_experts) + 1) * 4
+    }
+
+    /// `route` and `sort` with their warm-up copies writing into `scratch`
+    /// (`warm_scratch_bytes(max_tokens, ..)` bytes): no routing record, no argument block.
+    pub fn new(
+        route: RouteParams,
+        sort: SortParams,
+        counters: DevicePtr,
+        scratch: DevicePtr,
+        max_tokens: usize,
+    ) -> Self {
+        let (e, slots) = (
+            route.num_experts as usize,
+            max_tokens.min(GATE_SPLIT_MAX_TOKENS) * route.top_k as usize,
+        );
+        let mut next = scratch;
+        let mut take = |ints: usize| {
+            let p = next;
+            next += (ints * 4) as DevicePtr;
+            p
+        };
+        let (ids, weights) = (take(slots), take(slots));
+        let warm_sort = SortParams {
+            topk_ids: ids,
+            out: SortBuffers {
+                expert_offsets: take(e + 1),
+                sorted_slots: take(slots),
+                slot_positions: take(slots),
+                tile_expert: take(slots + e),
+                tile_row: take(slots + e),
+                num_tiles: take(1),
+            },
+            ..sort
+        };
+        FusedRouting {
+            route,
+            sort,
+            counters,
+            warm_route: RouteParams {
+                topk_ids: ids,
+                topk_weights: weights,
+                record_ids: 0,
+                record_weights: 0,
+                args_block: 0,
+                ..route
+            },
+            warm_sort,
+            warm_up: 1,
+        }
+    }
 }
 
 /// Counters of the fused decode routing: one per 4-token group of T <= 64, and one over groups.
@@ -596,8 +659,9 @@ impl Kernels {
                 GATE_THREADS,
             )
         };
+        // The fused kernel's last slice of blocks warms its routing code (gate_logits.cu).
         let grid = (
-            num_tokens.div_ceil(tokens_per_block) as u32,
+            num_tokens.div_ceil(tokens_per_block) as u32 + fused.is_some() as u32,
             num_experts.div_ceil(experts_per_block) as u32,
             slices as u32,
         );

@@ -141,12 +141,14 @@ struct Workspace {
     routing_counters: DeviceBuffer,
     /// The multi-block sort's arrival counter (zero between launches) and block starts.
     sort_starts: DeviceBuffer,
+    /// The fused decode gate's warm-up outputs (`FusedRouting::new`), read by nothing else.
+    routing_warm_up: DeviceBuffer,
 }
 
 impl Workspace {
     /// (bytes, purpose, zeroed at create) of every buffer, in field order: counters (zero
     /// between launches) and padding no kernel writes start as zeros.
-    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str, bool); 22] {
+    fn sizes(cfg: &MoeConfig) -> [(usize, &'static str, bool); 23] {
         let (t, e, k, h, i, l) = (
             cfg.max_tokens,
             cfg.num_experts,
@@ -208,6 +210,11 @@ impl Workspace {
             ),
             (ROUTING_COUNTERS * 4, "routing counters", true),
             (sort_starts_ints(slots, e) * 4, "sort block starts", true),
+            (
+                FusedRouting::warm_scratch_bytes(t, e, k),
+                "routing warm-up scratch",
+                true,
+            ),
         ]
     }
 
@@ -219,7 +226,7 @@ impl Workspace {
                 DeviceBuffer::alloc(b, what)
             }
         });
-        let mut next = || bufs.next().expect("22 buffers");
+        let mut next = || bufs.next().expect("23 buffers");
         Ok(Workspace {
             logits: next()?,
             topk_ids: next()?,
@@ -243,6 +250,7 @@ impl Workspace {
             act_quant_arrivals: next()?,
             routing_counters: next()?,
             sort_starts: next()?,
+            routing_warm_up: next()?,
         })
     }
 }
@@ -505,10 +513,14 @@ impl CudaBackend {
                 if source == RoutingSource::GateWeight {
                     let gate = w.gate_t.as_ref().expect("GateWeight implies a gate");
                     sorted = Kernels::fused_routing_applies(t, h, e);
-                    let fused = sorted.then_some(FusedRouting {
-                        route: p,
-                        sort,
-                        counters: ws.routing_counters.ptr,
+                    let fused = sorted.then(|| {
+                        FusedRouting::new(
+                            p,
+                            sort,
+                            ws.routing_counters.ptr,
+                            ws.routing_warm_up.ptr,
+                            self.config().max_tokens,
+                        )
                     });
                     k.gate_logits(
                         x,
