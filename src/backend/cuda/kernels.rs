@@ -1059,6 +1059,74 @@ mod tests {
     }
 
     #[test]
+    fn warm_up_outputs_are_disjoint_and_inside_their_scratch() {
+        const BASE: DevicePtr = 0x7000_0000;
+        for (max_tokens, e, k) in [(1, 128, 8), (3, 72, 6), (64, 256, 8), (5000, 8, 2)] {
+            let route = RouteParams {
+                logits: 0x100,
+                num_experts: e as i64,
+                top_k: k as i64,
+                record_ids: 0x200,
+                record_weights: 0x300,
+                args_block: 0x400,
+                ..RouteParams::default()
+            };
+            let sort = SortParams {
+                topk_ids: 0x500,
+                out: SortBuffers {
+                    expert_offsets: 0x600,
+                    sorted_slots: 0x700,
+                    slot_positions: 0x800,
+                    tile_expert: 0x900,
+                    tile_row: 0xa00,
+                    num_tiles: 0xb00,
+                },
+                num_tokens_dev: 0xc00,
+                num_tokens: 1,
+                top_k: k as i32,
+                num_experts: e as i32,
+                block_m: 16,
+            };
+            let f = FusedRouting::new(route, sort, 0xd00, BASE, max_tokens);
+            let bytes = FusedRouting::warm_scratch_bytes(max_tokens, e, k) as DevicePtr;
+            // What the routing and the sort write for T <= min(max_tokens, 64) tokens: ints.
+            let slots = max_tokens.min(64) * k;
+            let (w, o) = (&f.warm_route, &f.warm_sort.out);
+            let mut spans = [
+                (w.topk_ids, slots),
+                (w.topk_weights, slots),
+                (o.expert_offsets, e + 1),
+                (o.sorted_slots, slots),
+                (o.slot_positions, slots),
+                (o.tile_expert, slots + e),
+                (o.tile_row, slots + e),
+                (o.num_tiles, 1),
+            ];
+            spans.sort();
+            let mut end = BASE;
+            for (start, ints) in spans {
+                assert!(
+                    start >= end,
+                    "max {max_tokens}, E = {e}: overlapping outputs"
+                );
+                end = start + 4 * ints as DevicePtr;
+            }
+            assert!(
+                end <= BASE + bytes,
+                "max {max_tokens}, E = {e}: past the scratch"
+            );
+            assert_eq!(
+                f.warm_sort.topk_ids, w.topk_ids,
+                "the sort reads the warm ids"
+            );
+            assert_eq!((w.record_ids, w.record_weights, w.args_block), (0, 0, 0));
+            assert_eq!((w.logits, f.warm_sort.num_tokens_dev), (0x100, 0xc00));
+            assert_eq!((f.route.topk_ids, f.sort.out.num_tiles), (0, 0xb00));
+            assert_eq!(f.warm_up, 1);
+        }
+    }
+
+    #[test]
     fn logits_workspace_holds_the_partials_of_every_token_count() {
         for max_tokens in [1, 3, 40, 64, 65, 100, 300, 1500, 5000] {
             for hidden in [8, 512, 520, 1288, 7168] {
