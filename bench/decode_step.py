@@ -46,7 +46,7 @@ def main() -> int:
         weights.append((w13, w2))  # borrowed by the layer: kept alive here
         layers.append(gpu_bench.make_routed(args.shape, E, k, H, I, max(tokens), w13, w2, fdmoe, torch))
     torch.cuda.synchronize()
-    print(f"| shape | layers | T | ms a step | us a layer |\n|---|---|---|---|---|")
+    print("| shape | layers | T | ms a step | us a layer |\n|---|---|---|---|---|")
     for T in tokens:
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         outs = [torch.empty_like(x) for _ in layers]

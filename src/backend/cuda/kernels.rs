@@ -158,11 +158,19 @@ pub struct FusedRouting {
 }
 
 impl FusedRouting {
+    /// Ints of each warm-up output for up to `max_tokens` tokens, in scratch order: ids,
+    /// weights, expert offsets, sorted slots, slot positions, the two tile tables, the tile count.
+    fn warm_scratch_ints(max_tokens: usize, num_experts: usize, top_k: usize) -> [usize; 8] {
+        let (slots, e) = (max_tokens.min(GATE_SPLIT_MAX_TOKENS) * top_k, num_experts);
+        [slots, slots, e + 1, slots, slots, slots + e, slots + e, 1]
+    }
+
     /// Bytes of the warm-up blocks' scratch outputs for up to `max_tokens` tokens.
     pub fn warm_scratch_bytes(max_tokens: usize, num_experts: usize, top_k: usize) -> usize {
-        let slots = max_tokens.min(GATE_SPLIT_MAX_TOKENS) * top_k;
-        // ids, weights, sorted slots, slot positions; offsets; two tile tables; the tile count.
-        (4 * slots + (num_experts + 1) + 2 * (slots + num_experts) + 1) * 4
+        Self::warm_scratch_ints(max_tokens, num_experts, top_k)
+            .iter()
+            .sum::<usize>()
+            * 4
     }
 
     /// `route` and `sort` with their warm-up copies writing into `scratch`
@@ -174,26 +182,23 @@ impl FusedRouting {
         scratch: DevicePtr,
         max_tokens: usize,
     ) -> Self {
-        let (e, slots) = (
-            route.num_experts as usize,
-            max_tokens.min(GATE_SPLIT_MAX_TOKENS) * route.top_k as usize,
-        );
-        let mut next = scratch;
-        let mut take = |ints: usize| {
-            let p = next;
-            next += (ints * 4) as DevicePtr;
-            p
-        };
-        let (ids, weights) = (take(slots), take(slots));
+        let ints =
+            Self::warm_scratch_ints(max_tokens, route.num_experts as usize, route.top_k as usize);
+        let mut at = [scratch; 8];
+        for i in 1..8 {
+            at[i] = at[i - 1] + (ints[i - 1] * 4) as DevicePtr;
+        }
+        let [ids, weights, expert_offsets, sorted_slots, slot_positions, tile_expert, tile_row, num_tiles] =
+            at;
         let warm_sort = SortParams {
             topk_ids: ids,
             out: SortBuffers {
-                expert_offsets: take(e + 1),
-                sorted_slots: take(slots),
-                slot_positions: take(slots),
-                tile_expert: take(slots + e),
-                tile_row: take(slots + e),
-                num_tiles: take(1),
+                expert_offsets,
+                sorted_slots,
+                slot_positions,
+                tile_expert,
+                tile_row,
+                num_tiles,
             },
             ..sort
         };
