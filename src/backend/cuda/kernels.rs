@@ -329,6 +329,9 @@ pub struct Kernels {
     /// `FDMOE_QUANT_TILE` (read at create; tile sweeps in benchmarks): the quantized experts'
     /// tile at every T instead of the one chosen by rows per expert.
     pub forced_quant_tile: Option<QuantTile>,
+    /// The fused decode gate's warm-up slice runs, unless `FDMOE_NO_GATE_WARM_UP` is set at
+    /// create (a diagnostic switch: A/B of the warm-up in one build).
+    gate_warm_up: bool,
     gate_split: Function,
     gate_split_mid: Function,
     gate_fused: Function,
@@ -477,6 +480,7 @@ impl Kernels {
             hopper,
             quant_family,
             forced_quant_tile,
+            gate_warm_up: std::env::var_os("FDMOE_NO_GATE_WARM_UP").is_none(),
             _modules: modules,
         })
     }
@@ -665,8 +669,9 @@ impl Kernels {
             )
         };
         // The fused kernel's last slice of blocks warms its routing code (gate_logits.cu).
+        let warm_up = fused.is_some() && self.gate_warm_up;
         let grid = (
-            num_tokens.div_ceil(tokens_per_block) as u32 + fused.is_some() as u32,
+            num_tokens.div_ceil(tokens_per_block) as u32 + warm_up as u32,
             num_experts.div_ceil(experts_per_block) as u32,
             slices as u32,
         );
@@ -678,6 +683,7 @@ impl Kernels {
                 tokens_per_block: GATE_DECODE_TOKENS as i64,
                 ..f.route
             },
+            warm_up: warm_up as i64,
             ..f
         });
         let mut args = [
