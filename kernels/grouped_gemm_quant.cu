@@ -1112,8 +1112,12 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     float* WSs = XSs + STAGES * BT;                      // [STAGES][BW] weight row scales
     i64* a_rows = (i64*)(WSs + STAGES * BW);
     i64* b_rows = a_rows + BT;
+    [[maybe_unused]] constexpr int GEMM = (MODE & MODE_GATED) ? 0 : 1;  // trace stamps only
     TileRange tr;
-    if (!setup_tile<BT, BW, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
+    const bool has_work = setup_tile<BT, BW, THREADS, MODE>(p, a_rows, b_rows, tr);
+    FDMOE_GEMM_STAMP(GEMM, 2);
+    FDMOE_GEMM_STAMP_VALUE(GEMM, 7, sm_id() | (u64)has_work << 32 | (u64)tr.expert << 40);
+    if (!has_work) return;
     const int groups = (int)p.k / BK;  // K is a multiple of 128 (validated at create)
     const unsigned char* x = (const unsigned char*)p.a;
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
@@ -1213,13 +1217,19 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
         }
     };
 
-    cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, begin_dependent,
-                                                               [&](int stage, int) {
+    auto wait_previous = [&] {
+        begin_dependent();
+        FDMOE_GEMM_STAMP(GEMM, 1);
+    };
+    cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, wait_previous,
+                                                               [&](int stage, int t) {
+                                                                   if (t == 0) FDMOE_GEMM_STAMP(GEMM, 3);
                                                                    float part[NB * 4];
                                                                    issue(stage, part);
                                                                    wgmma_wait_all();
                                                                    promote(stage, part);
                                                                });
+    FDMOE_GEMM_STAMP(GEMM, 4);
     if constexpr (TOKENS_M) {
         store_fragment<NB, MODE, ACT>(p, tr, acc, 16 * warp + g, 0);
     } else {
@@ -1227,7 +1237,9 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
         static_assert(weight_tile_transpose_bytes(BT) <= STAGES * (X_STAGE + W_STAGE), "transpose fits the tiles' buffers");
         store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Xs);
     }
+    FDMOE_GEMM_STAMP(GEMM, 5);
     if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, BW / 2>(p, tr);
+    FDMOE_GEMM_STAMP(GEMM, 6);
 }
 
 // Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
@@ -1369,7 +1381,10 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_QGEMM_WGMMA(body, fmt_name, tokens, name, mode, act)                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
-        grouped_gemm_##body<tokens, 4, m, act>(resolve_args<!weights_before_wait(m)>(p));               \
+        FDMOE_GEMM_STAMP((m & MODE_GATED) ? 0 : 1, 0);                                                  \
+        const GemmParams q = resolve_args<!weights_before_wait(m)>(p);                                  \
+        FDMOE_GEMM_STAMP((m & MODE_GATED) ? 0 : 1, 1);                                                  \
+        grouped_gemm_##body<tokens, 4, m, act>(q);                                                      \
     }
 #define FDMOE_QGEMM_W8A8_PREFILL(tokens, name, mode, act)                                           \
     extern "C" __global__ void __launch_bounds__(128, 2) qgemm_fp8_block_p##tokens##_##name(GemmParams p) { \

@@ -91,6 +91,33 @@ __device__ __forceinline__ void wait_for_previous() {
 #define FDMOE_TRACE_START()
 #endif
 
+// Phase stamps of the wgmma decode GEMMs' blocks (bench/gemm_trace.py): compiled in only when
+// FDMOE_GEMM_TRACE is the device address of a [2][FDMOE_GEMM_TRACE_BLOCKS][8] u64 buffer
+// (compile.rs passes $FDMOE_GEMM_TRACE to grouped_gemm_quant.cu). Stamp i of a block of GEMM
+// `gemm` (0: up, 1: down) is globaltimer ns at [gemm][blockIdx.x][i], written by thread 0.
+#define FDMOE_GEMM_TRACE_BLOCKS 16384
+#ifdef FDMOE_GEMM_TRACE
+__device__ __forceinline__ void gemm_stamp_value(int gemm, int i, u64 value) {
+    if (threadIdx.x == 0 && blockIdx.x < FDMOE_GEMM_TRACE_BLOCKS)
+        ((volatile u64*)FDMOE_GEMM_TRACE)[((u64)gemm * FDMOE_GEMM_TRACE_BLOCKS + blockIdx.x) * 8 + i] = value;
+}
+__device__ __forceinline__ void gemm_stamp(int gemm, int i) {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    gemm_stamp_value(gemm, i, t);
+}
+__device__ __forceinline__ u64 sm_id() {
+    u32 id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
+}
+#define FDMOE_GEMM_STAMP(gemm, i) gemm_stamp(gemm, i)
+#define FDMOE_GEMM_STAMP_VALUE(gemm, i, value) gemm_stamp_value(gemm, i, value)
+#else
+#define FDMOE_GEMM_STAMP(gemm, i)
+#define FDMOE_GEMM_STAMP_VALUE(gemm, i, value)
+#endif
+
 // The true token count: device memory when graphs replay a padded bucket, else the argument.
 __device__ __forceinline__ int token_count(const int* num_tokens_dev, int num_tokens) {
     return num_tokens_dev ? *num_tokens_dev : num_tokens;

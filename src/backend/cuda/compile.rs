@@ -260,6 +260,9 @@ pub fn compile(file: KernelFile, arch: &str, element: Element) -> Result<Cubin> 
     if arch == "sm_90a" {
         options.push("-DFDMOE_SM90A".to_string());
     }
+    if let Some(define) = gemm_trace_define(file.name) {
+        options.push(define);
+    }
     let (major, minor) = nvrtc_version()?;
     let key = fnv1a(&[
         source.as_bytes(),
@@ -284,6 +287,19 @@ pub fn compile(file: KernelFile, arch: &str, element: Element) -> Result<Cubin> 
         let _ = write_atomic(path, &cubin.image);
     }
     Ok(cubin)
+}
+
+/// Diagnostics only (bench/gemm_trace.py): `FDMOE_GEMM_TRACE=0x<device address>` compiles the
+/// decode GEMMs' phase stamps into grouped_gemm_quant.cu, writing to that buffer
+/// (kernels/common/types.cuh). Anything but a hex address is ignored.
+fn gemm_trace_define(file: &str) -> Option<String> {
+    if file != "grouped_gemm_quant.cu" {
+        return None;
+    }
+    let value = std::env::var("FDMOE_GEMM_TRACE").ok()?;
+    let digits = value.strip_prefix("0x")?;
+    (!digits.is_empty() && digits.len() <= 16 && digits.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| format!("-DFDMOE_GEMM_TRACE={value}ull"))
 }
 
 fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
