@@ -25,13 +25,14 @@ TRACE_BLOCKS = 16384  # FDMOE_GEMM_TRACE_BLOCKS
 PHASES = ("wait", "setup", "first stage", "stream", "store", "quantize")
 
 
-def analyse(torch, trace, gemm, name, weight_bytes_per_block, copy_rate, bins):
+def analyse(trace, gemm, name, weight_bytes_per_block, copy_rate, bins, origin=None):
+    """Prints one GEMM's phases and timeline; returns its first block's entry (ns)."""
     rows = trace[gemm].cpu().tolist()
     blocks = [r for r in rows if r[0] != 0]
     real = [r for r in blocks if (r[7] >> 32) & 0xFF]
     if not real:
         print(f"{name}: no stamped blocks")
-        return
+        return None
     t0 = min(r[0] for r in blocks)
     end = max(max(r[:7]) for r in blocks)
     span_us = (end - t0) / 1e3
@@ -41,6 +42,9 @@ def analyse(torch, trace, gemm, name, weight_bytes_per_block, copy_rate, bins):
     print(f"\n{name}: {len(blocks)} blocks ({len(real)} with work) on {sms} SMs; span {span_us:.1f} us; "
           f"weights {total / 1e6:.1f} MB = {ideal_us:.1f} us at {copy_rate:.2f} TB/s "
           f"({ideal_us / span_us:.2f} of the rate)")
+    if origin is not None:
+        print(f"  first block entered {(t0 - origin) / 1e3:.1f} us and the last ended {(end - origin) / 1e3:.1f} us "
+              f"after GEMM 1's first")
     # Phases: stamps 0 entry, 1 after wait, 2 after set-up, 3 first stage, 4 last MMA, 5 store, 6 end.
     order = [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
     if gemm == 1:  # GEMM 2 waits inside its pipeline, after its first weight copies
@@ -84,6 +88,7 @@ def analyse(torch, trace, gemm, name, weight_bytes_per_block, copy_rate, bins):
     for i in range(bins):
         tb = rate[i] / (bin_us * 1e-6) / 1e12
         print(f"  | {i * bin_us:6.1f} | {resident[i] / sms:4.2f} | {streaming[i] / sms:4.2f} | {tb:4.2f} |")
+    return t0
 
 
 def main() -> int:
@@ -120,8 +125,8 @@ def main() -> int:
         print(f"\n## {shape}, FP8_BLOCK, T = {args.tokens}, {experts} experts routed "
               f"(stamps of forward {args.iters}, eager)")
         # One block: 64 weight rows (wgmma M) of K bytes.
-        analyse(torch, trace, 0, "GEMM 1 (up)", 64 * H, args.copy_rate, args.bins)
-        analyse(torch, trace, 1, "GEMM 2 (down)", 64 * I, args.copy_rate, args.bins)
+        origin = analyse(trace, 0, "GEMM 1 (up)", 64 * H, args.copy_rate, args.bins)
+        analyse(trace, 1, "GEMM 2 (down)", 64 * I, args.copy_rate, args.bins, origin)
         layer.close()
         del layer
         torch.cuda.empty_cache()

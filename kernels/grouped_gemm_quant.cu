@@ -825,6 +825,14 @@ __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (
 // a row cost ~20 us at Qwen3-30B-A3B T = 256, 32-row tiles), eight rows a warp at a time on
 // the prefill tiles.
 // BT: the tile's tokens; COLS: its gated output columns (half its weight rows); one warpgroup.
+//
+// FP8_BLOCK's counters, per row tile (`act_quant_counters`): one arrival counter per group,
+// then the tile's ready count (groups quantized, the last arrivers' release adds) and its
+// consumers' count, which GEMM 2's blocks use to start on a row tile as soon as its
+// activations are done (await_row_tile) instead of waiting for all of GEMM 1.
+__device__ __forceinline__ int* act_quant_counters(const GemmParams& p, int tile, int groups) {
+    return p.arrivals + (i64)tile * (groups + 2);
+}
 template <bool MX, int BT, int COLS>
 __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const TileRange& tr) {
     constexpr int WARPS = 4, ROWS_A_WARP = (BT + WARPS - 1) / WARPS;
@@ -837,7 +845,7 @@ __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const T
         g = tr.col_base / 32;
     } else {
         // 128 / COLS gated tiles make a group.
-        int* counter = p.arrivals + (i64)tr.tile * (N / 128) + tr.col_tile / (128 / COLS);
+        int* counter = act_quant_counters(p, tr.tile, N / 128) + tr.col_tile / (128 / COLS);
         if (!block_arrive(counter, 128 / COLS)) return;
         if (threadIdx.x == 0) *counter = 0;
         g = tr.col_tile / (128 / COLS);
@@ -869,6 +877,30 @@ __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const T
             }
         }
     }
+    if (!MX) signal_release_gpu(act_quant_counters(p, tr.tile, N / 128) + N / 128);
+}
+
+// GEMM 2 (FP8_BLOCK on wgmma) in place of its dependent-launch wait: waits until GEMM 1 has
+// quantized all `groups` of its row tile's activations, which GEMM 1's last blocks to arrive
+// signal (quantize_gated_tile). GEMM 2's blocks are resident only once every GEMM 1 block has
+// been (dependent launch), so none can hold an SM that a GEMM 1 block still needs; and those
+// for early row tiles stream their weights through GEMM 1's tail, when its last round leaves
+// most SMs idle (bench/gemm_trace.py, H100 Qwen3-30B-A3B T = 16: 12 of its 105 us). The
+// tile's last consumer (of `consumers` column tiles) zeroes its counts for the next launch.
+// Nothing GEMM 2 reads that GEMM 1 wrote is outside the signalled tiles; what it reads from
+// older kernels was complete before GEMM 1 let it launch. It still lets its own dependents
+// launch.
+__device__ __forceinline__ void await_row_tile(const GemmParams& p, int tile, int groups, int consumers) {
+    allow_dependents();
+    int* ready = act_quant_counters(p, tile, groups) + groups;
+    if (threadIdx.x == 0) {
+        while (load_acquire_gpu(ready) < groups) __nanosleep(64);
+        if (atomicAdd(ready + 1, 1) == consumers - 1) {
+            ready[0] = 0;
+            ready[1] = 0;
+        }
+    }
+    __syncthreads();
 }
 
 // The epilogue of the wgmma tiles whose accumulators hold [64 weight rows][BT tokens] (as every
@@ -1218,7 +1250,10 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     };
 
     auto wait_previous = [&] {
-        begin_dependent();
+        if (!(MODE & MODE_GATED) && p.arrivals)
+            await_row_tile(p, tr.tile, groups, ((int)p.n + BW - 1) / BW);
+        else
+            begin_dependent();
         FDMOE_GEMM_STAMP(GEMM, 1);
     };
     cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, wait_previous,

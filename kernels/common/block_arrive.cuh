@@ -22,3 +22,15 @@ __device__ __forceinline__ bool block_arrive(int* counter, int expected) {
     __syncthreads();
     return last;
 }
+
+// A producer's signal, one release add by thread 0 after a barrier (so that it publishes every
+// thread's results, as block_arrive's), and a consumer's acquire of it.
+__device__ __forceinline__ void signal_release_gpu(int* counter) {
+    __syncthreads();
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counter) : "memory");
+}
+__device__ __forceinline__ int load_acquire_gpu(const int* counter) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(counter) : "memory");
+    return v;
+}

@@ -134,8 +134,9 @@ struct Workspace {
     act_fp8: DeviceBuffer,
     /// Zeroed at create: FP8_MX rows' padding scales, which GEMM 1 never writes.
     act_fp8_scales: DeviceBuffer,
-    /// FP8_BLOCK on the wgmma tiles: GEMM 1's arrival counters, one per row tile per 128
-    /// activation channels (zero between launches).
+    /// FP8_BLOCK on the wgmma tiles: per row tile, GEMM 1's arrival counters (one per 128
+    /// activation channels), then the tile's ready and consumer counts that let GEMM 2 start
+    /// on it (`act_quant_counters` in grouped_gemm_quant.cu; zero between launches).
     act_quant_arrivals: DeviceBuffer,
     /// The fused decode routing's counters (zero between launches).
     routing_counters: DeviceBuffer,
@@ -201,7 +202,7 @@ impl Workspace {
             (slots * scales(i), "FP8 expert activation scales", true),
             (
                 if quant == Some(ExpertInputQuant::Fp8Block) {
-                    max_tiles * i.div_ceil(128) * 4
+                    max_tiles * (i.div_ceil(128) + 2) * 4
                 } else {
                     0
                 },
@@ -692,6 +693,10 @@ impl CudaBackend {
                     p.a = ws.act_fp8.ptr;
                     p.a_scale = ws.act_fp8_scales.ptr;
                 }
+                // The W8A8 GEMM 2 starts on each row tile once GEMM 1 has signalled it.
+                if fused_quant && cfg.expert_input_quant() == Some(ExpertInputQuant::Fp8Block) {
+                    p.arrivals = ws.act_quant_arrivals.ptr;
+                }
                 k.qgemm(
                     qtile,
                     GemmKind::DownScaled,
@@ -945,14 +950,15 @@ mod tests {
                 .unwrap()
         };
         // 64 tokens x k 2 = 128 slots: 128 / 8 + 8 + 1 row tiles of the 8-token wgmma tile,
-        // one counter per 128 of I = 128 each, zeroed at create.
+        // one counter per 128 of I = 128 each plus the ready and consumer counts, zeroed at
+        // create.
         let fp8 = cfg(FdmoeDtype::Fp8Block, FdmoeDtype::Bf16);
-        assert_eq!(counters(&fp8), ((128 / 8 + 8 + 1) * 4, true));
+        assert_eq!(counters(&fp8), ((128 / 8 + 8 + 1) * (1 + 2) * 4, true));
         let wide = MoeConfig {
             intermediate_size: 384,
             ..fp8
         };
-        assert_eq!(counters(&wide), ((128 / 8 + 8 + 1) * 3 * 4, true));
+        assert_eq!(counters(&wide), ((128 / 8 + 8 + 1) * (3 + 2) * 4, true));
         assert_eq!(counters(&cfg(FdmoeDtype::Mxfp4, FdmoeDtype::Bf16)).0, 0);
     }
 }
