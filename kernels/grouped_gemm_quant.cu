@@ -826,13 +826,18 @@ __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (
 // the prefill tiles.
 // BT: the tile's tokens; COLS: its gated output columns (half its weight rows); one warpgroup.
 //
-// FP8_BLOCK's counters, per row tile (`act_quant_counters`): one arrival counter per group,
-// then the tile's ready count (groups quantized, the last arrivers' release adds) and its
-// consumers' count, which GEMM 2's blocks use to start on a row tile as soon as its
-// activations are done (await_row_tile) instead of waiting for all of GEMM 1.
-__device__ __forceinline__ int* act_quant_counters(const GemmParams& p, int tile, int groups) {
-    return p.arrivals + (i64)tile * (groups + 2);
+// The counters of a row tile of `channels` activations (`act_quant_arrivals`): FP8_BLOCK's
+// arrival counter per 128-channel group, then the tile's ready count (GEMM 1's signals: one
+// per FP8_BLOCK group, from its last arriver; one per FP8_MX block, each quantizing its own 32
+// channels) and its consumer count, with which GEMM 2's blocks start on a row tile as soon as
+// its activations are done (await_row_tile) instead of waiting for all of GEMM 1.
+__device__ __forceinline__ int* act_quant_counters(const GemmParams& p, int tile, int channels) {
+    return p.arrivals + (i64)tile * ((channels + 127) / 128 + 2);
 }
+__device__ __forceinline__ int* row_tile_ready(const GemmParams& p, int tile, int channels) {
+    return act_quant_counters(p, tile, channels) + (channels + 127) / 128;
+}
+__host__ __device__ constexpr int row_tile_signals(bool mx, int channels) { return mx ? (channels + 31) / 32 : channels / 128; }
 template <bool MX, int BT, int COLS>
 __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const TileRange& tr) {
     constexpr int WARPS = 4, ROWS_A_WARP = (BT + WARPS - 1) / WARPS;
@@ -845,7 +850,7 @@ __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const T
         g = tr.col_base / 32;
     } else {
         // 128 / COLS gated tiles make a group.
-        int* counter = act_quant_counters(p, tr.tile, N / 128) + tr.col_tile / (128 / COLS);
+        int* counter = act_quant_counters(p, tr.tile, N) + tr.col_tile / (128 / COLS);
         if (!block_arrive(counter, 128 / COLS)) return;
         if (threadIdx.x == 0) *counter = 0;
         g = tr.col_tile / (128 / COLS);
@@ -877,30 +882,37 @@ __device__ __forceinline__ void quantize_gated_tile(const GemmParams& p, const T
             }
         }
     }
-    if (!MX) signal_release_gpu(act_quant_counters(p, tr.tile, N / 128) + N / 128);
+    if (p.arrivals) signal_release_gpu(row_tile_ready(p, tr.tile, N));
 }
 
-// GEMM 2 (FP8_BLOCK on wgmma) in place of its dependent-launch wait: waits until GEMM 1 has
-// quantized all `groups` of its row tile's activations, which GEMM 1's last blocks to arrive
-// signal (quantize_gated_tile). GEMM 2's blocks are resident only once every GEMM 1 block has
-// been (dependent launch), so none can hold an SM that a GEMM 1 block still needs; and those
-// for early row tiles stream their weights through GEMM 1's tail, when its last round leaves
-// most SMs idle (bench/gemm_trace.py, H100 Qwen3-30B-A3B T = 16: 12 of its 105 us). The
-// tile's last consumer (of `consumers` column tiles) zeroes its counts for the next launch.
-// Nothing GEMM 2 reads that GEMM 1 wrote is outside the signalled tiles; what it reads from
-// older kernels was complete before GEMM 1 let it launch. It still lets its own dependents
-// launch.
-__device__ __forceinline__ void await_row_tile(const GemmParams& p, int tile, int groups, int consumers) {
+// GEMM 2 on the wgmma tiles, in place of its dependent-launch wait: waits until GEMM 1 has
+// quantized all of its row tile's activations (their signals, quantize_gated_tile). GEMM 2's
+// blocks are resident only once every GEMM 1 block has been (dependent launch), so none can
+// hold an SM that a GEMM 1 block still needs; and those of early row tiles stream their
+// weights through GEMM 1's tail, when its last round leaves most SMs idle (bench/
+// gemm_trace.py, H100 Qwen3-30B-A3B FP8 T = 16: 12 of its 105 us). Nothing GEMM 2 reads that
+// GEMM 1 wrote is outside the signalled tiles; what it reads from older kernels was complete
+// before GEMM 1 let it launch. It still lets its own dependents launch. Returns (to thread 0)
+// the tile's consumer count before this block, which finish_row_tile reads at the block's
+// end, so that the count's round trip is off the block's path.
+__device__ __forceinline__ int await_row_tile(const GemmParams& p, int tile, int channels, int signals) {
     allow_dependents();
-    int* ready = act_quant_counters(p, tile, groups) + groups;
+    int* ready = row_tile_ready(p, tile, channels);
+    int consumed = 0;
     if (threadIdx.x == 0) {
-        while (load_acquire_gpu(ready) < groups) __nanosleep(64);
-        if (atomicAdd(ready + 1, 1) == consumers - 1) {
-            ready[0] = 0;
-            ready[1] = 0;
-        }
+        while (load_acquire_gpu(ready) < signals) __nanosleep(64);
+        consumed = atomicAdd(ready + 1, 1);
     }
     __syncthreads();
+    return consumed;
+}
+// The tile's last consumer (of `consumers` column tiles) zeroes its counts for the next launch.
+__device__ __forceinline__ void finish_row_tile(const GemmParams& p, int tile, int channels, int consumed, int consumers) {
+    if (threadIdx.x == 0 && consumed == consumers - 1) {
+        int* ready = row_tile_ready(p, tile, channels);
+        ready[0] = 0;
+        ready[1] = 0;
+    }
 }
 
 // The epilogue of the wgmma tiles whose accumulators hold [64 weight rows][BT tokens] (as every
@@ -1097,12 +1109,19 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
         }
     };
 
-    cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(k_tiles, load_tokens, load_weights, begin_dependent,
+    const bool handoff = !(MODE & MODE_GATED) && p.arrivals;  // GEMM 2 of W4A8: await_row_tile
+    int consumed = 0;
+    auto wait_previous = [&] {
+        if (handoff) consumed = await_row_tile(p, tr.tile, K, row_tile_signals(true, K));
+        else begin_dependent();
+    };
+    cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(k_tiles, load_tokens, load_weights, wait_previous,
                                                                [&](int stage, int) { compute(stage); });
 
     static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
     store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq);
     if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT, BW / 2>(p, tr);
+    if (handoff) finish_row_tile(p, tr.tile, K, consumed, ((int)p.n + BW - 1) / BW);
 }
 
 // FP8_BLOCK on Hopper (W8A8 wgmma, sm_90a): the weights' E4M3 rows are the wgmma's A operand
@@ -1249,9 +1268,11 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
         }
     };
 
+    const bool handoff = !(MODE & MODE_GATED) && p.arrivals;
+    int consumed = 0;
     auto wait_previous = [&] {
-        if (!(MODE & MODE_GATED) && p.arrivals)
-            await_row_tile(p, tr.tile, groups, ((int)p.n + BW - 1) / BW);
+        if (handoff)
+            consumed = await_row_tile(p, tr.tile, (int)p.k, row_tile_signals(false, (int)p.k));
         else
             begin_dependent();
         FDMOE_GEMM_STAMP(GEMM, 1);
@@ -1274,6 +1295,7 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     }
     FDMOE_GEMM_STAMP(GEMM, 5);
     if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, BW / 2>(p, tr);
+    if (handoff) finish_row_tile(p, tr.tile, (int)p.k, consumed, ((int)p.n + BW - 1) / BW);
     FDMOE_GEMM_STAMP(GEMM, 6);
 }
 

@@ -431,71 +431,77 @@ fn quantized_replay_is_bitwise_equal_to_eager() {
     }
 }
 
-/// FP8_BLOCK on sm_90a: GEMM 2's blocks start on a row tile once GEMM 1 signals it, through
-/// per-tile counts that the tile's consumers zero for the next launch. Forwards of alternating
-/// T (decode, 32-token and prefill tiles; three activation groups a tile), enqueued back to back
-/// with no synchronization, must each give the bits of the same forward run alone: a count left
+/// The wgmma tiles (sm_90a: FP8_BLOCK, and MXFP4 on FP8_MX inputs): GEMM 2's blocks start on a
+/// row tile once GEMM 1 signals it, through per-tile counts that the tile's consumers zero for
+/// the next launch. Forwards of alternating T (decode, 32-token and, for FP8_BLOCK, prefill
+/// tiles; three 128-channel groups a tile), enqueued back to back with no synchronization,
+/// eager and replayed, must each give the bits of the same forward run alone: a count left
 /// over, or a tile read before it is done, would change some.
 #[test]
-fn fp8_block_forwards_back_to_back_repeat_their_bits() {
+fn wgmma_forwards_back_to_back_repeat_their_bits() {
     let Some(ctx) = gpu() else { return };
     let _cur = ctx.enter().unwrap();
     let stream = OwnedStream::new().unwrap();
-    let c = MoeConfig {
-        weight_dtype: FdmoeDtype::Fp8Block,
-        intermediate_size: 384,
-        ..cfg(512)
-    };
-    let mut l = layer(&c, 13, true);
-    l.moe
-        .capture_graphs(&[], stream.0 as *mut c_void)
-        .expect("capture default buckets");
-    let tokens = [16usize, 200, 3, 512, 64];
-    let inps: Vec<Inputs> = tokens
-        .iter()
-        .map(|&t| inputs(&c, t, t as u64 + 21))
-        .collect();
-    let mut alone = Vec::new();
-    for (&t, inp) in tokens.iter().zip(&inps) {
-        let out = Outputs::new(&c, t);
-        forward_eager(&mut l.moe, t, inp, &out, Source::Gate, &stream);
-        stream.synchronize().unwrap();
-        alone.push(out.host(&c, t));
-    }
-    let rounds = 6;
-    let mut outs = Vec::new();
-    for round in 0..rounds {
+    for (format, act_quant) in [
+        (FdmoeDtype::Fp8Block, FdmoeActQuant::None),
+        (FdmoeDtype::Mxfp4, FdmoeActQuant::Fp8Mx),
+    ] {
+        let c = MoeConfig {
+            weight_dtype: format,
+            act_quant,
+            intermediate_size: 384,
+            ..cfg(512)
+        };
+        let mut l = layer(&c, 13, true);
+        l.moe
+            .capture_graphs(&[], stream.0 as *mut c_void)
+            .expect("capture default buckets");
+        let tokens = [16usize, 200, 3, 512, 64];
+        let inps: Vec<Inputs> = tokens
+            .iter()
+            .map(|&t| inputs(&c, t, t as u64 + 21))
+            .collect();
+        let mut alone = Vec::new();
         for (&t, inp) in tokens.iter().zip(&inps) {
             let out = Outputs::new(&c, t);
-            // Replayed and eager forwards alternate.
-            unsafe {
-                l.moe
-                    .forward(&args(
-                        t,
-                        inp,
-                        &out,
-                        Source::Gate,
-                        stream.0 as *mut c_void,
-                        round % 2 == 0,
-                    ))
-                    .unwrap();
-            }
-            outs.push(out);
+            forward_eager(&mut l.moe, t, inp, &out, Source::Gate, &stream);
+            stream.synchronize().unwrap();
+            alone.push(out.host(&c, t));
         }
-    }
-    stream.synchronize().unwrap();
-    for (n, out) in outs.iter().enumerate() {
-        let j = n % tokens.len();
-        assert!(
-            out.host(&c, tokens[j]) == alone[j],
-            "forward {n} (T = {}) differs from the same forward run alone",
-            tokens[j]
+        let mut outs = Vec::new();
+        for round in 0..6 {
+            for (&t, inp) in tokens.iter().zip(&inps) {
+                let out = Outputs::new(&c, t);
+                let eager = round % 2 == 0;
+                unsafe {
+                    l.moe
+                        .forward(&args(
+                            t,
+                            inp,
+                            &out,
+                            Source::Gate,
+                            stream.0 as *mut c_void,
+                            eager,
+                        ))
+                        .unwrap();
+                }
+                outs.push(out);
+            }
+        }
+        stream.synchronize().unwrap();
+        for (n, out) in outs.iter().enumerate() {
+            let j = n % tokens.len();
+            assert!(
+                out.host(&c, tokens[j]) == alone[j],
+                "{format} act_quant {act_quant}: forward {n} (T = {}) differs from the same forward run alone",
+                tokens[j]
+            );
+        }
+        println!(
+            "{format} act_quant {act_quant}: {} back-to-back forwards gave the bits of each run alone",
+            outs.len()
         );
     }
-    println!(
-        "fp8_block: {} back-to-back forwards gave the bits of each run alone",
-        outs.len()
-    );
 }
 
 #[test]

@@ -33,8 +33,7 @@ use self::tiles::{GemmKind, QuantFamily, QuantTile, Tile};
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
 use super::{Backend, MemoryRequirements};
 use crate::config::{
-    ExpertInputQuant, FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring,
-    MoeConfig,
+    FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig,
 };
 use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
@@ -134,9 +133,10 @@ struct Workspace {
     act_fp8: DeviceBuffer,
     /// Zeroed at create: FP8_MX rows' padding scales, which GEMM 1 never writes.
     act_fp8_scales: DeviceBuffer,
-    /// FP8_BLOCK on the wgmma tiles: per row tile, GEMM 1's arrival counters (one per 128
-    /// activation channels), then the tile's ready and consumer counts that let GEMM 2 start
-    /// on it (`act_quant_counters` in grouped_gemm_quant.cu; zero between launches).
+    /// Quantized expert inputs on the wgmma tiles: per row tile, FP8_BLOCK's arrival counters
+    /// (one per 128 activation channels), then the tile's ready and consumer counts that let
+    /// GEMM 2 start on it (`act_quant_counters` in grouped_gemm_quant.cu; zero between
+    /// launches).
     act_quant_arrivals: DeviceBuffer,
     /// The fused decode routing's counters (zero between launches).
     routing_counters: DeviceBuffer,
@@ -201,7 +201,7 @@ impl Workspace {
             (fp8 * slots * i, "FP8 expert activations", false),
             (slots * scales(i), "FP8 expert activation scales", true),
             (
-                if quant == Some(ExpertInputQuant::Fp8Block) {
+                if quant.is_some() {
                     max_tiles * (i.div_ceil(128) + 2) * 4
                 } else {
                     0
@@ -693,8 +693,8 @@ impl CudaBackend {
                     p.a = ws.act_fp8.ptr;
                     p.a_scale = ws.act_fp8_scales.ptr;
                 }
-                // The W8A8 GEMM 2 starts on each row tile once GEMM 1 has signalled it.
-                if fused_quant && cfg.expert_input_quant() == Some(ExpertInputQuant::Fp8Block) {
+                // The wgmma GEMM 2 starts on each row tile once GEMM 1 has signalled it.
+                if fused_quant {
                     p.arrivals = ws.act_quant_arrivals.ptr;
                 }
                 k.qgemm(
@@ -941,7 +941,7 @@ mod tests {
     }
 
     #[test]
-    fn fp8_block_workspace_holds_an_arrival_counter_per_tile_and_group() {
+    fn quantized_input_workspace_holds_counters_per_row_tile() {
         let counters = |c: &MoeConfig| {
             Workspace::sizes(c)
                 .into_iter()
@@ -959,6 +959,12 @@ mod tests {
             ..fp8
         };
         assert_eq!(counters(&wide), ((128 / 8 + 8 + 1) * (3 + 2) * 4, true));
+        // W4A8 (FP8_MX inputs): only the ready and consumer counts.
+        let w4a8 = MoeConfig {
+            act_quant: FdmoeActQuant::Fp8Mx,
+            ..cfg(FdmoeDtype::Mxfp4, FdmoeDtype::Bf16)
+        };
+        assert_eq!(counters(&w4a8), ((128 / 8 + 8 + 1) * (1 + 2) * 4, true));
         assert_eq!(counters(&cfg(FdmoeDtype::Mxfp4, FdmoeDtype::Bf16)).0, 0);
     }
 }
