@@ -33,7 +33,8 @@ use self::tiles::{GemmKind, QuantFamily, QuantTile, Tile};
 use self::weights::{require_device, weight_bytes, CudaWeights, DeviceExperts};
 use super::{Backend, MemoryRequirements};
 use crate::config::{
-    FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring, MoeConfig,
+    ExpertInputQuant, FdmoeActQuant, FdmoeBackendKind, FdmoeDtype, FdmoeRouting, FdmoeScoring,
+    MoeConfig,
 };
 use crate::error::{Error, Result};
 use crate::forward::{ForwardArgs, RoutingSource};
@@ -667,9 +668,19 @@ impl CudaBackend {
                 }
                 // The wgmma tiles quantize GEMM 1's activations in its epilogue.
                 let fused_quant = fp8 && k.quant_family == QuantFamily::Wgmma;
+                // GEMM 2 starts on each row tile once GEMM 1 has signalled it (`await_row_tile`),
+                // with the counters set in both GEMMs or in neither: on W8A8 always (its GEMM 1
+                // counts arrivals anyway); on W4A8, where every GEMM 1 block signals, only at the
+                // 8-token tile. H100 A/B (BENCHMARKS.md, twenty-first session): W4A8 Qwen3-30B-A3B
+                // T = 16 0.089 -> 0.086 ms, DeepSeek-V3 T = 16 / 64 0.797 / 1.694 -> 0.780 /
+                // 1.679 at that tile, but 0.202 -> 0.208 and 2.071 -> 2.084 at T = 256 (16 tokens).
+                let w8a8 = cfg.expert_input_quant() == Some(ExpertInputQuant::Fp8Block);
+                let handoff = fused_quant && (w8a8 || qtile == QuantTile::WgmmaT8);
                 if fused_quant {
                     p.c_fp8 = ws.act_fp8.ptr;
                     p.c_fp8_scale = ws.act_fp8_scales.ptr;
+                }
+                if handoff {
                     p.arrivals = ws.act_quant_arrivals.ptr;
                 }
                 k.qgemm(qtile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
@@ -693,8 +704,7 @@ impl CudaBackend {
                     p.a = ws.act_fp8.ptr;
                     p.a_scale = ws.act_fp8_scales.ptr;
                 }
-                // The wgmma GEMM 2 starts on each row tile once GEMM 1 has signalled it.
-                if fused_quant {
+                if handoff {
                     p.arrivals = ws.act_quant_arrivals.ptr;
                 }
                 k.qgemm(
