@@ -48,8 +48,9 @@ pub struct GemmParams {
     pub b_scale_group_stride: i64,
     pub b_global: DevicePtr,
     pub b_scales_plain: i64,
-    /// The wgmma bodies' GEMM 1: its output quantized as GEMM 2 takes it (E4M3 and scales),
-    /// and the FP8_BLOCK arrival counters (`act_quant_arrivals`, zero between launches).
+    /// The wgmma bodies' GEMM 1: its output quantized as GEMM 2 takes it (E4M3 and scales).
+    /// Both GEMMs, or neither: the per-row-tile counters (`act_quant_arrivals`, zero between
+    /// launches) of FP8_BLOCK's group arrivals and of the handoff to GEMM 2.
     pub c_fp8: DevicePtr,
     pub c_fp8_scale: DevicePtr,
     pub arrivals: DevicePtr,
