@@ -173,6 +173,22 @@ impl DeviceBuffer {
         Ok(buf)
     }
 
+    /// Zeroes the buffer in stream order (its bytes are a multiple of 4).
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the buffer's context (or null, the legacy stream).
+    pub unsafe fn zero_async(&self, stream: Stream) -> Result<()> {
+        if self.bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the buffer holds `bytes` bytes, 4-byte aligned (a cuMemAlloc allocation); the
+        // caller vouches for the stream.
+        check(
+            unsafe { sys::cuMemsetD32Async(self.ptr, 0, self.bytes / 4, stream) },
+            "cuMemsetD32Async",
+        )
+    }
+
     /// Copies `data` in at byte `offset` (synchronous; load time only).
     pub fn write_at<T: Copy>(&self, offset: usize, data: &[T]) -> Result<()> {
         let bytes = std::mem::size_of_val(data);

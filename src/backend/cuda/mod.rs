@@ -707,13 +707,21 @@ impl CudaBackend {
                 if handoff {
                     p.arrivals = ws.act_quant_arrivals.ptr;
                 }
-                k.qgemm(
+                let launched = k.qgemm(
                     qtile,
                     GemmKind::DownScaled,
                     &via_block(p),
                     max_tiles,
                     stream,
-                )?;
+                );
+                if launched.is_err() && handoff {
+                    // GEMM 1's ready counts would otherwise pass the next forward's GEMM 2
+                    // early; zeroed after GEMM 1 in stream order (best effort: the launch's
+                    // error is the one reported).
+                    // SAFETY: the caller's stream, as every launch of this forward.
+                    let _ = unsafe { ws.act_quant_arrivals.zero_async(stream) };
+                }
+                launched?;
             }
         }
 
