@@ -91,10 +91,11 @@ __device__ __forceinline__ void wait_for_previous() {
 #define FDMOE_TRACE_START()
 #endif
 
-// Phase stamps of the wgmma decode GEMMs' blocks (bench/gemm_trace.py): compiled in only when
-// FDMOE_GEMM_TRACE is the device address of a [2][FDMOE_GEMM_TRACE_BLOCKS][8] u64 buffer
-// (compile.rs passes $FDMOE_GEMM_TRACE to grouped_gemm_quant.cu). Stamp i of a block of GEMM
-// `gemm` (0: up, 1: down) is globaltimer ns at [gemm][blockIdx.x][i], written by thread 0.
+// Phase stamps of the W8A8 GEMMs' blocks (bench/gemm_trace.py; W4A8's get only the entry and
+// wait stamps of the wrapper they share): compiled in only when FDMOE_GEMM_TRACE is the device
+// address of a [2][FDMOE_GEMM_TRACE_BLOCKS][8] u64 buffer (compile.rs passes $FDMOE_GEMM_TRACE
+// to grouped_gemm_quant.cu). Stamp i of a block of GEMM `gemm` (0: up, 1: down) is
+// globaltimer ns at [gemm][blockIdx.x][i], written by thread 0.
 #define FDMOE_GEMM_TRACE_BLOCKS 16384
 #ifdef FDMOE_GEMM_TRACE
 __device__ __forceinline__ void gemm_stamp_value(int gemm, int i, u64 value) {
