@@ -468,24 +468,25 @@ fn wgmma_forwards_back_to_back_repeat_their_bits() {
             stream.synchronize().unwrap();
             alone.push(out.host(&c, t));
         }
-        let mut outs = Vec::new();
-        for round in 0..6 {
-            for (&t, inp) in tokens.iter().zip(&inps) {
-                let out = Outputs::new(&c, t);
-                let eager = round % 2 == 0;
-                unsafe {
-                    l.moe
-                        .forward(&args(
-                            t,
-                            inp,
-                            &out,
-                            Source::Gate,
-                            stream.0 as *mut c_void,
-                            eager,
-                        ))
-                        .unwrap();
-                }
-                outs.push(out);
+        // Every output allocated first, so nothing on the host paces the enqueued forwards.
+        let rounds = 6;
+        let outs: Vec<Outputs> = (0..rounds * tokens.len())
+            .map(|n| Outputs::new(&c, tokens[n % tokens.len()]))
+            .collect();
+        for (n, out) in outs.iter().enumerate() {
+            let j = n % tokens.len();
+            let eager = (n / tokens.len()) % 2 == 0;
+            unsafe {
+                l.moe
+                    .forward(&args(
+                        tokens[j],
+                        &inps[j],
+                        out,
+                        Source::Gate,
+                        stream.0 as *mut c_void,
+                        eager,
+                    ))
+                    .unwrap();
             }
         }
         stream.synchronize().unwrap();
