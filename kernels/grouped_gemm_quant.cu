@@ -919,8 +919,24 @@ __device__ __forceinline__ void finish_row_tile(const GemmParams& p, int tile, i
 // wgmma accumulator: warp w's rows 16w + g and + 8, tokens 8j + 2t and + 1): store_fragment takes
 // [token][column] fragments, so they go through shared memory `cs` (the pipeline's buffers, free
 // once its last MMAs are done).
+// The router weights (GEMM 2) of the rows a thread stores there, loaded by the W8A8 body right
+// after its set-up: at the store they were two dependent L2 round trips at the end of every
+// block (~1 of the 10 us a Qwen3-30B-A3B T = 256 GEMM 2 block lives).
+template <int BT>
+struct WeightRowTileScales {
+    float row[(BT < 16 ? 16 : BT) / 16][2];
+};
+template <int BT, int MODE>
+__device__ __forceinline__ WeightRowTileScales<BT> load_weight_row_tile_scales(const GemmParams& p, const TileRange& tr) {
+    WeightRowTileScales<BT> s;
+#pragma unroll
+    for (int half = 0; half < (BT < 16 ? 16 : BT) / 16; ++half) load_row_scales<MODE>(p, tr, 16 * half + (threadIdx.x % 32) / 4, s.row[half]);
+    return s;
+}
+// `col0`: the 64 rows' first column of the tile (tiles of two wgmma M tiles store each).
 template <int BT, int MODE, int ACT>
-__device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const TileRange& tr, float (*acc)[4], float* cs) {
+__device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const TileRange& tr, float (*acc)[4], float* cs,
+                                                      const WeightRowTileScales<BT>& scales, int col0 = 0) {
     constexpr int CLD = 64 + 4;  // conflict-free stores below
     constexpr int C_ROWS = BT < 16 ? 16 : BT;
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
@@ -947,7 +963,7 @@ __device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const
 #pragma unroll
                 for (int q = 0; q < 2; ++q)
                     frag[jj][hh * 2 + q] = cs[(16 * half + g + 8 * hh) * CLD + 16 * warp + 8 * jj + 2 * t + q];
-        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, 16 * warp);
+        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, col0 + 16 * warp, scales.row[half]);
     }
 }
 
@@ -1119,7 +1135,9 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
                                                                [&](int stage, int) { compute(stage); });
 
     static_assert(weight_tile_transpose_bytes(BT) <= STAGES * W_STAGE, "transpose fits the weight buffers");
-    store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq);
+    // Loaded here, not at set-up: held through the W4A8 main loop they made its 8-token tile
+    // 2-3 us slower on the H100 (twenty-second session), more than the round trips they hide.
+    store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Wq, load_weight_row_tile_scales<BT, MODE>(p, tr));
     if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<true, BT, BW / 2>(p, tr);
     if (handoff) finish_row_tile(p, tr.tile, K, consumed, ((int)p.n + BW - 1) / BW);
 }
@@ -1142,13 +1160,15 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 // promotion and epilogue overlap the other's MMAs). Each output's chain is the same in every tile (the
 // tensor cores compute an element from its own row and column whatever N is, and whichever
 // operand holds which: a GPU test compares the tiles bitwise), so tile choice changes no bit.
-template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false>
+template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false, int MT = 1>
 __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
-    // One warpgroup: BT = 64 tokens (wgmma M) x 128 weight rows (N) if TOKENS_M, else 64 weight
-    // rows (M) x BT tokens (N).
-    constexpr int THREADS = 128, BW = TOKENS_M ? 128 : 64, BK = 128;
+    // One warpgroup: BT = 64 tokens (wgmma M) x 128 weight rows (N) if TOKENS_M, else MT x 64
+    // weight rows (MT wgmma M tiles) x BT tokens (N). Only MT = 1 is instantiated: 128 rows x 32
+    // tokens (3 stages, three blocks an SM) tied the 64-row tile at Qwen3-30B-A3B T = 256 on the
+    // H100 (0.228 against 0.227 ms, BENCHMARKS.md twenty-third session).
+    constexpr int THREADS = 128, BW = TOKENS_M ? 128 : 64 * MT, BK = 128;
     constexpr int NB = (TOKENS_M ? BW : BT) / 8;  // n8 blocks of the wgmma
-    static_assert(!TOKENS_M || BT == 64, "tokens as M: one warpgroup's 64 rows");
+    static_assert(!TOKENS_M || (BT == 64 && MT == 1), "tokens as M: one warpgroup's 64 rows");
     constexpr int X_STAGE = BT * BK, W_STAGE = BW * BK;  // swizzled E4M3 rows
     constexpr int X_CHUNKS = X_STAGE / 16, W_CHUNKS = W_STAGE / 16;
     constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS, W_PER = W_CHUNKS / THREADS;
@@ -1169,6 +1189,8 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     FDMOE_GEMM_STAMP(GEMM, 2);
     FDMOE_GEMM_STAMP_VALUE(GEMM, 7, sm_id() | (u64)has_work << 32 | (u64)tr.expert << 40);
     if (!has_work) return;
+    [[maybe_unused]] WeightRowTileScales<BT> row_scales;
+    if constexpr (!TOKENS_M) row_scales = load_weight_row_tile_scales<BT, MODE>(p, tr);
     const int groups = (int)p.k / BK;  // K is a multiple of 128 (validated at create)
     const unsigned char* x = (const unsigned char*)p.a;
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
@@ -1222,22 +1244,30 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    float acc[NB][4];
-    zero_accumulators<1, NB>(&acc);
+    float acc[MT][NB][4];
+    zero_accumulators<MT, NB>(acc);
 
-    // A stage's four k32 wgmma, chained into `part` (committed as one group).
-    auto issue = [&](int stage, float* part) {
-        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE);
-        const u64 a_desc = TOKENS_M ? x_desc : w_desc, b_desc = TOKENS_M ? w_desc : x_desc;
+    // A stage's four k32 wgmma per M tile, each M tile's chained into its `part` (committed as
+    // one group).
+    auto issue = [&](int stage, float (*part)[NB * 4]) {
+        const u64 x_desc = wgmma_desc(Xs + stage * X_STAGE);
         wgmma_fence();
 #pragma unroll
-        for (int s = 0; s < 4; ++s) wgmma_e4m3_ss<NB>(part, a_desc + 2 * s, b_desc + 2 * s, s > 0);  // +32 bytes: k + 32
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE + mt * 64 * BK);
+                const u64 a_desc = TOKENS_M ? x_desc : w_desc, b_desc = TOKENS_M ? w_desc : x_desc;
+                wgmma_e4m3_ss<NB>(part[mt], a_desc + 2 * s, b_desc + 2 * s, s > 0);  // +32 bytes: k + 32
+            }
         wgmma_commit();
     };
     // The stage's partial, once its group is done, promoted with its row and token scales.
-    auto promote = [&](int stage, float* part) {
+    auto promote = [&](int stage, float (*part)[NB * 4]) {
 #pragma unroll
-        for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[q]);
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[mt][q]);
         const float* sw = WSs + stage * BW;
         const float* sx = XSs + stage * BT;
         if constexpr (TOKENS_M) {
@@ -1249,21 +1279,24 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
 #pragma unroll
             for (int j = 0; j < NB; ++j) {
                 const float w = ((MODE & MODE_GATED) ? (j & 1) : (j >= NB / 2)) ? s1 : s0;
-                acc[j][0] += part[4 * j + 0] * (w * x0);
-                acc[j][1] += part[4 * j + 1] * (w * x0);
-                acc[j][2] += part[4 * j + 2] * (w * x1);
-                acc[j][3] += part[4 * j + 3] * (w * x1);
+                acc[0][j][0] += part[0][4 * j + 0] * (w * x0);
+                acc[0][j][1] += part[0][4 * j + 1] * (w * x0);
+                acc[0][j][2] += part[0][4 * j + 2] * (w * x1);
+                acc[0][j][3] += part[0][4 * j + 3] * (w * x1);
             }
         } else {
-            // Rows are weight rows 16 warp + g and + 8, columns tokens.
-            const float w0 = sw[16 * warp + g], w1 = sw[16 * warp + g + 8];
+            // Rows are weight rows 64 mt + 16 warp + g and + 8, columns tokens.
 #pragma unroll
-            for (int j = 0; j < NB; ++j) {
-                const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
-                acc[j][0] += part[4 * j + 0] * (w0 * x0);
-                acc[j][1] += part[4 * j + 1] * (w0 * x1);
-                acc[j][2] += part[4 * j + 2] * (w1 * x0);
-                acc[j][3] += part[4 * j + 3] * (w1 * x1);
+            for (int mt = 0; mt < MT; ++mt) {
+                const float w0 = sw[64 * mt + 16 * warp + g], w1 = sw[64 * mt + 16 * warp + g + 8];
+#pragma unroll
+                for (int j = 0; j < NB; ++j) {
+                    const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
+                    acc[mt][j][0] += part[mt][4 * j + 0] * (w0 * x0);
+                    acc[mt][j][1] += part[mt][4 * j + 1] * (w0 * x1);
+                    acc[mt][j][2] += part[mt][4 * j + 2] * (w1 * x0);
+                    acc[mt][j][3] += part[mt][4 * j + 3] * (w1 * x1);
+                }
             }
         }
     };
@@ -1280,18 +1313,19 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, wait_previous,
                                                                [&](int stage, int t) {
                                                                    if (t == 0) FDMOE_GEMM_STAMP(GEMM, 3);
-                                                                   float part[NB * 4];
+                                                                   float part[MT][NB * 4];
                                                                    issue(stage, part);
                                                                    wgmma_wait_all();
                                                                    promote(stage, part);
                                                                });
     FDMOE_GEMM_STAMP(GEMM, 4);
     if constexpr (TOKENS_M) {
-        store_fragment<NB, MODE, ACT>(p, tr, acc, 16 * warp + g, 0);
+        store_fragment<NB, MODE, ACT>(p, tr, acc[0], 16 * warp + g, 0);
     } else {
         // The transpose takes the token and weight buffers (contiguous), free after the last MMA.
         static_assert(weight_tile_transpose_bytes(BT) <= STAGES * (X_STAGE + W_STAGE), "transpose fits the tiles' buffers");
-        store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Xs);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) store_weight_row_tile<BT, MODE, ACT>(p, tr, acc[mt], (float*)Xs, row_scales, 64 * mt);
     }
     FDMOE_GEMM_STAMP(GEMM, 5);
     if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, BW / 2>(p, tr);
@@ -1426,22 +1460,29 @@ extern "C" __global__ void __launch_bounds__(128)
             resolve_args<!weights_before_wait(mode)>(p));                                              \
     }
 
-// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens, 4 stages,
-// blocks per SM by registers; and for W8A8 prefill 64 tokens x 128 weight rows, two blocks an SM
-// (by shared memory; 198-199 registers). W4A8: MXFP4 with act_quant = FP8_MX; W8A8: FP8_BLOCK.
+// The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens; and for
+// W8A8 prefill 64 tokens x 128 weight rows, two blocks an SM (by shared memory; 198-199
+// registers). W4A8: MXFP4 with act_quant = FP8_MX, 4 stages, blocks per SM by registers. W8A8:
+// FP8_BLOCK, 3 stages, so that shared memory holds 7 / 6 / 5 blocks an SM (4 stages: 5 / 5 / 4):
+// a decode block streams only ~40% of its life (set-up, first stage and store are latency), and
+// more resident blocks overlap more of those latencies than a deeper pipeline does (H100,
+// Qwen3-30B-A3B T = 256: 0.231 -> 0.227 ms; T = 16 / 64 and DeepSeek-V3 within 1%, BENCHMARKS.md
+// twenty-third session). QuantTile::stages mirrors the stages.
 #define FDMOE_MINBLOCKS_w4a8_8 4
 #define FDMOE_MINBLOCKS_w4a8_16 3
 #define FDMOE_MINBLOCKS_w4a8_32 2
-#define FDMOE_MINBLOCKS_w8a8_8 4
-#define FDMOE_MINBLOCKS_w8a8_16 4
-#define FDMOE_MINBLOCKS_w8a8_32 3
+#define FDMOE_MINBLOCKS_w8a8_8 7
+#define FDMOE_MINBLOCKS_w8a8_16 6
+#define FDMOE_MINBLOCKS_w8a8_32 5
+#define FDMOE_STAGES_w4a8 4
+#define FDMOE_STAGES_w8a8 3
 #define FDMOE_QGEMM_WGMMA(body, fmt_name, tokens, name, mode, act)                                      \
     extern "C" __global__ void __launch_bounds__(128, FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
         FDMOE_GEMM_STAMP((m & MODE_GATED) ? 0 : 1, 0);                                                  \
         const GemmParams q = resolve_args<!weights_before_wait(m)>(p);                                  \
         FDMOE_GEMM_STAMP((m & MODE_GATED) ? 0 : 1, 1);                                                  \
-        grouped_gemm_##body<tokens, 4, m, act>(q);                                                      \
+        grouped_gemm_##body<tokens, FDMOE_STAGES_##body, m, act>(q);                                    \
     }
 #define FDMOE_QGEMM_W8A8_PREFILL(tokens, name, mode, act)                                           \
     extern "C" __global__ void __launch_bounds__(128, 2) qgemm_fp8_block_p##tokens##_##name(GemmParams p) { \

@@ -101,9 +101,12 @@ __device__ __forceinline__ bool setup_tile(const GemmParams& p, i64* a_rows, i64
         if (tr.row0 >= T) return false;
         tr.rows = min(BM, T - tr.row0);
     } else {
-        if (tile >= *p.num_tiles) return false;
-        tr.expert = p.tile_expert[tile];
-        tr.row0 = p.tile_row[tile];
+        // All three loads in one L2 round trip: the tile arrays hold max_tiles entries (the
+        // grid's rows), so an index past num_tiles reads a stale entry that is never used.
+        const int num_tiles = *p.num_tiles, expert = p.tile_expert[tile], row0 = p.tile_row[tile];
+        if (tile >= num_tiles) return false;
+        tr.expert = expert;
+        tr.row0 = row0;
         tr.rows = min(BM, p.expert_offsets[tr.expert + 1] - tr.row0);
     }
     // Accumulator column c of this tile -> output column / B row.
@@ -145,8 +148,19 @@ __device__ __forceinline__ void rows_to_offsets(const GemmParams& p, i64* a_rows
 
 // Writes one warp's accumulator fragment: NT blocks of 8 columns starting at tile column
 // `col0`, rows `r0` and `r0 + 8` of the tile (the m16n8 / wgmma accumulator layout).
+// MODE_SCALE's router weights of rows r0 and r0 + 8 (two dependent loads each), which a body
+// can load before its main loop instead of at the store.
+template <int MODE>
+__device__ __forceinline__ void load_row_scales(const GemmParams& p, const TileRange& tr, int r0, float (&scale)[2]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int r = r0 + h * 8;
+        scale[h] = (MODE & MODE_SCALE) && r < tr.rows ? p.slot_weights[p.sorted_slots[tr.row0 + r]] : 1.0f;
+    }
+}
 template <int NT, int MODE, int ACT>
-__device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRange& tr, float (*acc)[4], int r0, int col0) {
+__device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRange& tr, float (*acc)[4], int r0, int col0,
+                                               const float (&row_scale)[2]) {
     const int lane = threadIdx.x % 32;
     const int N = (int)p.n;
 #pragma unroll
@@ -154,8 +168,7 @@ __device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRa
         const int r = r0 + h * 8;
         if (r >= tr.rows) continue;
         const int row = tr.row0 + r;
-        float scale = 1.0f;
-        if (MODE & MODE_SCALE) scale = p.slot_weights[p.sorted_slots[row]];
+        const float scale = row_scale[h];
         if (MODE & MODE_GATED) {
             u16* out = (u16*)p.c + (i64)row * p.ldc;
 #pragma unroll
@@ -202,4 +215,9 @@ __device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRa
         }
     }
 }
-
+template <int NT, int MODE, int ACT>
+__device__ __forceinline__ void store_fragment(const GemmParams& p, const TileRange& tr, float (*acc)[4], int r0, int col0) {
+    float row_scale[2];
+    load_row_scales<MODE>(p, tr, r0, row_scale);
+    store_fragment<NT, MODE, ACT>(p, tr, acc, r0, col0, row_scale);
+}
