@@ -373,7 +373,7 @@ impl QuantTile {
             _ => 128,
         }
     }
-    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the wgmma tiles: 4).
+    /// FDMOE_QSTAGES_* in grouped_gemm_quant.cu (the wgmma tiles: FDMOE_STAGES_w4a8 / _w8a8).
     fn stages(self, format: FdmoeDtype) -> usize {
         match (self, format) {
             // grouped_gemm_w8a8's decode tiles (FDMOE_STAGES_w8a8): more blocks an SM.
