@@ -933,10 +933,9 @@ __device__ __forceinline__ WeightRowTileScales<BT> load_weight_row_tile_scales(c
     for (int half = 0; half < (BT < 16 ? 16 : BT) / 16; ++half) load_row_scales<MODE>(p, tr, 16 * half + (threadIdx.x % 32) / 4, s.row[half]);
     return s;
 }
-// `col0`: the 64 rows' first column of the tile (tiles of two wgmma M tiles store each).
 template <int BT, int MODE, int ACT>
 __device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const TileRange& tr, float (*acc)[4], float* cs,
-                                                      const WeightRowTileScales<BT>& scales, int col0 = 0) {
+                                                      const WeightRowTileScales<BT>& scales) {
     constexpr int CLD = 64 + 4;  // conflict-free stores below
     constexpr int C_ROWS = BT < 16 ? 16 : BT;
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
@@ -963,7 +962,7 @@ __device__ __forceinline__ void store_weight_row_tile(const GemmParams& p, const
 #pragma unroll
                 for (int q = 0; q < 2; ++q)
                     frag[jj][hh * 2 + q] = cs[(16 * half + g + 8 * hh) * CLD + 16 * warp + 8 * jj + 2 * t + q];
-        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, col0 + 16 * warp, scales.row[half]);
+        store_fragment<2, MODE, ACT>(p, tr, frag, 16 * half + g, 16 * warp, scales.row[half]);
     }
 }
 
@@ -1160,15 +1159,15 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
 // promotion and epilogue overlap the other's MMAs). Each output's chain is the same in every tile (the
 // tensor cores compute an element from its own row and column whatever N is, and whichever
 // operand holds which: a GPU test compares the tiles bitwise), so tile choice changes no bit.
-template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false, int MT = 1>
+template <int BT, int STAGES, int MODE, int ACT, bool TOKENS_M = false>
 __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
-    // One warpgroup: BT = 64 tokens (wgmma M) x 128 weight rows (N) if TOKENS_M, else MT x 64
-    // weight rows (MT wgmma M tiles) x BT tokens (N). Only MT = 1 is instantiated: 128 rows x 32
-    // tokens (3 stages, three blocks an SM) tied the 64-row tile at Qwen3-30B-A3B T = 256 on the
-    // H100 (0.228 against 0.227 ms, BENCHMARKS.md twenty-third session).
-    constexpr int THREADS = 128, BW = TOKENS_M ? 128 : 64 * MT, BK = 128;
+    // One warpgroup: BT = 64 tokens (wgmma M) x 128 weight rows (N) if TOKENS_M, else 64 weight
+    // rows (M) x BT tokens (N). (128 weight rows x 32 tokens, two wgmma M tiles at three blocks
+    // an SM, tied the 64-row tile at Qwen3-30B-A3B T = 256 on the H100: 0.228 against 0.227 ms,
+    // BENCHMARKS.md twenty-third session; branch w8a8-wide-tile.)
+    constexpr int THREADS = 128, BW = TOKENS_M ? 128 : 64, BK = 128;
     constexpr int NB = (TOKENS_M ? BW : BT) / 8;  // n8 blocks of the wgmma
-    static_assert(!TOKENS_M || (BT == 64 && MT == 1), "tokens as M: one warpgroup's 64 rows");
+    static_assert(!TOKENS_M || BT == 64, "tokens as M: one warpgroup's 64 rows");
     constexpr int X_STAGE = BT * BK, W_STAGE = BW * BK;  // swizzled E4M3 rows
     constexpr int X_CHUNKS = X_STAGE / 16, W_CHUNKS = W_STAGE / 16;
     constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS, W_PER = W_CHUNKS / THREADS;
@@ -1244,30 +1243,22 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
-    float acc[MT][NB][4];
-    zero_accumulators<MT, NB>(acc);
+    float acc[NB][4];
+    zero_accumulators<1, NB>(&acc);
 
-    // A stage's four k32 wgmma per M tile, each M tile's chained into its `part` (committed as
-    // one group).
-    auto issue = [&](int stage, float (*part)[NB * 4]) {
-        const u64 x_desc = wgmma_desc(Xs + stage * X_STAGE);
+    // A stage's four k32 wgmma, chained into `part` (committed as one group).
+    auto issue = [&](int stage, float* part) {
+        const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE), x_desc = wgmma_desc(Xs + stage * X_STAGE);
+        const u64 a_desc = TOKENS_M ? x_desc : w_desc, b_desc = TOKENS_M ? w_desc : x_desc;
         wgmma_fence();
 #pragma unroll
-        for (int s = 0; s < 4; ++s)
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const u64 w_desc = wgmma_desc(Ws + stage * W_STAGE + mt * 64 * BK);
-                const u64 a_desc = TOKENS_M ? x_desc : w_desc, b_desc = TOKENS_M ? w_desc : x_desc;
-                wgmma_e4m3_ss<NB>(part[mt], a_desc + 2 * s, b_desc + 2 * s, s > 0);  // +32 bytes: k + 32
-            }
+        for (int s = 0; s < 4; ++s) wgmma_e4m3_ss<NB>(part, a_desc + 2 * s, b_desc + 2 * s, s > 0);  // +32 bytes: k + 32
         wgmma_commit();
     };
     // The stage's partial, once its group is done, promoted with its row and token scales.
-    auto promote = [&](int stage, float (*part)[NB * 4]) {
+    auto promote = [&](int stage, float* part) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[mt][q]);
+        for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[q]);
         const float* sw = WSs + stage * BW;
         const float* sx = XSs + stage * BT;
         if constexpr (TOKENS_M) {
@@ -1279,24 +1270,21 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
 #pragma unroll
             for (int j = 0; j < NB; ++j) {
                 const float w = ((MODE & MODE_GATED) ? (j & 1) : (j >= NB / 2)) ? s1 : s0;
-                acc[0][j][0] += part[0][4 * j + 0] * (w * x0);
-                acc[0][j][1] += part[0][4 * j + 1] * (w * x0);
-                acc[0][j][2] += part[0][4 * j + 2] * (w * x1);
-                acc[0][j][3] += part[0][4 * j + 3] * (w * x1);
+                acc[j][0] += part[4 * j + 0] * (w * x0);
+                acc[j][1] += part[4 * j + 1] * (w * x0);
+                acc[j][2] += part[4 * j + 2] * (w * x1);
+                acc[j][3] += part[4 * j + 3] * (w * x1);
             }
         } else {
-            // Rows are weight rows 64 mt + 16 warp + g and + 8, columns tokens.
+            // Rows are weight rows 16 warp + g and + 8, columns tokens.
+            const float w0 = sw[16 * warp + g], w1 = sw[16 * warp + g + 8];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                const float w0 = sw[64 * mt + 16 * warp + g], w1 = sw[64 * mt + 16 * warp + g + 8];
-#pragma unroll
-                for (int j = 0; j < NB; ++j) {
-                    const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
-                    acc[mt][j][0] += part[mt][4 * j + 0] * (w0 * x0);
-                    acc[mt][j][1] += part[mt][4 * j + 1] * (w0 * x1);
-                    acc[mt][j][2] += part[mt][4 * j + 2] * (w1 * x0);
-                    acc[mt][j][3] += part[mt][4 * j + 3] * (w1 * x1);
-                }
+            for (int j = 0; j < NB; ++j) {
+                const float x0 = sx[8 * j + 2 * t], x1 = sx[8 * j + 2 * t + 1];
+                acc[j][0] += part[4 * j + 0] * (w0 * x0);
+                acc[j][1] += part[4 * j + 1] * (w0 * x1);
+                acc[j][2] += part[4 * j + 2] * (w1 * x0);
+                acc[j][3] += part[4 * j + 3] * (w1 * x1);
             }
         }
     };
@@ -1313,19 +1301,18 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     cp_async_pipeline<STAGES, weights_before_wait(MODE), true>(groups, load_tokens, load_weights, wait_previous,
                                                                [&](int stage, int t) {
                                                                    if (t == 0) FDMOE_GEMM_STAMP(GEMM, 3);
-                                                                   float part[MT][NB * 4];
+                                                                   float part[NB * 4];
                                                                    issue(stage, part);
                                                                    wgmma_wait_all();
                                                                    promote(stage, part);
                                                                });
     FDMOE_GEMM_STAMP(GEMM, 4);
     if constexpr (TOKENS_M) {
-        store_fragment<NB, MODE, ACT>(p, tr, acc[0], 16 * warp + g, 0);
+        store_fragment<NB, MODE, ACT>(p, tr, acc, 16 * warp + g, 0);
     } else {
         // The transpose takes the token and weight buffers (contiguous), free after the last MMA.
         static_assert(weight_tile_transpose_bytes(BT) <= STAGES * (X_STAGE + W_STAGE), "transpose fits the tiles' buffers");
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) store_weight_row_tile<BT, MODE, ACT>(p, tr, acc[mt], (float*)Xs, row_scales, 64 * mt);
+        store_weight_row_tile<BT, MODE, ACT>(p, tr, acc, (float*)Xs, row_scales);
     }
     FDMOE_GEMM_STAMP(GEMM, 5);
     if constexpr ((MODE & MODE_GATED) != 0) quantize_gated_tile<false, BT, BW / 2>(p, tr);
