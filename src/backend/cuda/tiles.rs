@@ -540,19 +540,23 @@ mod tests {
                 assert!(t.is_wgmma() && t.smem_bytes(fmt) <= 227 * 1024, "{t:?}");
             }
         }
-        // W8A8: the blocks an SM each tile's launch bounds promise (FDMOE_MINBLOCKS_w8a8_*)
-        // fit its 228 KB of shared memory, 1 KB of it reserved a block.
-        for &t in QuantTile::all(Fp8Block, QuantFamily::Wgmma, true) {
-            let blocks = match t {
-                QuantTile::WgmmaT8 => 7,
-                QuantTile::WgmmaT16 => 6,
-                QuantTile::WgmmaT32 => 5,
-                _ => 2,
-            };
-            assert!(
-                blocks * (t.smem_bytes(Fp8Block) + 1024) <= 228 * 1024,
-                "{t:?}"
-            );
+        // The blocks an SM each wgmma tile's launch bounds promise (FDMOE_MINBLOCKS_w8a8_* /
+        // _w4a8_*) fit its 228 KB of shared memory, 1 KB of it reserved a block.
+        for fmt in [Fp8Block, Mxfp4] {
+            for &t in QuantTile::all(fmt, QuantFamily::Wgmma, true) {
+                let blocks = match (t, fmt) {
+                    (QuantTile::WgmmaT8, Fp8Block) => 7,
+                    (QuantTile::WgmmaT16, Fp8Block) => 6,
+                    (QuantTile::WgmmaT32, Fp8Block) => 5,
+                    (QuantTile::WgmmaT8, _) => 4,
+                    (QuantTile::WgmmaT16, _) => 5,
+                    _ => 2,
+                };
+                assert!(
+                    blocks * (t.smem_bytes(fmt) + 1024) <= 228 * 1024,
+                    "{t:?} {fmt:?}"
+                );
+            }
         }
         assert_eq!(
             QuantFamily::of(Fp8Block, Some(ExpertInputQuant::Fp8Block), false),
