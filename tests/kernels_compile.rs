@@ -1,5 +1,6 @@
 //! Every kernel file compiles with NVRTC for sm_90a and sm_80, in both element types, with no
-//! warnings. Needs only libnvrtc (no GPU): CI installs the `nvidia-cuda-nvrtc` 13.0 wheel and
+//! warnings and no wgmma serialized by ptxas (its C75xx notes: a non-wgmma instruction touching
+//! an in-flight wgmma's registers makes it wait after every wgmma, silently). Needs only libnvrtc (no GPU): CI installs the `nvidia-cuda-nvrtc` 13.0 wheel and
 //! sets FDMOE_REQUIRE_NVRTC=1, so a missing NVRTC fails there instead of skipping.
 #![cfg(feature = "cuda")]
 
@@ -26,6 +27,12 @@ fn every_kernel_compiles_for_sm90a_and_sm80() {
                 assert!(
                     !cubin.log.to_lowercase().contains("warning"),
                     "{} {arch} {element:?} compiled with warnings:\n{}",
+                    file.name,
+                    cubin.log
+                );
+                assert!(
+                    !cubin.log.contains("(C75"),
+                    "{} {arch} {element:?}: ptxas serialized wgmma:\n{}",
                     file.name,
                     cubin.log
                 );
