@@ -811,6 +811,9 @@ __device__ __forceinline__ void grouped_gemm_fp4_wgmma(const GemmParams& p) {
 // of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
 // floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
 // (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
+// Decoding tile kt + 1's weights while tile kt's wgmma run (a second fragment set) was 2-18 us
+// slower on the H100 at Qwen3-30B-A3B T = 16-256 (branch w4a8-overlap, BENCHMARKS.md
+// twenty-fifth session): the MMAs' latency is not what bounds it.
 #ifdef FDMOE_SM90A
 // Shared bytes store_weight_row_tile needs: [tokens, at least 16][64 + 4] f32.
 __host__ __device__ constexpr int weight_tile_transpose_bytes(int bt) { return (bt < 16 ? 16 : bt) * (64 + 4) * 4; }
