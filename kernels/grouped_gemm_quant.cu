@@ -1453,9 +1453,10 @@ extern "C" __global__ void __launch_bounds__(128)
 // The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens; and for
 // W8A8 prefill 64 tokens x 128 weight rows, two blocks an SM (by shared memory; 198-199
 // registers). W4A8: MXFP4 with act_quant = FP8_MX, 4 stages, blocks per SM by registers; the
-// 16-token tile at 5 (96 registers), not 3: latency-bound, it gained 11 us at Qwen3-30B-A3B
-// T = 256 (0.200 -> 0.189 ms) and 1% at DeepSeek-V3 T = 256 on the H100 (BENCHMARKS.md,
-// twenty-fifth session), where 7 for the 8-token tile gained at one shape and lost at two. W8A8:
+// 16-token tile at 5 (96 registers) instead of 4 (104): latency-bound, it gained 11 us at
+// Qwen3-30B-A3B T = 256 (0.200 -> 0.189 ms) and 1% at DeepSeek-V3 T = 256 on the H100
+// (BENCHMARKS.md, twenty-fifth session); the 8-token tile holds 6 by its 80 registers (7 gained
+// at one shape and lost at two). W8A8:
 // FP8_BLOCK, 3 stages, so that shared memory holds 7 / 6 / 5 blocks an SM (4 stages: 5 / 5 / 4):
 // a decode block streams only ~40% of its life (set-up, first stage and store are latency), and
 // more resident blocks overlap more of those latencies than a deeper pipeline does (H100,

@@ -1,7 +1,8 @@
 //! Every kernel file compiles with NVRTC for sm_90a and sm_80, in both element types, with no
 //! warnings and no wgmma serialized by ptxas (its C75xx notes: a non-wgmma instruction touching
-//! an in-flight wgmma's registers makes it wait after every wgmma, silently). Needs only libnvrtc (no GPU): CI installs the `nvidia-cuda-nvrtc` 13.0 wheel and
-//! sets FDMOE_REQUIRE_NVRTC=1, so a missing NVRTC fails there instead of skipping.
+//! an in-flight wgmma's registers makes it wait after every wgmma, silently). Needs only
+//! libnvrtc (no GPU): CI installs the `nvidia-cuda-nvrtc` 13.0 wheel and sets
+//! FDMOE_REQUIRE_NVRTC=1, so a missing NVRTC fails there instead of skipping.
 #![cfg(feature = "cuda")]
 
 use fdmoe::backend::cuda::compile::{compile, nvrtc_version, Element, ALL_FILES};
