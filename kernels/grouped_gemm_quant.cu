@@ -789,25 +789,26 @@ __device__ __forceinline__ void grouped_gemm_fp4_wgmma(const GemmParams& p) {
 
 // ---------------------------------------------------------------------------------------------
 // MXFP4 weights x FP8 activations (act_quant = FP8_MX, sm_90a): W4A8 on the FP8 tensor cores.
-// The activations are E4M3 with one scale per 32 channels (the pre-dispatch rule, each scale
-// stored as an f32 times 2^6: quantize_mx_fp8_rows for x, GEMM 1's epilogue for GEMM 2), the
+// The activations are E4M3 by the pre-dispatch rule, each scale stored as an f32 times 2^6:
+// GEMM 1's with one scale per 128 channels (quantize_mx_fp8_rows re-expresses a 128's four
+// exponents at the largest), GEMM 2's with one per 32 (GEMM 1's epilogue); the
 // weights MXFP4 repacked at load into the FP4 blocks above (8 rows x 64 columns, 256 bytes,
 // scales [8 rows][2] UE8M0) with each lane's 8 bytes of a block holding its wgmma A-fragment
 // codes, and the blocks of a tile's k-tile consecutive (src/backend/cuda/quant_weights.rs, tile_w4a8), so that one thread copies
 // a stage's weights with two bulk copies (TMA) that complete on the stage's mbarrier. A
 // warpgroup computes 64 weight rows (wgmma M) x BT tokens (N) from the weights decoded in
-// registers and the tokens in 128-byte-swizzled shared rows; since weights and activations
-// both have a scale per 32 of K,
-// each k32 wgmma sums into a fresh partial that is promoted into the accumulator as
-// partial * scale_w(row) * scale_x(token).
+// registers and the tokens in 128-byte-swizzled shared rows; since the weights have a scale
+// per 32 of K, each k32 wgmma sums into a fresh partial, promoted into the accumulator as
+// partial * scale_w(row) * scale_x(token) (GEMM 2), or in GEMM 1 as the sum of a stage's four
+// partial * scale_w(row) times its one scale_x(token).
 //
 // Why it is fast: an E2M1 code becomes an E4M3 byte by moving bits (its sign, exponent and
 // mantissa bits at E4M3's sign and lowest exponent / highest mantissa bits give the value times
 // 2^-6, exactly, subnormal 0.5 included), so a packed word of 8 codes is 4 bytes of the
 // fragment by a mask and 4 by two shifts and two masks, with no scale multiply on the weights:
 // ~5 instructions per 8 weights where the W4A16 decode needs ~15 and twice the MMAs. What is
-// left per weight is the promotion (a multiply and an FMA per accumulator per k32), which grows
-// with the token tile, hence three of them. SASS of the 8-token tile: ~165 instructions a stage
+// left per weight is the promotion (GEMM 2: a multiply and an FMA per accumulator per k32;
+// GEMM 1: an FMA, and one more per stage), which grows with the token tile, hence three of them. SASS of the 8-token tile: ~165 instructions a stage
 // of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
 // floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
 // (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
@@ -981,7 +982,9 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
     constexpr int X_STAGE = BT * 128;             // tokens: 128-byte swizzled E4M3 rows
     constexpr int W_STAGE = (BW / 8) * KBS * 256;  // packed weights
     constexpr int S_STAGE = (BW / 8) * KBS * 16;   // weight scales
-    constexpr int XS_STAGE = BT * 16;              // 4 token scales (f32) per token
+    // GEMM 1's tokens have one scale per 128 of K (quantize_mx_fp8_rows), GEMM 2's one per 32.
+    constexpr bool X128 = (MODE & MODE_GATED) != 0;
+    constexpr int XS_STAGE = BT * (X128 ? 4 : 16);  // token scales (f32)
     constexpr int X_CHUNKS = X_STAGE / 16;
     constexpr int X_PER = (X_CHUNKS + THREADS - 1) / THREADS;
     static_assert(BT % 8 == 0 && BT <= 32 && BT <= THREADS, "tile shape");
@@ -991,7 +994,7 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
     unsigned char* Xs = smem_raw + ((1024u - ((u32)__cvta_generic_to_shared(smem_raw) & 1023u)) & 1023u);  // [STAGES][X_STAGE]
     unsigned char* Wq = Xs + STAGES * X_STAGE;         // [STAGES][8 blocks][KBS][256]
     unsigned char* Sq = Wq + STAGES * W_STAGE;         // [STAGES][8 blocks][KBS][16]
-    float* XSs = (float*)(Sq + STAGES * S_STAGE);      // [STAGES][BT][4]
+    float* XSs = (float*)(Sq + STAGES * S_STAGE);      // [STAGES][BT][1 or 4]
     u64* bars = (u64*)((unsigned char*)XSs + STAGES * XS_STAGE);  // [STAGES]: the weights' copies
     i64* a_rows = (i64*)(bars + STAGES);
     i64* b_rows = a_rows + BT;
@@ -999,7 +1002,7 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
     if (!setup_tile<BT, BW, THREADS, MODE>(p, a_rows, b_rows, tr)) return;
     const int K = (int)p.k;
     const int k_tiles = (K + BK - 1) / BK;
-    const int xs_ld = k_tiles * 4;  // token scales per row, padded to whole k-tiles
+    const int xs_ld = k_tiles * (X128 ? 1 : 4);  // token scales per row (GEMM 2's padded to whole k-tiles)
     const unsigned char* x = (const unsigned char*)p.a;
     const unsigned char* b = (const unsigned char*)p.b + (i64)tr.expert * p.b_group_stride;
     const unsigned char* bs_global = (const unsigned char*)p.b_scale + (i64)tr.expert * p.b_scale_group_stride;
@@ -1041,7 +1044,11 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
     // no compare (as grouped_gemm_fp4's loads).
     auto load_tokens = [&](int stage, int kt) {
         const int k0 = kt * BK;
-        if (threadIdx.x < BT) cp_async_16_zfill(xss_base + stage * XS_STAGE + threadIdx.x * 16, xs_src + kt * 4, xs_none);
+        if (X128) {
+            if (threadIdx.x < BT) cp_async_4(XSs + stage * BT + threadIdx.x, xs_src + kt, !xs_none);
+        } else if (threadIdx.x < BT) {
+            cp_async_16_zfill(xss_base + stage * XS_STAGE + threadIdx.x * 16, xs_src + kt * 4, xs_none);
+        }
         if (k0 + BK <= K) {
 #pragma unroll
             for (int n = 0; n < X_PER; ++n) {
@@ -1107,22 +1114,43 @@ __device__ __forceinline__ void grouped_gemm_w4a8(const GemmParams& p) {
             for (int q = 0; q < NB * 4; ++q) wgmma_keep(part[s][q]);
         }
         const float* xs = (const float*)((const unsigned char*)XSs + stage * XS_STAGE);
+        // The UE8M0 byte as an f32's exponent field is the scale 2^(e - 127) (byte 0 gives 0
+        // instead of 2^-127; 255, NaN's, gives inf, NaN in the product). Rows g / g + 8, step s.
+        float w0[4], w1[4];
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const u32 shift = (s % 2) ? 15 : 23;
+            w0[s] = __uint_as_float((sw[0][s / 2] << shift) & 0x7F800000u);
+            w1[s] = __uint_as_float((sw[1][s / 2] << shift) & 0x7F800000u);
+        }
 #pragma unroll
         for (int j = 0; j < NB; ++j) {
-            const float4 x0 = *(const float4*)(xs + (8 * j + 2 * t) * 4);
-            const float4 x1 = *(const float4*)(xs + (8 * j + 2 * t + 1) * 4);
-            const float fx0[4] = {x0.x, x0.y, x0.z, x0.w}, fx1[4] = {x1.x, x1.y, x1.z, x1.w};
+            if constexpr (X128) {
+                // The stage's partials by their weight scales, then the token's scale once:
+                // 5 instructions an accumulator where a scale per 32 of both needs 8.
+                const float2 x = *(const float2*)(xs + 8 * j + 2 * t);
+                float r[4];
 #pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                // The UE8M0 byte as an f32's exponent field is the scale 2^(e - 127) (byte 0
-                // gives 0 instead of 2^-127; 255, NaN's, gives inf, NaN in the product).
-                const u32 shift = (s % 2) ? 15 : 23;
-                const float w0 = __uint_as_float((sw[0][s / 2] << shift) & 0x7F800000u);
-                const float w1 = __uint_as_float((sw[1][s / 2] << shift) & 0x7F800000u);
-                acc[j][0] += part[s][4 * j + 0] * (w0 * fx0[s]);
-                acc[j][1] += part[s][4 * j + 1] * (w0 * fx1[s]);
-                acc[j][2] += part[s][4 * j + 2] * (w1 * fx0[s]);
-                acc[j][3] += part[s][4 * j + 3] * (w1 * fx1[s]);
+                for (int q = 0; q < 4; ++q) r[q] = part[0][4 * j + q] * (q < 2 ? w0[0] : w1[0]);
+#pragma unroll
+                for (int s = 1; s < 4; ++s)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) r[q] = fmaf(part[s][4 * j + q], q < 2 ? w0[s] : w1[s], r[q]);
+                acc[j][0] = fmaf(r[0], x.x, acc[j][0]);
+                acc[j][1] = fmaf(r[1], x.y, acc[j][1]);
+                acc[j][2] = fmaf(r[2], x.x, acc[j][2]);
+                acc[j][3] = fmaf(r[3], x.y, acc[j][3]);
+            } else {
+                const float4 x0 = *(const float4*)(xs + (8 * j + 2 * t) * 4);
+                const float4 x1 = *(const float4*)(xs + (8 * j + 2 * t + 1) * 4);
+                const float fx0[4] = {x0.x, x0.y, x0.z, x0.w}, fx1[4] = {x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    acc[j][0] += part[s][4 * j + 0] * (w0[s] * fx0[s]);
+                    acc[j][1] += part[s][4 * j + 1] * (w0[s] * fx1[s]);
+                    acc[j][2] += part[s][4 * j + 2] * (w1[s] * fx0[s]);
+                    acc[j][3] += part[s][4 * j + 3] * (w1[s] * fx1[s]);
+                }
             }
         }
     };
@@ -1323,25 +1351,43 @@ __device__ __forceinline__ void grouped_gemm_w8a8(const GemmParams& p) {
     FDMOE_GEMM_STAMP(GEMM, 6);
 }
 
-// Activations for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or f32
-// when `in_f32`, as quantize_fp8_rows) becomes E4M3 by the pre-dispatch rule, one scale per 32
-// channels, stored as the f32 2^(exponent + 6) (the 2^-6 of the weights' decode undone; NaN for
-// a group holding ±inf) in rows of ceil(K / 128) * 4 scales, the padding ones 0. One warp per
-// group. Grid: (max rows, ceil(K / 128)); block 128.
+// GEMM 1's inputs for act_quant = FP8_MX: each row of a [rows, K] matrix (the element type, or
+// f32 when `in_f32`, as quantize_fp8_rows) becomes E4M3 by the pre-dispatch rule, one exponent
+// e per 32 channels; then each 128-channel group is re-expressed at its largest exponent S (a
+// code times 2^(e - S), rounded to E4M3) with one scale, the f32 2^(S + 6) (the 2^-6 of the
+// weights' decode undone; NaN for a group holding ±inf), in rows of ceil(K / 128). The values
+// are the pre-dispatch ones wherever they stay in E4M3's normal range, i.e. all but elements
+// under 2^(S - e - 14) of their 32's largest; those round to E4M3's subnormal steps, an error
+// under 2^-18 of the group's largest value. One scale per 128 lets W4A8's GEMM 1 sum a
+// stage's four k32 partials by their weight scales alone and apply the token's once
+// (grouped_gemm_w4a8). One warp per 32 channels, a block per 128. Grid: (max rows,
+// ceil(K / 128)); block 128.
+__device__ __forceinline__ u32 rebase_e4m3(u32 code, int down) {
+    if (down == 0) return code;
+    return encode_e4m3(decode_e4m3(code) * __uint_as_float((u32)(127 - min(down, 32)) << 23));
+}
 __device__ __forceinline__ void quantize_mx_fp8_row(const void* in, int in_f32, unsigned char* out, float* scales, int cols,
                                                     const int* num_tokens_dev, int num_tokens, int rows_per_token,
                                                     const u64* args_block, int in_arg) {
+    constexpr int ABSENT = -100000, INF_GROUP = 100000;  // past K; holding ±inf
+    __shared__ int exponents[4];
     const int row = blockIdx.x;
     if (row >= token_count(num_tokens_dev, num_tokens) * rows_per_token) return;
     if (args_block && in_arg >= 0) in = (const void*)args_block[in_arg];
-    const int g = blockIdx.y * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
-    float* scale = scales + (i64)row * gridDim.y * 4 + g;
-    if (g * 32 >= cols) {
-        if (lane == 0) *scale = 0.0f;
-        return;
-    }
-    const i64 i = (i64)row * cols + g * 32 + lane;
-    quantize_mx_group(in_f32 ? ((const float*)in)[i] : elem_to_float(((const u16*)in)[i]), out + i, scale, lane);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int c0 = blockIdx.y * 128 + warp * 32;
+    const bool present = c0 < cols;  // K is a multiple of 32
+    const i64 i = (i64)row * cols + c0 + lane;
+    const float v = !present ? 0.0f : in_f32 ? ((const float*)in)[i] : elem_to_float(((const u16*)in)[i]);
+    int e;
+    bool inf_group;
+    const u32 code = pre_dispatch_code(v, e, inf_group);
+    if (lane == 0) exponents[warp] = !present ? ABSENT : inf_group ? INF_GROUP : e;
+    __syncthreads();
+    const int top = max(max(exponents[0], exponents[1]), max(exponents[2], exponents[3]));
+    if (present) out[i] = (unsigned char)(top == INF_GROUP ? 0u : rebase_e4m3(code, top - e));
+    if (threadIdx.x == 0)
+        scales[(i64)row * gridDim.y + blockIdx.y] = top == INF_GROUP ? __uint_as_float(0x7FC00000u) : __uint_as_float((u32)(top + 127 + 6) << 23);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
@@ -1453,10 +1499,11 @@ extern "C" __global__ void __launch_bounds__(128)
 // The wgmma tiles on E4M3 activations (sm_90a): 64 weight rows x 8 / 16 / 32 tokens; and for
 // W8A8 prefill 64 tokens x 128 weight rows, two blocks an SM (by shared memory; 198-199
 // registers). W4A8: MXFP4 with act_quant = FP8_MX, 4 stages, blocks per SM by registers; the
-// 16-token tile at 5 (96 registers) instead of 4 (104): latency-bound, it gained 11 us at
-// Qwen3-30B-A3B T = 256 (0.200 -> 0.189 ms) and 1% at DeepSeek-V3 T = 256 on the H100
-// (BENCHMARKS.md, twenty-fifth session); the 8-token tile holds 6 by its 80 registers (7 gained
-// at one shape and lost at two). W8A8:
+// 16-token tile is latency-bound: GEMM 2's at 5 (96 registers; at 6 it spills) instead of 4
+// (104) gained 11 us at Qwen3-30B-A3B T = 256 (0.200 -> 0.189 ms) and 1% at DeepSeek-V3 T = 256
+// on the H100 (BENCHMARKS.md, twenty-fifth session), GEMM 1's at 6 (80, no spills) instead of 5
+// (87) 6 us more (0.187 -> 0.181, twenty-sixth session). The 8-token tile holds 7 blocks (GEMM
+// 1, 72 registers) and 6 (GEMM 2, 79) by its registers. W8A8:
 // FP8_BLOCK, 3 stages, so that shared memory holds 7 / 6 / 5 blocks an SM (4 stages: 5 / 5 / 4):
 // a decode block streams only ~40% of its life (set-up, first stage and store are latency), and
 // more resident blocks overlap more of those latencies than a deeper pipeline does (H100,
@@ -1468,10 +1515,17 @@ extern "C" __global__ void __launch_bounds__(128)
 #define FDMOE_MINBLOCKS_w8a8_8 7
 #define FDMOE_MINBLOCKS_w8a8_16 6
 #define FDMOE_MINBLOCKS_w8a8_32 5
+// GEMM 1's bounds (the gated kernels), where they differ from the tile's (GEMM 2's).
+#define FDMOE_MINBLOCKS_UP_w4a8_16 6
+#define FDMOE_MINBLOCKS_UP_w4a8_8 FDMOE_MINBLOCKS_w4a8_8
+#define FDMOE_MINBLOCKS_UP_w4a8_32 FDMOE_MINBLOCKS_w4a8_32
+#define FDMOE_MINBLOCKS_UP_w8a8_8 FDMOE_MINBLOCKS_w8a8_8
+#define FDMOE_MINBLOCKS_UP_w8a8_16 FDMOE_MINBLOCKS_w8a8_16
+#define FDMOE_MINBLOCKS_UP_w8a8_32 FDMOE_MINBLOCKS_w8a8_32
 #define FDMOE_STAGES_w4a8 4
 #define FDMOE_STAGES_w8a8 3
 #define FDMOE_QGEMM_WGMMA(body, fmt_name, tokens, name, mode, act)                                      \
-    extern "C" __global__ void __launch_bounds__(128, FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
+    extern "C" __global__ void __launch_bounds__(128, ((mode) & MODE_GATED) ? FDMOE_MINBLOCKS_UP_##body##_##tokens : FDMOE_MINBLOCKS_##body##_##tokens) qgemm_##fmt_name##_a##tokens##_##name(GemmParams p) { \
         constexpr int m = (mode & MODE_GATED) ? ((mode) | MODE_OUT_F32) : (mode);                       \
         FDMOE_GEMM_STAMP((m & MODE_GATED) ? 0 : 1, 0);                                                  \
         const GemmParams q = resolve_args<!weights_before_wait(m)>(p);                                  \

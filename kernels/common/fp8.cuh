@@ -19,6 +19,14 @@ __device__ __forceinline__ u32 encode_e4m3(float x) {
     return sign | (exponent << 3) | mantissa;
 }
 
+// The value of an E4M3 code (NaN for ±0x7F).
+__device__ __forceinline__ float decode_e4m3(u32 code) {
+    if ((code & 0x7Fu) == 0x7Fu) return __uint_as_float(0x7FC00000u);
+    const u32 e = (code >> 3) & 0xFu, m = code & 0x7u;
+    const float magnitude = e ? __uint_as_float(((e + 120u) << 23) | (m << 20)) : (float)m * (1.0f / 512.0f);
+    return __uint_as_float(__float_as_uint(magnitude) | ((code & 0x80u) << 24));
+}
+
 // ceil(log2(v)) of a positive normal f32, exactly from its bits.
 __device__ __forceinline__ int ceil_log2_normal(float v) {
     const u32 bits = __float_as_uint(v);

@@ -356,8 +356,16 @@ pub struct Kernels {
     weight_format: FdmoeDtype,
 }
 
-/// f32 scales per row of `cols` channels in the quantized activation buffers: one per 128
-/// (`quantize_fp8_rows`), or one per 32 padded to whole 128s (`quantize_mx_fp8_rows`).
+/// f32 scales per row of `cols` channels of GEMM 1's quantized inputs: one per 128, by both
+/// `quantize_fp8_rows` and `quantize_mx_fp8_rows` (which re-expresses each 128's four
+/// pre-dispatch exponents at the largest).
+pub fn input_scales_per_row(cols: usize) -> usize {
+    cols.div_ceil(128)
+}
+
+/// f32 scales per row of `cols` channels of GEMM 2's quantized activations (GEMM 1's epilogue
+/// or `quantize_fp8_rows`): one per 128 (FP8_BLOCK), or one per 32 padded to whole 128s
+/// (FP8_MX).
 pub fn activation_scales_per_row(quant: ExpertInputQuant, cols: usize) -> usize {
     match quant {
         ExpertInputQuant::Fp8Block => cols.div_ceil(128),
@@ -541,7 +549,7 @@ impl Kernels {
 
     /// Quantized activations (the loaded `ExpertInputQuant`): rows `T * rows_per_token` of
     /// `input` ([rows, cols] elements, or f32 with `input_f32`) to E4M3 `out` and f32 `scales`
-    /// [rows, `activation_scales_per_row(cols)`].
+    /// [rows, `input_scales_per_row(cols)`].
     ///
     /// # Safety
     /// Pointers cover `max_rows` rows.

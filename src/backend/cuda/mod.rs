@@ -24,9 +24,9 @@ use self::driver::{
 };
 use self::graph::{buckets, GraphBuffers, Graphs};
 use self::kernels::{
-    activation_scales_per_row, gate_logits_floats, gate_slices, sort_starts_ints, FusedRouting,
-    GemmParams, GivenSlots, Kernels, RouteParams, SortBuffers, SortParams, ARG_OUT, ARG_X,
-    ROUTING_COUNTERS,
+    activation_scales_per_row, gate_logits_floats, gate_slices, input_scales_per_row,
+    sort_starts_ints, FusedRouting, GemmParams, GivenSlots, Kernels, RouteParams, SortBuffers,
+    SortParams, ARG_OUT, ARG_X, ROUTING_COUNTERS,
 };
 use self::quant_weights::QuantizedPart;
 use self::tiles::{GemmKind, QuantFamily, QuantTile, Tile};
@@ -173,7 +173,7 @@ impl Workspace {
         let max_tiles = slots.div_ceil(min_block_m) + e.min(slots) + 1;
         let quant = cfg.expert_input_quant();
         let fp8 = quant.is_some() as usize;
-        let scales = |cols: usize| quant.map_or(0, |q| activation_scales_per_row(q, cols)) * 4;
+        let act_scales = |cols: usize| quant.map_or(0, |q| activation_scales_per_row(q, cols)) * 4;
         [
             (gate_logits_floats(t, h, e) * 4, "router logits", false),
             (slots * 4, "top-k ids", false),
@@ -198,9 +198,13 @@ impl Workspace {
                 false,
             ),
             (fp8 * t * l, "FP8 expert inputs", false),
-            (t * scales(l), "FP8 expert input scales", false),
+            (
+                fp8 * t * input_scales_per_row(l) * 4,
+                "FP8 expert input scales",
+                false,
+            ),
             (fp8 * slots * i, "FP8 expert activations", false),
-            (slots * scales(i), "FP8 expert activation scales", true),
+            (slots * act_scales(i), "FP8 expert activation scales", true),
             (
                 if quant.is_some() {
                     max_tiles * (i.div_ceil(128) + 2) * 4
@@ -685,6 +689,8 @@ impl CudaBackend {
                 }
                 k.qgemm(qtile, GemmKind::UpGated, &via_block(p), max_tiles, stream)?;
                 let mut p = weights(gemm2, &q.w2);
+                // Only FP8_BLOCK gets here (FP8_MX runs on the wgmma tiles alone), whose GEMM 2
+                // inputs have the layout of GEMM 1's.
                 if fp8 && !fused_quant {
                     k.quantize_fp8_rows(
                         ws.act.ptr,
