@@ -808,10 +808,12 @@ __device__ __forceinline__ void grouped_gemm_fp4_wgmma(const GemmParams& p) {
 // fragment by a mask and 4 by two shifts and two masks, with no scale multiply on the weights:
 // ~5 instructions per 8 weights where the W4A16 decode needs ~15 and twice the MMAs. What is
 // left per weight is the promotion (GEMM 2: a multiply and an FMA per accumulator per k32;
-// GEMM 1: an FMA, and one more per stage), which grows with the token tile, hence three of them. SASS of the 8-token tile: ~165 instructions a stage
-// of 64 weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16
-// floor against W4A16's 0.40x (BENCHMARKS.md, tenth session). At 16 rows per expert
-// (Qwen3-30B-A3B T = 256) the promotion makes it slower than W4A16 (0.211 against 0.189 ms).
+// GEMM 1: an FMA, and one more per stage), which grows with the token tile, hence three of
+// them. SASS of the 8-token tile with a scale per 32 of both: ~165 instructions a stage of 64
+// weights a lane (W4A16: ~232); H200, DeepSeek-V3 T = 16 / 64 at 0.30x / 0.31x the bf16 floor
+// against W4A16's 0.40x (BENCHMARKS.md, tenth session), but at 16 rows per expert
+// (Qwen3-30B-A3B T = 256) slower than W4A16 (0.211 against 0.189 ms) until GEMM 1's token
+// scales went to one per 128 (H100: 0.194 -> 0.187 ms, twenty-sixth session).
 // Decoding tile kt + 1's weights while tile kt's wgmma run (a second fragment set) was 2-18 us
 // slower on the H100 at Qwen3-30B-A3B T = 16-256 (branch w4a8-overlap, BENCHMARKS.md
 // twenty-fifth session): the MMAs' latency is not what bounds it.
