@@ -770,9 +770,9 @@ fn cases() -> Vec<Case> {
         row_scale_span: 14,
         ..mk("w4a8 wide range", w4a8(b(FdmoeDtype::Bf16)))
     });
-    // A 128's 32-channel groups 2^0, 2^-4, 2^-8, 2^-12: most of the smaller groups' codes
-    // leave E4M3's normal range when re-expressed at the largest exponent; K = 160 ends on a
-    // partial 128. Dropping the 2^-4 groups would be a ~6% error.
+    // A 128's 32-channel groups 2^0, 2^-4, 2^-8, 2^-12: re-expressed at the largest exponent,
+    // the codes under 2^(d - 6) (d = 4, 8, 12) leave E4M3's normal range, most of the 2^-12
+    // group's; K = 160 ends on a partial 128. Dropping the 2^-4 groups would be a ~6% error.
     for (name, h) in [
         ("w4a8 spread exponents", 256),
         ("w4a8 spread exponents odd", 160),
