@@ -573,7 +573,7 @@ impl Kernels {
             .as_ref()
             .expect("loaded with quantized activations");
         // 128-channel groups a block: FP8_BLOCK runs a warp per group, 4 a block; FP8_MX a warp
-        // per 32 channels (and per padding scale of the last group), one group a block.
+        // per 32 channels (those past K write nothing), one group and its one scale a block.
         let groups_per_block = match quant {
             ExpertInputQuant::Fp8Block => 4,
             ExpertInputQuant::Fp8Mx => 1,
