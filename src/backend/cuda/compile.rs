@@ -48,7 +48,7 @@ pub const ALL_FILES: [KernelFile; 7] = [
     PRE_DISPATCH_FP8,
 ];
 
-const HEADERS: [(&str, &str); 9] = [
+const HEADERS: [(&str, &str); 17] = [
     (
         "common/gemm_tile.cuh",
         include_str!("../../../kernels/common/gemm_tile.cuh"),
@@ -84,6 +84,38 @@ const HEADERS: [(&str, &str); 9] = [
     (
         "common/block_arrive.cuh",
         include_str!("../../../kernels/common/block_arrive.cuh"),
+    ),
+    (
+        "quant/fp8_act_groups.cuh",
+        include_str!("../../../kernels/quant/fp8_act_groups.cuh"),
+    ),
+    (
+        "quant/gemm_fp8_mma.cuh",
+        include_str!("../../../kernels/quant/gemm_fp8_mma.cuh"),
+    ),
+    (
+        "quant/fp4_decode.cuh",
+        include_str!("../../../kernels/quant/fp4_decode.cuh"),
+    ),
+    (
+        "quant/gemm_fp4_mma.cuh",
+        include_str!("../../../kernels/quant/gemm_fp4_mma.cuh"),
+    ),
+    (
+        "quant/gemm_fp4_wgmma.cuh",
+        include_str!("../../../kernels/quant/gemm_fp4_wgmma.cuh"),
+    ),
+    (
+        "quant/wgmma_epilogue.cuh",
+        include_str!("../../../kernels/quant/wgmma_epilogue.cuh"),
+    ),
+    (
+        "quant/gemm_w4a8.cuh",
+        include_str!("../../../kernels/quant/gemm_w4a8.cuh"),
+    ),
+    (
+        "quant/gemm_w8a8.cuh",
+        include_str!("../../../kernels/quant/gemm_w8a8.cuh"),
     ),
 ];
 

@@ -136,8 +136,8 @@ struct Workspace {
     act_fp8_scales: DeviceBuffer,
     /// Quantized expert inputs on the wgmma tiles: per row tile, FP8_BLOCK's arrival counters
     /// (one per 128 activation channels), then the tile's ready and consumer counts that let
-    /// GEMM 2 start on it (`act_quant_counters` in grouped_gemm_quant.cu; zero between
-    /// launches).
+    /// GEMM 2 start on it (`act_quant_counters` in kernels/quant/wgmma_epilogue.cuh; zero
+    /// between launches).
     act_quant_arrivals: DeviceBuffer,
     /// The fused decode routing's counters (zero between launches).
     routing_counters: DeviceBuffer,

@@ -85,7 +85,7 @@ fn fp4_scales_per_block_row(format: FdmoeDtype) -> usize {
 }
 
 /// Whether the kernel decodes with scale byte `b` by its fast path (`fp4_scales_plain` in
-/// kernels/grouped_gemm_quant.cu): a UE8M0 exponent up to 128 (MXFP4), a positive normal E4M3
+/// kernels/quant/fp4_decode.cuh): a UE8M0 exponent up to 128 (MXFP4), a positive normal E4M3
 /// (NVFP4). Real checkpoints' scales all are.
 pub fn fp4_scale_plain(format: FdmoeDtype, b: u8) -> bool {
     match format {
@@ -121,7 +121,7 @@ pub fn fp4_fragment_k(lane: usize, w: usize, e: usize) -> usize {
 }
 
 /// The kernel's rotations of a packed word (FP4_SIGN_ROT / FP4_MAG_ROT in
-/// kernels/grouped_gemm_quant.cu): pair `e` decodes its two sign bits from bits 15 and 31 of
+/// kernels/quant/fp4_decode.cuh): pair `e` decodes its two sign bits from bits 15 and 31 of
 /// the word rotated right by `FP4_SIGN_ROT[e]` and its two 3-bit magnitudes from bits 6..8 and
 /// 22..24 of it rotated by `FP4_MAG_ROT[e]`. No rotation wraps a bit the kernel keeps, so it
 /// decodes each with one shift (as a multiply, off the integer ALU pipe) and the 6 masks a word
