@@ -113,7 +113,8 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&dtiles, 4));
     f.sort.num_tiles = dtiles;
     f.counters = dcount;
-    // The warm-up's scratch outputs, as FusedRouting::new carves them (kernels.rs).
+    // The warm-up's scratch outputs, as FusedRouting::new carves them
+    // (src/backend/cuda/kernels/params.rs).
     int* scratch;
     const int slots = T * K;
     CHECK(cudaMalloc(&scratch, (4 * slots + E + 1 + 2 * (slots + E) + 1) * 4));

@@ -9,13 +9,13 @@
 // and no atomics are used.
 //
 // Three variants keep that order:
-//   - decode (gate_logits_split, T <= 64; gate_logits_split16 for mid-size batches too small
-//     to fill the GPU with 16-token blocks, src/backend/cuda/kernels.rs) gives each round its
-//     own block (grid z) and writes the round sums, [rounds][T][E], which route_topk adds in
-//     round order: one token's gate is then read by E/32 x rounds blocks instead of E/32, each
-//     with its 64 values a lane loaded at once, since such a gate read is bound by load
-//     latency, not bandwidth (Qwen3 T = 1: 16 blocks instead of 4). Warp w sums the w-th chunk
-//     of the round for 32 experts (a lane each) and the 8 warp sums are added in warp order.
+//   - decode (gate_logits_split, T <= 64; gate_logits_split16 for mid-size batches too small to
+//     fill the GPU with 16-token blocks, src/backend/cuda/kernels/launch_shapes.rs) gives each
+//     round its own block (grid z) and writes the round sums, [rounds][T][E], which route_topk adds
+//     in round order: one token's gate is then read by E/32 x rounds blocks instead of E/32, each
+//     with its 64 values a lane loaded at once, since such a gate read is bound by load latency,
+//     not bandwidth (Qwen3 T = 1: 16 blocks instead of 4). Warp w sums the w-th chunk of the round
+//     for 32 experts (a lane each) and the 8 warp sums are added in warp order.
 //   - gates of fewer than 32 experts past those (gate_logits_t16): the same block shape over
 //     16 tokens, every round in one block; x is staged [k][token] so a lane's 16 x values of
 //     one k are four 16-byte shared broadcasts (one shared load per FMA before).
@@ -286,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // loads held in registers over the step's FMAs) and the gate as [k][expert] by cp.async,
 // double-buffered, so a step's loads are in flight while the previous step's 2048 FMAs per
 // thread run; per k a thread issues 3 shared loads for 32 FMAs. A round ends every eighth step
-// (or at H). Dynamic smem: GATE_TILED_SMEM (kernels.rs), 64 KiB.
+// (or at H). Dynamic smem: GATE_TILED_SMEM (launch_shapes.rs), 64 KiB.
 #define TILED_TOKENS 64
 #define TILED_EXPERTS 64
 #define TILED_K GATE_CHUNK  // a step is a chunk: its end needs no test

@@ -12,7 +12,7 @@
 #define MODE_OUT_F32 16
 #define MODE_RESIDUAL 32
 
-// Field order and sizes match GemmParams in src/backend/cuda/kernels.rs (8-byte fields only).
+// Field order and sizes match GemmParams in src/backend/cuda/kernels/params.rs (8-byte fields only).
 struct GemmParams {
     const u16* a;
     i64 lda;

@@ -602,7 +602,7 @@ impl CudaBackend {
             num_tokens: t as i64,
             ..Default::default()
         };
-        // GEMM 1 computes act = act(gate, up) of gathered rows · W13[e]ᵀ; GEMM 2
+        // 4-5. GEMM 1 computes act = act(gate, up) of gathered rows · W13[e]ᵀ; GEMM 2
         // y = w_slot · act · W2[e]ᵀ, in sorted order.
         let gemm1 = GemmParams {
             a: inputs,
