@@ -457,6 +457,51 @@ pub(super) fn qgemm_name(
 mod tests {
     use super::*;
 
+    /// The value of `#define NAME value` in the quantized GEMMs' entry file, as numbers.
+    fn kernel_define(name: &str) -> Vec<usize> {
+        let source = include_str!("../../../kernels/grouped_gemm_quant.cu");
+        let prefix = format!("#define {name} ");
+        let value = source
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{name} not defined in grouped_gemm_quant.cu"));
+        value
+            .split(',')
+            .map(|v| v.trim().parse().expect("a number"))
+            .collect()
+    }
+
+    /// The host sizes shared memory and grids from these; a tile or stage count that drifted
+    /// from the kernel's would launch it with the wrong carve-up.
+    #[test]
+    fn tiles_and_stages_are_the_kernels() {
+        use FdmoeDtype::*;
+        for (format, family) in [(Fp8Block, "fp8"), (Mxfp4, "fp4"), (Nvfp4, "fp4")] {
+            for &tile in QuantTile::all(format, QuantFamily::MmaSync, true) {
+                if tile == QuantTile::Fp4Wgmma {
+                    continue;
+                }
+                let name = format!("{family}_{}", tile.suffix());
+                let shape = kernel_define(&format!("FDMOE_QTILE_{name}"));
+                assert_eq!(shape[0], tile.block_m(), "{name} rows");
+                assert_eq!(shape[1], tile.block_n(format), "{name} columns");
+                assert_eq!(
+                    shape[2] * shape[3] * 32,
+                    tile.threads() as usize,
+                    "{name} threads"
+                );
+                let stages = kernel_define(&format!("FDMOE_QSTAGES_{name}"));
+                assert_eq!(stages, [tile.stages(format)], "{name} stages");
+            }
+        }
+        for (format, body) in [(Fp8Block, "w8a8"), (Mxfp4, "w4a8")] {
+            let stages = kernel_define(&format!("FDMOE_STAGES_{body}"));
+            for tile in [QuantTile::WgmmaT8, QuantTile::WgmmaT16, QuantTile::WgmmaT32] {
+                assert_eq!(stages, [tile.stages(format)], "{body} {tile:?} stages");
+            }
+        }
+    }
+
     #[test]
     fn fp4_decode_takes_the_narrow_tile_only_for_small_grids() {
         use FdmoeDtype::*;
