@@ -119,6 +119,22 @@ const HEADERS: [(&str, &str); 17] = [
     ),
 ];
 
+/// Tests' view of a kernel constant: the comma-separated numbers of `#define NAME value` (or
+/// `{...}`) in `source`, for checking the host's copies against the kernels'.
+#[cfg(test)]
+pub(crate) fn define_values(source: &str, name: &str) -> Vec<usize> {
+    let prefix = format!("#define {name} ");
+    let value = source
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("{name} is not defined"));
+    value
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .map(|v| v.trim().parse().expect("a number"))
+        .collect()
+}
+
 /// Element type a kernel build works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Element {

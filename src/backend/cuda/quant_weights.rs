@@ -459,29 +459,22 @@ impl QuantizedExperts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::compile::define_values;
     use crate::quant::experts::QuantizedMatrix;
     use crate::quant::testing::sample_matrix;
 
-    /// The four numbers of `#define NAME {a, b, c, d}` in the kernel's decode.
-    fn kernel_table(name: &str) -> [u32; 4] {
-        let source = include_str!("../../../kernels/quant/fp4_decode.cuh");
-        let prefix = format!("#define {name} {{");
-        let line = source
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .unwrap_or_else(|| panic!("{name} not defined in fp4_decode.cuh"));
-        let values: Vec<u32> = line
-            .trim_end_matches('}')
-            .split(',')
-            .map(|v| v.trim().parse().expect("a number"))
-            .collect();
-        values.try_into().expect("four rotations")
-    }
-
     #[test]
     fn repack_rotations_are_the_kernels() {
-        assert_eq!(FP4_SIGN_ROT, kernel_table("FP4_SIGN_ROT"));
-        assert_eq!(FP4_MAG_ROT, kernel_table("FP4_MAG_ROT"));
+        let decode = include_str!("../../../kernels/quant/fp4_decode.cuh");
+        let kernel = |name| define_values(decode, name);
+        assert_eq!(
+            FP4_SIGN_ROT.map(|r| r as usize).to_vec(),
+            kernel("FP4_SIGN_ROT")
+        );
+        assert_eq!(
+            FP4_MAG_ROT.map(|r| r as usize).to_vec(),
+            kernel("FP4_MAG_ROT")
+        );
     }
 
     /// Reads a packed FP4 matrix back the way the kernel does (lane, word, nibble pair) and

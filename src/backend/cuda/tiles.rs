@@ -456,19 +456,11 @@ pub(super) fn qgemm_name(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::compile::define_values;
 
-    /// The value of `#define NAME value` in the quantized GEMMs' entry file, as numbers.
+    /// The value of `#define NAME ...` in the quantized GEMMs' entry file.
     fn kernel_define(name: &str) -> Vec<usize> {
-        let source = include_str!("../../../kernels/grouped_gemm_quant.cu");
-        let prefix = format!("#define {name} ");
-        let value = source
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .unwrap_or_else(|| panic!("{name} not defined in grouped_gemm_quant.cu"));
-        value
-            .split(',')
-            .map(|v| v.trim().parse().expect("a number"))
-            .collect()
+        define_values(include_str!("../../../kernels/grouped_gemm_quant.cu"), name)
     }
 
     /// The host sizes shared memory and grids from these; a tile or stage count that drifted
