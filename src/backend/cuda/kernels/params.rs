@@ -268,3 +268,55 @@ pub struct SortBuffers {
     pub tile_row: DevicePtr,
     pub num_tiles: DevicePtr,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// Bytes of `struct NAME { ... };` in `source` as nvcc lays it out: each field at its
+    /// natural alignment (pointers and 64-bit integers 8, int and float 4), the end rounded to
+    /// the largest.
+    fn c_struct_size(source: &str, name: &str) -> usize {
+        let start = source
+            .find(&format!("struct {name} {{"))
+            .unwrap_or_else(|| panic!("struct {name} not found"));
+        let body = &source[start..];
+        let body = &body[body.find('{').unwrap() + 1..body.find("};").unwrap()];
+        let (mut size, mut align) = (0usize, 1usize);
+        for line in body.lines() {
+            let decl = line.split("//").next().unwrap().trim();
+            let Some(decl) = decl.strip_suffix(';') else {
+                continue;
+            };
+            let ty = decl.rsplit_once([' ', '*']).unwrap().0;
+            let bytes = if decl.contains('*') || ["i64", "u64", "double"].contains(&ty.trim()) {
+                8
+            } else if ["int", "float", "u32", "i32"].contains(&ty.trim()) {
+                4
+            } else {
+                panic!("{name}: no size for field `{decl}`")
+            };
+            size = size.next_multiple_of(bytes) + bytes;
+            align = align.max(bytes);
+        }
+        size.next_multiple_of(align)
+    }
+
+    /// The kernels take these by value: a field added, dropped or resized on one side only
+    /// would shift every field after it.
+    #[test]
+    fn argument_structs_have_the_kernels_size() {
+        let gemm = include_str!("../../../../kernels/common/gemm_tile.cuh");
+        let routing = include_str!("../../../../kernels/common/routing.cuh");
+        let sort = include_str!("../../../../kernels/common/sort.cuh");
+        for (rust, source, name) in [
+            (size_of::<GemmParams>(), gemm, "GemmParams"),
+            (size_of::<RouteParams>(), routing, "RouteParams"),
+            (size_of::<SortParams>(), sort, "SortParams"),
+            (size_of::<GivenSlots>(), sort, "GivenSlots"),
+        ] {
+            assert_eq!(rust, c_struct_size(source, name), "{name}");
+        }
+    }
+}
