@@ -275,9 +275,9 @@ mod tests {
     use std::mem::size_of;
 
     /// Bytes of `struct NAME { ... };` in `source` as nvcc lays it out: each field at its
-    /// natural alignment (pointers and 64-bit integers 8, int and float 4), the end rounded to
-    /// the largest.
-    fn c_struct_size(source: &str, name: &str) -> usize {
+    /// natural alignment (pointers and 64-bit integers 8, int and float 4, the `nested` structs
+    /// by their given sizes at 8), the end rounded to the largest.
+    fn c_struct_size(source: &str, name: &str, nested: &[(&str, usize)]) -> usize {
         let start = source
             .find(&format!("struct {name} {{"))
             .unwrap_or_else(|| panic!("struct {name} not found"));
@@ -290,15 +290,19 @@ mod tests {
                 continue;
             };
             let ty = decl.rsplit_once([' ', '*']).unwrap().0;
-            let bytes = if decl.contains('*') || ["i64", "u64", "double"].contains(&ty.trim()) {
-                8
-            } else if ["int", "float", "u32", "i32"].contains(&ty.trim()) {
-                4
-            } else {
-                panic!("{name}: no size for field `{decl}`")
-            };
-            size = size.next_multiple_of(bytes) + bytes;
-            align = align.max(bytes);
+            let ty = ty.trim();
+            let (bytes, field_align) =
+                if decl.contains('*') || ["i64", "u64", "double"].contains(&ty) {
+                    (8, 8)
+                } else if ["int", "float", "u32", "i32"].contains(&ty) {
+                    (4, 4)
+                } else if let Some(&(_, bytes)) = nested.iter().find(|(n, _)| *n == ty) {
+                    (bytes, 8)
+                } else {
+                    panic!("{name}: no size for field `{decl}`")
+                };
+            size = size.next_multiple_of(field_align) + bytes;
+            align = align.max(field_align);
         }
         size.next_multiple_of(align)
     }
@@ -310,13 +314,30 @@ mod tests {
         let gemm = include_str!("../../../../kernels/common/gemm_tile.cuh");
         let routing = include_str!("../../../../kernels/common/routing.cuh");
         let sort = include_str!("../../../../kernels/common/sort.cuh");
-        for (rust, source, name) in [
-            (size_of::<GemmParams>(), gemm, "GemmParams"),
-            (size_of::<RouteParams>(), routing, "RouteParams"),
-            (size_of::<SortParams>(), sort, "SortParams"),
-            (size_of::<GivenSlots>(), sort, "GivenSlots"),
+        let gate = include_str!("../../../../kernels/gate_logits.cu");
+        let route = c_struct_size(routing, "RouteParams", &[]);
+        let sort_params = c_struct_size(sort, "SortParams", &[]);
+        let nested = [("RouteParams", route), ("SortParams", sort_params)];
+        for (rust, c, name) in [
+            (
+                size_of::<GemmParams>(),
+                c_struct_size(gemm, "GemmParams", &[]),
+                "GemmParams",
+            ),
+            (size_of::<RouteParams>(), route, "RouteParams"),
+            (size_of::<SortParams>(), sort_params, "SortParams"),
+            (
+                size_of::<GivenSlots>(),
+                c_struct_size(sort, "GivenSlots", &[]),
+                "GivenSlots",
+            ),
+            (
+                size_of::<FusedRouting>(),
+                c_struct_size(gate, "FusedRouting", &nested),
+                "FusedRouting",
+            ),
         ] {
-            assert_eq!(rust, c_struct_size(source, name), "{name}");
+            assert_eq!(rust, c, "{name}");
         }
     }
 }
