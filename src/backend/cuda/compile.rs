@@ -119,6 +119,19 @@ const HEADERS: [(&str, &str); 17] = [
     ),
 ];
 
+/// Tests' view of a kernel file or header (`"sort_by_expert.cu"`, `"common/sort.cuh"`): the
+/// source the library compiles.
+#[cfg(test)]
+pub(crate) fn kernel_source(name: &str) -> &'static str {
+    ALL_FILES
+        .iter()
+        .map(|f| (f.name, f.source))
+        .chain(HEADERS)
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no kernel source {name}"))
+        .1
+}
+
 /// Tests' view of a kernel constant: the comma-separated numbers of `#define NAME value` (or
 /// `{...}`) in `source`, for checking the host's copies against the kernels'.
 #[cfg(test)]

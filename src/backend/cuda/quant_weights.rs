@@ -459,13 +459,13 @@ impl QuantizedExperts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::compile::define_values;
+    use crate::backend::cuda::compile::{define_values, kernel_source};
     use crate::quant::experts::QuantizedMatrix;
     use crate::quant::testing::sample_matrix;
 
     #[test]
     fn repack_rotations_are_the_kernels() {
-        let decode = include_str!("../../../kernels/quant/fp4_decode.cuh");
+        let decode = kernel_source("quant/fp4_decode.cuh");
         let kernel = |name| define_values(decode, name);
         assert_eq!(
             FP4_SIGN_ROT.map(|r| r as usize).to_vec(),

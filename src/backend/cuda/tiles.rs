@@ -456,11 +456,11 @@ pub(super) fn qgemm_name(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::compile::define_values;
+    use crate::backend::cuda::compile::{define_values, kernel_source};
 
     /// The value of `#define NAME ...` in the quantized GEMMs' entry file.
     fn kernel_define(name: &str) -> Vec<usize> {
-        define_values(include_str!("../../../kernels/grouped_gemm_quant.cu"), name)
+        define_values(kernel_source("grouped_gemm_quant.cu"), name)
     }
 
     /// The host sizes shared memory and grids from these; a tile or stage count that drifted

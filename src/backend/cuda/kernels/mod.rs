@@ -672,20 +672,20 @@ fn sort_smem_bytes(threads: u32, num_experts: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cuda::compile::define_values;
+    use crate::backend::cuda::compile::{define_values, kernel_source};
 
     /// The host's copies of the kernels' launch constants (block shapes, slots, rounds).
     #[test]
     fn launch_constants_are_the_kernels() {
         let one = |source: &str, name: &str| define_values(source, name)[0];
-        let types = include_str!("../../../../kernels/common/types.cuh");
+        let types = kernel_source("common/types.cuh");
         assert_eq!(one(types, "ARG_X"), ARG_X as usize);
         assert_eq!(one(types, "ARG_OUT"), ARG_OUT as usize);
         assert_eq!(one(types, "ARG_SLOTS"), ARG_SLOTS);
-        let sort = include_str!("../../../../kernels/sort_by_expert.cu");
+        let sort = kernel_source("sort_by_expert.cu");
         assert_eq!(one(sort, "SORT_CHUNK"), SORT_CHUNK);
         assert_eq!(one(sort, "SORT_THREADS"), SORT_THREADS as usize);
-        let gate = include_str!("../../../../kernels/gate_logits.cu");
+        let gate = kernel_source("gate_logits.cu");
         let (warps, chunk) = (one(gate, "GATE_WARPS"), one(gate, "GATE_CHUNK"));
         assert_eq!(warps * chunk, GATE_ROUND);
         assert_eq!(warps * 32, GATE_THREADS as usize);

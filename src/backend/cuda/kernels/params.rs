@@ -272,6 +272,7 @@ pub struct SortBuffers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda::compile::kernel_source;
     use std::mem::size_of;
 
     /// Bytes of `struct NAME { ... };` in `source` as nvcc lays it out: each field at its
@@ -311,10 +312,10 @@ mod tests {
     /// would shift every field after it.
     #[test]
     fn argument_structs_have_the_kernels_size() {
-        let gemm = include_str!("../../../../kernels/common/gemm_tile.cuh");
-        let routing = include_str!("../../../../kernels/common/routing.cuh");
-        let sort = include_str!("../../../../kernels/common/sort.cuh");
-        let gate = include_str!("../../../../kernels/gate_logits.cu");
+        let gemm = kernel_source("common/gemm_tile.cuh");
+        let routing = kernel_source("common/routing.cuh");
+        let sort = kernel_source("common/sort.cuh");
+        let gate = kernel_source("gate_logits.cu");
         let route = c_struct_size(routing, "RouteParams", &[]);
         let sort_params = c_struct_size(sort, "SortParams", &[]);
         let nested = [("RouteParams", route), ("SortParams", sort_params)];
